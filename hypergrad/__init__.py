@@ -1,0 +1,61 @@
+"""hypergrad: the functional core of bilevel optimization on torch.func.
+
+Solve min_λ F(w*(λ), λ) s.t. w*(λ) ∈ argmin_w f(w, λ) with pluggable hypergradient
+estimators (unrolled, truncated, implicit) built on batched Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+from .check import GradientCheck, check_hypergradient
+from .errors import (
+    BilevelInputError,
+    ConvergenceWarning,
+    HyperparameterError,
+    NonFiniteError,
+    ObjectiveError,
+)
+from .estimators import (
+    ESTIMATORS,
+    Diagnostics,
+    Estimator,
+    EstimatorState,
+    Hypergradient,
+    Implicit,
+    Truncated,
+    Unrolled,
+    make_estimator,
+)
+from .hvp import Linearization, hvp, hvp_batched, mixed_vjp
+from .linear_solve import GMRES, ConjugateGradient, Direct, FixedPoint, Neumann, SolveResult
+from .optim import SGD, Adam, AdamW, Chebyshev, Momentum, Nesterov
+from .problem import Problem
+from .pytree import PyTree
+from .validation import check_problem
+
+__version__ = "0.1.0"
+
+
+def hypergradient(problem: Problem, hparams: PyTree, params: PyTree,
+                  estimator: str | Estimator = "implicit", state: EstimatorState | None = None,
+                  check: bool = True) -> Hypergradient:
+    """Estimate ∇_λ F(w*(λ), λ) with the chosen estimator (object or registry name).
+
+    ``params`` is the inner starting point (or the previous solution, to warm-start);
+    ``state`` is the previous call's ``result.state``. With ``check`` the inputs are
+    validated first (types, structure, dtypes, devices, scalar finite losses).
+    """
+    est = make_estimator(estimator)
+    if check:
+        check_problem(problem, hparams, params)
+    return est(problem, hparams, params, state)
+
+
+__all__ = [
+    "ESTIMATORS", "GMRES", "SGD", "Adam", "AdamW", "BilevelInputError", "Chebyshev",
+    "ConjugateGradient", "ConvergenceWarning", "Diagnostics", "Direct", "Estimator",
+    "EstimatorState", "FixedPoint", "GradientCheck", "Hypergradient", "HyperparameterError",
+    "Implicit", "Linearization", "Momentum", "Nesterov", "Neumann", "NonFiniteError",
+    "ObjectiveError", "Problem", "PyTree", "SolveResult", "Truncated", "Unrolled",
+    "check_hypergradient", "check_problem", "hvp", "hvp_batched", "hypergradient",
+    "make_estimator", "mixed_vjp",
+]

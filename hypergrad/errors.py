@@ -1,0 +1,27 @@
+"""Exceptions and warnings raised by hypergrad.
+
+Each error names the argument at fault and what was expected, and is raised
+before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+
+class BilevelInputError(ValueError):
+    """An argument has the wrong type, structure, shape, dtype or device."""
+
+
+class HyperparameterError(BilevelInputError):
+    """The hyperparameters are malformed or not read by the problem."""
+
+
+class ObjectiveError(BilevelInputError):
+    """An objective returned something other than a finite scalar tensor."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, an iterate or a hypergradient contains NaN or inf."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An inner solve or a linear solve stopped before reaching its tolerance."""

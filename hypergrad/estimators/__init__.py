@@ -1,0 +1,37 @@
+"""Hypergradient estimators behind one interface, chosen by object or by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Diagnostics, Estimator, EstimatorState, Hypergradient
+from .implicit import Implicit
+from .truncated import Truncated
+from .unrolled import Unrolled
+
+#: Names accepted wherever an estimator is expected, with their settings.
+ESTIMATORS: dict[str, tuple[type[Estimator], dict[str, Any]]] = {
+    "unrolled": (Unrolled, {}),
+    "recompute": (Unrolled, {"recompute": True}),
+    "forward": (Unrolled, {"mode": "forward"}),
+    "truncated": (Truncated, {}),
+    "random_window": (Truncated, {"random": True}),
+    "implicit": (Implicit, {}),
+    "fixed_point": (Implicit, {"fixed_point": True}),
+}
+
+
+def make_estimator(name: str | Estimator, **settings: Any) -> Estimator:
+    """An estimator from its registry name (``"implicit"``, ``"truncated"``, …) and settings."""
+    if isinstance(name, Estimator):
+        if settings:
+            raise TypeError("settings can only be given with an estimator name")
+        return name
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
+    cls, defaults = ESTIMATORS[name]
+    return cls(**{**defaults, **settings})
+
+
+__all__ = ["ESTIMATORS", "Diagnostics", "Estimator", "EstimatorState", "Hypergradient",
+           "Implicit", "Truncated", "Unrolled", "make_estimator"]

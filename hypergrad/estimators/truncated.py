@@ -1,0 +1,68 @@
+"""Truncated back-propagation: differentiate only the last K of T inner steps.
+
+K-RMD (Shaban et al., 2019) runs T − K steps without a graph, then K differentiable
+steps. For an α-strongly convex, β-smooth inner problem and step γ ≤ 1/β its bias
+decays like (1 − γα)^K. The random-window variant (RaT-BPTT, Feng et al., 2024)
+draws the number of graph-free steps N0 uniformly from {0, …, T − K} at each call,
+so that the window slides over the whole trajectory across outer steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from ..problem import Problem
+from ..pytree import PyTree, tree_detach
+from .base import Diagnostics, Estimator, EstimatorState, Hypergradient, inner_grad_norm
+from .unrolled import Unrolled, differentiate
+
+
+@dataclass(frozen=True)
+class Truncated(Estimator):
+    """Back-propagate through the last ``window`` (K) steps of ``problem.steps`` (T).
+
+    Args:
+        window: number K of differentiated steps (K ≥ T gives full unrolling).
+        random: draw the window's start uniformly at each call (RaT-BPTT); the draw
+            count is kept in ``state["draws"]`` so runs are reproducible and resumable.
+        seed: seed of the window draws.
+        mode, recompute, segment: how the window itself is differentiated (see
+            :class:`Unrolled`).
+    """
+
+    name: ClassVar[str] = "truncated"
+    window: int = 10
+    random: bool = False
+    seed: int = 0
+    mode: Literal["reverse", "forward"] = "reverse"
+    recompute: bool = False
+    segment: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"Truncated.window must be a positive int, got {self.window!r}")
+
+    def window_start(self, steps: int, draws: int) -> int:
+        """N0: graph-free steps before the window."""
+        slack = max(steps - self.window, 0)
+        if not self.random:
+            return slack
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draws)
+        return int(torch.randint(0, slack + 1, (), generator=gen))
+
+    def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
+                state: EstimatorState) -> Hypergradient:
+        draws = int(state.get("draws", 0))
+        n0 = self.window_start(problem.steps, draws)
+        stop = min(n0 + self.window, problem.steps)
+        params = tree_detach(params)
+        opt_state = problem.optimizer.init(params)
+        params, opt_state = problem.run(params, opt_state, hparams, 0, n0, graph=False)
+        inner = Unrolled(mode=self.mode, recompute=self.recompute, segment=self.segment)
+        grad, w, loss = differentiate(inner, problem, hparams, params, opt_state, n0, stop)
+        new_state = {**state, "draws": draws + 1} if self.random else state
+        return Hypergradient(grad, w, new_state, Diagnostics(
+            self.name, float(loss), inner_grad_norm(problem, w, hparams), stop))

@@ -1,0 +1,44 @@
+"""The interface of matrix-free linear solvers.
+
+A solver is a small frozen config object, called as ``solver(matvec, b, x0=None,
+batched=False) -> SolveResult``. ``matvec`` maps a pytree to a pytree of the same
+structure (x ↦ A x); with ``batched=True`` every leaf of ``b`` (and of ``x0``) carries
+a leading dimension of k right-hand sides, ``matvec`` accepts such batches, and the k
+systems are solved together (one batched product per iteration).
+
+Every solver supports ``damping`` (solve (A + damping·I) x = b), a warm start ``x0``,
+and reports the relative residual ‖b − A x‖ / ‖b‖ (the largest over the batch) with
+its history, so that a solve that stopped short is never silent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from ..pytree import PyTree
+
+MatVec = Callable[[PyTree], PyTree]
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Solution and diagnostics of one (possibly batched) linear solve."""
+
+    x: PyTree
+    iterations: int
+    residual: float
+    converged: bool
+    residuals: list[float] = field(default_factory=list)
+
+
+@runtime_checkable
+class LinearSolver(Protocol):
+    #: True if the solver needs a symmetric positive-definite operator (CG, Neumann).
+    symmetric: bool
+    tol: float
+    maxiter: int
+
+    def __call__(self, matvec: MatVec, b: PyTree, x0: PyTree | None = None,
+                 batched: bool = False) -> SolveResult: ...

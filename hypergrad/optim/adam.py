@@ -1,0 +1,80 @@
+"""Adam and AdamW, matching ``torch.optim.Adam`` / ``torch.optim.AdamW``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..pytree import PyTree, tree_flatten, tree_unflatten, tree_zeros_like
+from .base import Setting, State, leafwise, resolve
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam with coupled L2 weight decay, t counting from 1:
+
+    g ← ∇f + wd·w;  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
+    w ← w − lr · m̂ / (√v̂ + eps)  with m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ).
+
+    ``betas`` is a pair of settings or a setting resolving to a pair. State
+    ``{"m", "v", "t"}``; only ``m`` is carried, ``v`` and ``t`` are held fixed in the
+    fixed-point map. √v has derivative 0 at v = 0 so that double backward stays finite.
+    """
+
+    lr: Setting = 1e-3
+    betas: tuple[Setting, Setting] | Setting = (0.9, 0.999)
+    eps: Setting = 1e-8
+    weight_decay: Setting = 0.0
+    carried: tuple[str, ...] = ("m",)
+    stationary: bool = True
+    decoupled: ClassVar[bool] = False
+
+    def init(self, params: PyTree) -> State:
+        return {"m": tree_zeros_like(params), "v": tree_zeros_like(params), "t": 0}
+
+    def step(self, params: PyTree, grads: PyTree, state: State,
+             hparams: PyTree) -> tuple[PyTree, State]:
+        leaves, spec = tree_flatten(params)
+        t = state["t"] + 1
+        b1, b2 = (resolve(b, hparams) for b in resolve(self.betas, hparams))
+        settings = [leafwise(s, params) for s in
+                    (resolve(self.lr, hparams), b1, b2, resolve(self.eps, hparams),
+                     resolve(self.weight_decay, hparams))]
+        new_p, new_m, new_v = [], [], []
+        for p, g, m, v, lr, b1, b2, eps, wd in zip(
+                leaves, tree_flatten(grads)[0], tree_flatten(state["m"])[0],
+                tree_flatten(state["v"])[0], *settings, strict=True):
+            decay = _nonzero(wd)
+            if decay and not self.decoupled:
+                g = g + wd * p
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * (g * g)
+            update = m / ((1 - b1**t) * (_safe_sqrt(v) / (1 - b2**t) ** 0.5 + eps))
+            if decay and self.decoupled:
+                update = update + wd * p
+            new_p.append(p - lr * update)
+            new_m.append(m)
+            new_v.append(v)
+        return tree_unflatten(new_p, spec), {**state, "m": tree_unflatten(new_m, spec),
+                                              "v": tree_unflatten(new_v, spec), "t": t}
+
+
+@dataclass(frozen=True)
+class AdamW(Adam):
+    """Adam with decoupled weight decay: w ← w − lr·(m̂/(√v̂ + eps) + wd·w)."""
+
+    weight_decay: Setting = 1e-2
+    decoupled: ClassVar[bool] = True
+
+
+def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """√v for v ≥ 0 whose derivatives at v = 0 are 0 instead of inf (no 0·inf = NaN)."""
+    pos = v > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))),
+                       torch.zeros_like(v))
+
+
+def _nonzero(x: object) -> bool:
+    return not (isinstance(x, (int, float)) and x == 0)

@@ -1,0 +1,34 @@
+"""Plain gradient descent: w ← w − lr · (∇f + wd · w)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..pytree import PyTree, tree_flatten, tree_unflatten
+from .base import Setting, State, leafwise, resolve
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Gradient descent with optional (coupled) weight decay ``wd``."""
+
+    lr: Setting = 0.1
+    weight_decay: Setting = 0.0
+    carried: tuple[str, ...] = ()
+    stationary: bool = True
+
+    def init(self, params: PyTree) -> State:
+        return {}
+
+    def step(self, params: PyTree, grads: PyTree, state: State,
+             hparams: PyTree) -> tuple[PyTree, State]:
+        leaves, spec = tree_flatten(params)
+        lrs = leafwise(resolve(self.lr, hparams), params)
+        wds = leafwise(resolve(self.weight_decay, hparams), params)
+        new = [p - lr * (g + wd * p) if _nonzero(wd) else p - lr * g
+               for p, g, lr, wd in zip(leaves, tree_flatten(grads)[0], lrs, wds, strict=True)]
+        return tree_unflatten(new, spec), state
+
+
+def _nonzero(x: object) -> bool:
+    return not (isinstance(x, (int, float)) and x == 0)

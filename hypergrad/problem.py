@@ -1,0 +1,99 @@
+"""The bilevel problem in functional form.
+
+    min_λ F(w*(λ), λ)   s.t.   w*(λ) ∈ argmin_w f(w, λ)
+
+Objectives are plain functions ``f(params, hparams, batch) -> scalar tensor`` on
+pytrees. The inner problem is approached by ``steps`` steps of a differentiable
+inner optimizer; estimators differ in how they differentiate through that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import grad
+
+from .hvp import Objective
+from .optim import SGD, InnerOptimizer, State
+from .pytree import PyTree, tree_detach
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A bilevel problem: inner/outer objectives, their data and the inner optimizer.
+
+    Args:
+        inner_loss: f(params, hparams, batch), minimised over params.
+        outer_loss: F(params, hparams, batch), whose hypergradient in hparams is sought.
+        inner_batch: the batch f sees (full-batch); implicit estimators use it for H.
+        outer_batch: the batch F sees.
+        optimizer: differentiable inner optimizer (``init`` / ``step``).
+        steps: number of inner optimizer steps T.
+        step_batch: optional ``t -> batch`` giving the minibatch of inner step t
+            (stochastic inner training); defaults to ``inner_batch`` at every step.
+            Indexing by step keeps recomputation and resumption reproducible.
+    """
+
+    inner_loss: Objective
+    outer_loss: Objective
+    inner_batch: Any = None
+    outer_batch: Any = None
+    optimizer: InnerOptimizer = field(default_factory=SGD)
+    steps: int = 100
+    step_batch: Callable[[int], Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("inner_loss", "outer_loss"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"Problem.{name} must be callable f(params, hparams, batch), "
+                                f"got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"Problem.steps must be a non-negative int, got {self.steps!r}")
+        if not isinstance(self.optimizer, InnerOptimizer):
+            raise TypeError("Problem.optimizer must have init(params) and "
+                            "step(params, grads, state, hparams); "
+                            f"got {type(self.optimizer).__name__}")
+
+    def batch_at(self, t: int) -> Any:
+        """The inner batch of step t."""
+        return self.step_batch(t) if self.step_batch is not None else self.inner_batch
+
+    def full_batch(self) -> Any:
+        """The batch of the optimality conditions ∇_w f = 0 (Hessians, gradient norms):
+        ``inner_batch``, or the last step's batch when only ``step_batch`` is given."""
+        if self.inner_batch is None and self.step_batch is not None:
+            return self.step_batch(max(self.steps - 1, 0))
+        return self.inner_batch
+
+    def inner_grad(self, params: PyTree, hparams: PyTree) -> PyTree:
+        """∇_w f(params, hparams, full_batch)."""
+        return grad(self.inner_loss)(params, hparams, self.full_batch())
+
+    def step(self, params: PyTree, state: State, hparams: PyTree,
+             t: int) -> tuple[PyTree, State]:
+        """One differentiable inner step Φ_t(params, state; λ)."""
+        g = grad(self.inner_loss)(params, hparams, self.batch_at(t))
+        return self.optimizer.step(params, g, state, hparams)
+
+    def run(self, params: PyTree, state: State, hparams: PyTree, start: int, stop: int,
+            graph: bool = True) -> tuple[PyTree, State]:
+        """Inner steps start..stop-1; without ``graph`` nothing is kept for backward."""
+        if not graph:
+            hparams = tree_detach(hparams)
+        with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+            for t in range(start, stop):
+                params, state = self.step(params, state, hparams, t)
+        if not graph:
+            params, state = tree_detach(params), tree_detach(state)
+        return params, state
+
+    def solve_inner(self, params: PyTree, hparams: PyTree,
+                    steps: int | None = None) -> tuple[PyTree, State]:
+        """Approximate w*(λ) by ``steps`` (default ``self.steps``) graph-free steps."""
+        params = tree_detach(params)
+        state = self.optimizer.init(params)
+        return self.run(params, state, hparams, 0, self.steps if steps is None else steps,
+                        graph=False)

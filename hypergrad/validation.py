@@ -1,0 +1,117 @@
+"""Input checks run once before any estimator does work.
+
+Each check raises an error that names the argument (and the leaf) at fault and what
+was expected, so that nothing runs silently wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.utils._pytree as _pt
+
+from .errors import BilevelInputError, HyperparameterError, NonFiniteError, ObjectiveError
+from .problem import Problem
+from .pytree import PyTree, tree_leaves, tree_requires_grad
+
+
+def _named_leaves(name: str, tree: Any) -> list[tuple[str, Any]]:
+    return [(name + _pt.keystr(path), leaf) for path, leaf in _pt.tree_flatten_with_path(tree)[0]]
+
+
+def check_tree(name: str, tree: PyTree, error: type[Exception] = BilevelInputError) -> None:
+    """``tree`` must be a non-empty pytree whose leaves are floating-point tensors."""
+    leaves = _named_leaves(name, tree)
+    if not leaves:
+        raise error(f"{name} must be a non-empty dict (pytree) of floating-point tensors, "
+                    f"got {tree!r}")
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise error(f"{path} must be a floating-point torch.Tensor, got "
+                        f"{type(leaf).__name__} (wrap numbers with torch.tensor(..., dtype=...))")
+        if not leaf.is_floating_point():
+            raise error(f"{path} must be a floating-point tensor, got dtype {leaf.dtype}")
+        if not bool(torch.isfinite(leaf).all()):
+            raise NonFiniteError(f"{path} contains NaN or inf")
+
+
+def check_consistent(params: PyTree, hparams: PyTree, problem: Problem) -> None:
+    """All tensors share one device; floating ones share the dtype of ``params``."""
+    ref_name, ref = _named_leaves("params", params)[0]
+    named = _named_leaves("params", params) + _named_leaves("hparams", hparams)
+    named += _named_leaves("inner_batch", problem.inner_batch)
+    named += _named_leaves("outer_batch", problem.outer_batch)
+    if problem.step_batch is not None:
+        named += _named_leaves("step_batch(0)", problem.step_batch(0))
+    for path, leaf in named:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        if leaf.device != ref.device:
+            raise BilevelInputError(f"{path} is on {leaf.device} but {ref_name} is on "
+                                    f"{ref.device}: move all tensors to one device")
+        if leaf.is_floating_point() and leaf.dtype != ref.dtype:
+            raise BilevelInputError(f"{path} has dtype {leaf.dtype} but {ref_name} has "
+                                    f"{ref.dtype}: use one floating dtype throughout")
+
+
+def evaluate(name: str, fn: Any, params: PyTree, hparams: PyTree, batch: Any) -> torch.Tensor:
+    """Call an objective, turning any failure or non-scalar output into a clear error."""
+    try:
+        out = fn(params, hparams, batch)
+    except (KeyError, IndexError, AttributeError) as exc:
+        keys = list(hparams) if isinstance(hparams, dict) else type(hparams).__name__
+        raise HyperparameterError(
+            f"{name} failed with {type(exc).__name__}: {exc}. Check that params and hparams "
+            f"have the structure {name} reads (hparams keys: {keys})") from exc
+    except RuntimeError as exc:
+        raise ObjectiveError(f"{name}(params, hparams, batch) failed: {exc}") from exc
+    if not isinstance(out, torch.Tensor):
+        raise ObjectiveError(f"{name} must return a scalar tensor, got {type(out).__name__}")
+    if out.dim() != 0:
+        raise ObjectiveError(f"{name} must return a scalar tensor (a mean or sum), got shape "
+                             f"{tuple(out.shape)}")
+    if not bool(torch.isfinite(out)):
+        raise NonFiniteError(f"{name} is {out.item()} at the given params and hparams")
+    return out
+
+
+def _setting_terms(problem: Problem, hparams: PyTree) -> list[torch.Tensor]:
+    terms = []
+    if dataclasses.is_dataclass(problem.optimizer):
+        for f in dataclasses.fields(problem.optimizer):
+            value = getattr(problem.optimizer, f.name)
+            if callable(value):
+                terms += [leaf.sum() for leaf in tree_leaves(value(hparams))
+                          if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+    return terms
+
+
+def check_problem(problem: Problem, hparams: PyTree, params: PyTree) -> None:
+    """Validate everything an estimator relies on before it does any work.
+
+    Hyperparameters and parameters must be pytrees of finite floating-point tensors on
+    one device with one dtype (shared with the data); both objectives must return
+    finite scalars; every hyperparameter must be read by the inner loss, the outer
+    loss or an optimizer setting (otherwise its hypergradient is identically zero).
+    """
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem must be a hypergrad.Problem, got {type(problem).__name__}")
+    check_tree("hparams", hparams, HyperparameterError)
+    check_tree("params", params)
+    check_consistent(params, hparams, problem)
+    lam = tree_requires_grad(hparams)
+    with torch.enable_grad():
+        terms = [evaluate("inner_loss", problem.inner_loss, params, lam, problem.full_batch()),
+                 evaluate("outer_loss", problem.outer_loss, params, lam, problem.outer_batch)]
+        terms += _setting_terms(problem, lam)
+        leaves = tree_leaves(lam)
+        live = [t for t in terms if t.requires_grad]
+        used = (torch.autograd.grad(sum(live), leaves, allow_unused=True) if live
+                else [None] * len(leaves))
+    for (path, _), g in zip(_named_leaves("hparams", hparams), used, strict=True):
+        if g is None:
+            raise HyperparameterError(
+                f"{path} is not read by inner_loss, outer_loss or the optimizer settings, so "
+                "its hypergradient is identically zero; remove it or use it")

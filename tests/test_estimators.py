@@ -1,0 +1,217 @@
+"""Estimators against closed forms and finite differences (float64)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from problems import DT, Ridge, logistic_problem, rel
+
+import hypergrad as hg
+
+
+@pytest.fixture(scope="module")
+def ridge() -> Ridge:
+    return Ridge.make()
+
+
+def test_implicit_cg_matches_closed_form(ridge):
+    problem = ridge.problem()
+    est = hg.Implicit(solver=hg.ConjugateGradient(tol=1e-14, maxiter=50), inner_steps=0)
+    out = hg.hypergradient(problem, ridge.hparams(), {"w": ridge.w_star()}, est)
+    assert rel(out.grad["lam"], ridge.hypergrad()) < 1e-10
+    d = out.diagnostics
+    assert d.solve_converged and d.solve_residual < 1e-13
+    assert d.inner_grad_norm < 1e-12 and d.solve_iterations <= 8
+
+
+@pytest.mark.parametrize("mode", ["linearized", "jvp", "reverse"])
+def test_implicit_every_hvp_mode(ridge, mode):
+    est = hg.Implicit(solver=hg.ConjugateGradient(tol=1e-13), hvp=mode, inner_steps=0)
+    out = est(ridge.problem(), ridge.hparams(), {"w": ridge.w_star()})
+    assert rel(out.grad["lam"], ridge.hypergrad()) < 1e-10
+
+
+def test_implicit_solves_inner_problem_and_warm_starts(ridge):
+    problem = ridge.problem(steps=2000)
+    est = hg.Implicit(solver=hg.ConjugateGradient(tol=1e-12))
+    first = est(problem, ridge.hparams(), ridge.params0())
+    assert rel(first.grad["lam"], ridge.hypergrad()) < 1e-9
+    assert rel(first.params["w"], ridge.w_star()) < 1e-12
+    again = est(problem, ridge.hparams(), first.params, first.state)
+    assert again.diagnostics.solve_iterations <= 1
+    assert rel(again.grad["lam"], ridge.hypergrad()) < 1e-9
+
+
+def test_implicit_warns_at_unconverged_inner_solve(ridge):
+    with pytest.warns(hg.ConvergenceWarning, match="not converged"):
+        out = hg.Implicit(inner_tol=1e-6)(ridge.problem(steps=3), ridge.hparams(), ridge.params0())
+    assert out.diagnostics.inner_grad_norm > 1e-3
+
+
+def test_implicit_warns_when_solve_stops_short(ridge):
+    est = hg.Implicit(solver=hg.ConjugateGradient(tol=1e-14, maxiter=2), inner_steps=0)
+    with pytest.warns(hg.ConvergenceWarning, match="linear solve"):
+        out = est(ridge.problem(), ridge.hparams(), {"w": ridge.w_star()})
+    assert not out.diagnostics.solve_converged
+    assert out.diagnostics.solve_residual > 1e-6
+
+
+def _budgets(rate: float, start: float = 1e-2) -> np.ndarray:
+    """Iteration counts over which rate^k falls from ``start`` to 1e-11 (above round-off)."""
+    lo, hi = (math.log(x) / math.log(rate) for x in (start, 1e-11))
+    return np.unique(np.linspace(lo, hi, 8).astype(int))
+
+
+def test_neumann_error_follows_its_rate(ridge):
+    """K Neumann terms leave v_K − v = −(I − αH)^{K+1} v: error ∝ (1 − αμ)^K."""
+    mu, L = ridge.eigs()
+    alpha = 1.0 / L
+    A, w = ridge.A(), ridge.w_star()
+    v = torch.linalg.solve(A, ridge.Xv.T @ (ridge.Xv @ w - ridge.yv) / ridge.Xv.shape[0])
+    ks = _budgets(1 - alpha * mu, start=1e-4)
+    errors = []
+    for k in ks:
+        est = hg.Implicit(solver=hg.Neumann(alpha=alpha, terms=int(k)), inner_steps=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hg.ConvergenceWarning)
+            out = est(ridge.problem(), ridge.hparams(), {"w": ridge.w_star()})
+        residual = torch.linalg.matrix_power(torch.eye(len(w), dtype=DT) - alpha * A, int(k) + 1)
+        predicted = ridge.lam.exp() * w * (residual @ v)
+        diff = out.grad["lam"] - ridge.hypergrad()
+        assert (diff - predicted).norm() < 1e-6 * predicted.norm() + 1e-14
+        errors.append(rel(out.grad["lam"], ridge.hypergrad()))
+    rate = math.exp(np.polyfit(ks, np.log(errors), 1)[0])
+    assert abs(rate - (1 - alpha * mu)) < 0.01, (rate, 1 - alpha * mu)
+
+
+def test_unrolled_gd_converges_to_closed_form(ridge):
+    out = hg.Unrolled()(ridge.problem(steps=600), ridge.hparams(), ridge.params0())
+    assert rel(out.grad["lam"], ridge.hypergrad()) < 1e-8
+    assert out.diagnostics.inner_grad_norm < 1e-10
+
+
+def test_forward_mode_equals_reverse_mode(ridge):
+    problem = ridge.problem(optimizer=hg.Momentum(lr=0.05, momentum=0.8), steps=60)
+    rev = hg.Unrolled()(problem, ridge.hparams(), ridge.params0())
+    fwd = hg.Unrolled(mode="forward")(problem, ridge.hparams(), ridge.params0())
+    assert rel(fwd.grad["lam"], rev.grad["lam"]) < 1e-12
+    assert rel(fwd.params["w"], rev.params["w"]) < 1e-14
+
+
+@pytest.mark.parametrize("optimizer", [hg.SGD(lr=0.1), hg.Adam(lr=0.05)])
+@pytest.mark.parametrize("segment", [1, 7, None])
+def test_recompute_equals_plain_unrolled(ridge, optimizer, segment):
+    problem = ridge.problem(optimizer=optimizer, steps=50)
+    plain = hg.Unrolled()(problem, ridge.hparams(), ridge.params0())
+    recomputed = hg.Unrolled(recompute=True, segment=segment)(problem, ridge.hparams(),
+                                                              ridge.params0())
+    assert rel(recomputed.grad["lam"], plain.grad["lam"]) < 1e-12
+    assert torch.equal(recomputed.params["w"], plain.params["w"])
+
+
+def test_truncated_bias_matches_theory(ridge):
+    """At the fixed point the K-step bias is ∇²_λw f · H⁻¹ (I − γH)^K ∇_w F, ∝ (1 − γμ)^K."""
+    mu, L = ridge.eigs()
+    gamma = 1.0 / L
+    A, w = ridge.A(), ridge.w_star()
+    gF = ridge.Xv.T @ (ridge.Xv @ w - ridge.yv) / ridge.Xv.shape[0]
+    exact = ridge.hypergrad()
+    ks = _budgets(1 - gamma * mu, start=1e-4)
+    errors = []
+    problem = ridge.problem(steps=400)
+    for k in ks:
+        out = hg.Truncated(window=int(k))(problem, ridge.hparams(), ridge.params0())
+        damped = torch.linalg.matrix_power(torch.eye(len(w), dtype=DT) - gamma * A, int(k)) @ gF
+        bias = -ridge.lam.exp() * w * torch.linalg.solve(A, damped)
+        assert (out.grad["lam"] - exact + bias).norm() < 1e-6 * bias.norm() + 1e-14
+        errors.append(rel(out.grad["lam"], exact))
+    rate = math.exp(np.polyfit(ks, np.log(errors), 1)[0])
+    assert abs(rate - (1 - gamma * mu)) < 0.01, (rate, 1 - gamma * mu)
+
+
+def test_random_window_is_reproducible_and_carries_draws(ridge):
+    problem = ridge.problem(steps=40)
+    est = hg.Truncated(window=10, random=True, seed=3)
+    starts = [est.window_start(40, i) for i in range(50)]
+    assert min(starts) >= 0 and max(starts) <= 30 and len(set(starts)) > 10
+    a = est(problem, ridge.hparams(), ridge.params0())
+    b = est(problem, ridge.hparams(), ridge.params0())
+    assert torch.equal(a.grad["lam"], b.grad["lam"])
+    assert a.state["draws"] == 1
+    c = est(problem, ridge.hparams(), ridge.params0(), a.state)
+    assert c.state["draws"] == 2
+    assert c.diagnostics.inner_steps == est.window_start(40, 1) + 10
+
+
+def test_truncated_full_window_equals_unrolled(ridge):
+    problem = ridge.problem(steps=30)
+    full = hg.Unrolled()(problem, ridge.hparams(), ridge.params0())
+    trunc = hg.Truncated(window=30)(problem, ridge.hparams(), ridge.params0())
+    assert rel(trunc.grad["lam"], full.grad["lam"]) < 1e-13
+
+
+# --- L2-regularised logistic regression on breast_cancer: every estimator vs FD ---------
+
+@pytest.fixture(scope="module")
+def logistic():
+    """The problem (κ ≈ 12, T = 300 GD steps), w*, and central differences of h(λ)."""
+    problem, hparams, params = logistic_problem(steps=300, optimizer=hg.SGD(lr=1.4))
+    w_star, _ = problem.solve_inner(params, hparams, steps=600)
+    check = hg.check_hypergradient(problem, hparams, w_star, hg.Implicit(inner_steps=0),
+                                   coords=8, eps=1e-4)
+    assert check.rel_error < 1e-6
+    assert check.finite_difference.abs().max() > 1e-3  # the check is not vacuous
+    return problem, hparams, w_star, check
+
+
+ESTIMATORS = {
+    "unrolled": hg.Unrolled(),
+    "recompute": hg.Unrolled(recompute=True),
+    "forward": hg.Unrolled(mode="forward"),
+    "truncated": hg.Truncated(window=200),
+    "random_window": hg.Truncated(window=250, random=True),
+    "implicit_cg": hg.Implicit(solver=hg.ConjugateGradient(tol=1e-12)),
+    "implicit_fixed_point": hg.Implicit(solver=hg.FixedPoint(alpha=1.4, tol=1e-12, maxiter=1000)),
+    "implicit_gmres": hg.Implicit(solver=hg.GMRES(tol=1e-12)),
+    "implicit_direct": hg.Implicit(solver=hg.Direct(symmetric=True)),
+    "implicit_jvp_hvp": hg.Implicit(hvp="jvp"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_matches_finite_differences(logistic, name):
+    problem, hparams, w_star, check = logistic
+    start = w_star if isinstance(ESTIMATORS[name], hg.Implicit) else \
+        {k: torch.zeros_like(v) for k, v in w_star.items()}
+    out = hg.hypergradient(problem, hparams, start, ESTIMATORS[name])
+    estimate = out.grad["lam"][check.coords]
+    assert rel(estimate, check.finite_difference) < 1e-5
+    assert out.diagnostics.inner_grad_norm < 1e-10
+
+
+@pytest.mark.parametrize("optimizer, steps", [(hg.Momentum(lr=0.8, momentum=0.3), 300),
+                                              (hg.Nesterov(lr=0.8, momentum=0.3), 300),
+                                              (hg.Adam(lr=0.5, eps=0.5), 800)])
+def test_fixed_point_implicit_matches_unrolled_at_convergence(optimizer, steps):
+    """(I − ∂_zΦ)ᵀ u = ∇_z F through the optimizer's step gives the unrolled limit."""
+    problem, hparams, params = logistic_problem(steps=steps, optimizer=optimizer)
+    unrolled = hg.Unrolled()(problem, hparams, params)
+    assert unrolled.diagnostics.inner_grad_norm < 1e-12
+    est = hg.Implicit(fixed_point=True, solver=hg.GMRES(tol=1e-12), inner_steps=0)
+    implicit = est(problem, hparams, unrolled.params)
+    assert implicit.diagnostics.solve_converged
+    assert rel(implicit.grad["lam"], unrolled.grad["lam"]) < 1e-8
+    plain = hg.Implicit(inner_steps=0)(problem, hparams, unrolled.params)
+    assert rel(implicit.grad["lam"], plain.grad["lam"]) < 1e-8
+
+
+def test_fixed_point_needs_a_nonsymmetric_solver():
+    with pytest.raises(ValueError, match="non-symmetric"):
+        hg.Implicit(fixed_point=True, solver=hg.ConjugateGradient())
+    problem, hparams, params = logistic_problem(steps=5, optimizer=hg.Chebyshev(mu=0.1, L=1.3))
+    with pytest.raises(ValueError, match="fixed-point map"):
+        hg.Implicit(fixed_point=True, inner_tol=None)(problem, hparams, params)
