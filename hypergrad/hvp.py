@@ -8,20 +8,25 @@ Three ways to form H v with H = ∇²_ww f:
   product (H is symmetric, so vᵀH = (Hv)ᵀ). Cheapest when many products are taken at
   the same point, as in every iteration of a linear solve.
 
-``"auto"`` picks ``"linearized"`` and falls back to ``"jvp"`` when the model has an
-operator without a double backward. Batched products apply ``vmap`` over the
-leading dimension of the vectors: k products in one call.
+``"auto"`` chooses per problem (:func:`choose_mode`): it forms one product on a random
+probe both ways, keeps the faster of ``"linearized"`` and ``"jvp"`` when they agree, and
+``"jvp"`` when they do not (an operator whose backward is not differentiable, e.g. a
+``once_differentiable`` custom function, makes double backward silently wrong).
+Batched products apply ``vmap`` over the leading dimension of the vectors: k products
+in one call.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .pytree import PyTree, tree_vdot
+from .pytree import PyTree, tree_leaves, tree_map, tree_norm, tree_sub, tree_vdot
 
 HVPMode = Literal["auto", "jvp", "reverse", "linearized"]
 HVP_MODES = ("auto", "jvp", "reverse", "linearized")
@@ -62,23 +67,20 @@ class Linearization:
 
     ``matvec(v)`` returns H v; with ``batched=True`` every leaf of ``v`` carries a
     leading dimension of k vectors and all k products are formed by one ``vmap``.
+    With ``mode="auto"`` the form is chosen by :func:`choose_mode`; ``self.mode`` says
+    which was taken (pass it back as ``mode`` to skip the choice next time).
     """
 
     def __init__(self, f: Objective, params: PyTree, hparams: PyTree, batch: Any,
                  mode: HVPMode = "auto"):
         _check_mode(mode)
-        self.mode = "linearized" if mode == "auto" else mode
         self.products = 0
         self._f, self._params, self._hparams, self._batch = f, params, hparams, batch
         self._grad = _grad_w(f, hparams, batch)
         self._pullback = None
-        if self.mode == "linearized":
-            try:
-                _, self._pullback = vjp(self._grad, params)
-            except RuntimeError:
-                if mode != "auto":
-                    raise
-                self.mode = "jvp"
+        self.mode = choose_mode(self) if mode == "auto" else mode
+        if self.mode == "linearized" and self._pullback is None:
+            _, self._pullback = vjp(self._grad, params)
 
     def matvec(self, v: PyTree, batched: bool = False) -> PyTree:
         self.products += 1
@@ -91,9 +93,66 @@ class Linearization:
     __call__ = matvec
 
 
-def mixed_vjp(f: Objective, params: PyTree, hparams: PyTree, batch: Any, v: PyTree) -> PyTree:
-    """The mixed product ∇²_λw f · v = ∂_λ ⟨∇_w f(params, λ, batch), v⟩ (same tree as λ)."""
-    def inner(lam: PyTree) -> torch.Tensor:
-        return tree_vdot(grad(f)(params, lam, batch), v)
+def choose_mode(lin: Linearization) -> str:
+    """Pick ``"linearized"`` or ``"jvp"`` for ``lin`` from one probe product of each.
+
+    Both forms are timed on a seeded random vector; the faster is kept when they agree
+    to 1e-4 relative. When they disagree, the double backward is wrong (a backward that
+    is not differentiable): ``"jvp"`` is kept and a warning says so. A model without
+    forward-mode rules keeps ``"linearized"``; one without double backward, ``"jvp"``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    probe = tree_map(lambda a: torch.randn(a.shape, generator=gen, dtype=a.dtype)
+                     .to(a.device), lin._params)
+    results = {}
+    for mode in ("linearized", "jvp"):
+        try:
+            start = time.perf_counter()
+            if mode == "linearized":
+                _, lin._pullback = vjp(lin._grad, lin._params)
+                start = time.perf_counter()
+                out = lin._pullback(probe)[0]
+            else:
+                out = jvp(lin._grad, (lin._params,), (probe,))[1]
+            _synchronize(out)
+            results[mode] = (time.perf_counter() - start, out)
+        except (RuntimeError, NotImplementedError):
+            continue
+    if not results:
+        raise RuntimeError("neither double backward nor forward-over-reverse works for this "
+                           "objective: no Hessian-vector product can be formed")
+    if len(results) == 1:
+        return next(iter(results))
+    (t_lin, h_lin), (t_jvp, h_jvp) = results["linearized"], results["jvp"]
+    scale = torch.maximum(tree_norm(h_lin), tree_norm(h_jvp)).clamp_min(1e-30)
+    if float(tree_norm(tree_sub(h_lin, h_jvp)) / scale) > 1e-4:
+        warnings.warn("Hessian-vector products by double backward and by forward-over-reverse "
+                      "disagree: an operator's backward is not differentiable "
+                      "(once_differentiable?); using forward-over-reverse ('jvp')",
+                      RuntimeWarning, stacklevel=3)
+        return "jvp"
+    return "linearized" if t_lin <= t_jvp else "jvp"
+
+
+def _synchronize(tree: PyTree) -> None:
+    leaves = tree_leaves(tree)
+    if leaves and leaves[0].is_cuda:
+        torch.cuda.synchronize(leaves[0].device)
+
+
+def mixed_vjp(f: Objective, params: PyTree, hparams: PyTree, batch: Any, v: PyTree,
+              mode: HVPMode = "reverse") -> PyTree:
+    """The mixed product ∇²_λw f · v = ∂_λ ⟨∇_w f(params, λ, batch), v⟩ (same tree as λ).
+
+    ``mode="jvp"`` forms ⟨∇_w f, v⟩ by forward mode and differentiates that in λ
+    (reverse-over-forward), so no double backward is taken; otherwise
+    reverse-over-reverse.
+    """
+    if mode == "jvp":
+        def inner(lam: PyTree) -> torch.Tensor:
+            return jvp(lambda w: f(w, lam, batch), (params,), (v,))[1]
+    else:
+        def inner(lam: PyTree) -> torch.Tensor:
+            return tree_vdot(grad(f)(params, lam, batch), v)
 
     return grad(inner)(hparams)

@@ -11,8 +11,10 @@ z = (w, carried state) (heavy-ball, Nesterov, Adam), a non-symmetric system:
     (I − ∂_zΦ)ᵀ u = ∇_z F,    ∇h(λ) = ∇_λ F + ∂_λΦᵀ u.
 
 Both systems are warm-started from the previous outer step's solution, carried in
-``state["v"]``. A warning is raised when ‖∇_w f(w*)‖ exceeds ``inner_tol``: implicit
-gradients at an unconverged inner solve can be wrong by tens of percent.
+``state["v"]``; the Hessian-vector product form chosen by ``hvp="auto"`` on the first
+call is kept in ``state["hvp_mode"]``. A warning is raised when ‖∇_w f(w*)‖ exceeds
+``inner_tol``: implicit gradients at an unconverged inner solve can be wrong by tens
+of percent.
 """
 
 from __future__ import annotations
@@ -89,11 +91,14 @@ class Implicit(Estimator):
                 stacklevel=3)
         loss, (gF_w, gF_lam) = _outer_grads(problem, w, hparams)
         x0 = state.get("v") if self.warm_start else None
+        new_state = dict(state)
         if self.fixed_point:
             grad_, result = self._fixed_point(problem, w, opt_state, hparams, gF_w, gF_lam, x0)
         else:
-            grad_, result = self._stationary(problem, w, hparams, gF_w, gF_lam, x0)
-        new_state = {**state, "v": tree_detach(result.x)}
+            hvp_mode = state.get("hvp_mode", self.hvp) if self.hvp == "auto" else self.hvp
+            grad_, result, new_state["hvp_mode"] = self._stationary(
+                problem, w, hparams, gF_w, gF_lam, x0, hvp_mode)
+        new_state["v"] = tree_detach(result.x)
         steps = problem.steps if self.inner_steps is None else self.inner_steps
         return Hypergradient(grad_, w, new_state, Diagnostics(
             self.name, float(loss), gnorm, steps, solve_iterations=result.iterations,
@@ -101,12 +106,13 @@ class Implicit(Estimator):
             solve_residuals=result.residuals))
 
     def _stationary(self, problem: Problem, w: PyTree, lam: PyTree, gF_w: PyTree,
-                    gF_lam: PyTree, x0: PyTree | None) -> tuple[PyTree, SolveResult]:
+                    gF_lam: PyTree, x0: PyTree | None, hvp_mode: HVPMode,
+                    ) -> tuple[PyTree, SolveResult, str]:
         batch = problem.full_batch()
-        H = Linearization(problem.inner_loss, w, lam, batch, mode=self.hvp)
+        H = Linearization(problem.inner_loss, w, lam, batch, mode=hvp_mode)
         result = self.linear_solver(H.matvec, gF_w, x0=x0)
-        mixed = mixed_vjp(problem.inner_loss, w, lam, batch, result.x)
-        return tree_map2(torch.sub, gF_lam, mixed), result
+        mixed = mixed_vjp(problem.inner_loss, w, lam, batch, result.x, mode=H.mode)
+        return tree_map2(torch.sub, gF_lam, mixed), result, H.mode
 
     def _fixed_point(self, problem: Problem, w: PyTree, opt_state: State, lam: PyTree,
                      gF_w: PyTree, gF_lam: PyTree, x0: PyTree | None,

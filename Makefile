@@ -1,0 +1,32 @@
+# Set-up is part of every target: a virtual environment in .venv with the package,
+# its test extras and a pinned CPU build of torch (override TORCH= to use another).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench lint clean
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev,examples]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/logreg_breast_cancer.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(PY) benchmarks/hypergrad.py --json benchmarks/results/cpu.json
+
+lint: $(STAMP)
+	$(PY) -m ruff check hypergrad bilevel tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info

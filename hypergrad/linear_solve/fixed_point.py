@@ -1,0 +1,82 @@
+"""Richardson (fixed-point) iteration and the truncated Neumann series built on it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..pytree import PyTree, tree_axpy, tree_sub
+from .base import MatVec, SolveResult
+from .system import _System, check, check_common
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Richardson iteration v ← v + α (b − (A + damping·I) v).
+
+    The error contracts by I − αA at every step, so along an eigenvector of an SPD A with
+    eigenvalue μ it falls like (1 − αμ)^k (α = 1/L with L ≥ λ_max is safe). It also
+    converges for non-symmetric A whenever the spectral radius of I − αA is below 1.
+    Each iteration takes one product, which also gives the exact residual.
+    """
+
+    alpha: float = 1.0
+    tol: float = 1e-10
+    maxiter: int = 100
+    damping: float = 0.0
+    symmetric: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check(self, "alpha", math.isfinite(self.alpha) and self.alpha > 0, "finite and > 0")
+        check_common(self)
+
+    def __call__(self, matvec: MatVec, b: PyTree, x0: PyTree | None = None,
+                 batched: bool = False) -> SolveResult:
+        return self._solve(_System.build(self, matvec, b, batched), x0)
+
+    def _solve(self, system: _System, x0: PyTree | None) -> SolveResult:
+        x, r = system.start(x0)
+        rel = system.relative(r)
+        active, history = rel > self.tol, [float(rel.max())]
+        while active.any() and len(history) <= self.maxiter:
+            x = tree_axpy(self.alpha * active.to(rel.dtype), r, x, batched=True)
+            r = tree_sub(system.b, system.apply(x))
+            rel = system.relative(r).where(active, rel)
+            active = active & (rel > self.tol)
+            history.append(float(rel.max()))
+        return system.result(x, len(history) - 1, history, self.tol)
+
+
+@dataclass(frozen=True)
+class Neumann:
+    """Truncated Neumann series v = α Σ_{j=0}^{K} (I − α (A + damping·I))^j b, K = ``terms``.
+
+    This is exactly K + 1 fixed-point steps from v = 0 (:class:`FixedPoint` with tol = 0),
+    which converges to A⁻¹ b when the spectral radius of I − αA is below 1. A given ``x0``
+    replaces the start v = 0 (then v is no longer the plain series); it is ignored otherwise.
+    """
+
+    alpha: float = 1.0
+    terms: int = 10
+    damping: float = 0.0
+    symmetric: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check(self, "alpha", math.isfinite(self.alpha) and self.alpha > 0, "finite and > 0")
+        check(self, "terms", isinstance(self.terms, int) and self.terms >= 0, "an int >= 0")
+        check(self, "damping", math.isfinite(self.damping) and self.damping >= 0,
+               "finite and >= 0")
+
+    @property
+    def tol(self) -> float:
+        return 0.0
+
+    @property
+    def maxiter(self) -> int:
+        return self.terms + 1
+
+    def __call__(self, matvec: MatVec, b: PyTree, x0: PyTree | None = None,
+                 batched: bool = False) -> SolveResult:
+        steps = FixedPoint(self.alpha, tol=0.0, maxiter=self.maxiter, damping=self.damping)
+        return steps._solve(_System.build(self, matvec, b, batched), x0)
