@@ -33,6 +33,10 @@ def check_tree(name: str, tree: PyTree, error: type[Exception] = BilevelInputErr
                         f"{type(leaf).__name__} (wrap numbers with torch.tensor(..., dtype=...))")
         if not leaf.is_floating_point():
             raise error(f"{path} must be a floating-point tensor, got dtype {leaf.dtype}")
+
+
+def check_finite(name: str, tree: PyTree) -> None:
+    for path, leaf in _named_leaves(name, tree):
         if not bool(torch.isfinite(leaf).all()):
             raise NonFiniteError(f"{path} contains NaN or inf")
 
@@ -101,6 +105,8 @@ def check_problem(problem: Problem, hparams: PyTree, params: PyTree) -> None:
     check_tree("hparams", hparams, HyperparameterError)
     check_tree("params", params)
     check_consistent(params, hparams, problem)
+    check_finite("hparams", hparams)
+    check_finite("params", params)
     lam = tree_requires_grad(hparams)
     with torch.enable_grad():
         terms = [evaluate("inner_loss", problem.inner_loss, params, lam, problem.full_batch()),

@@ -68,7 +68,11 @@ def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
             z_out = problem.run(*z_in, lam, a, b, graph=True)
             outputs, cotangents = outputs_fn(z_out)
         inputs = ([] if first else _float_leaves(z_in)) + lam_leaves
-        grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
+        live = [i for i, o in enumerate(outputs) if o.requires_grad]
+        grads = torch.autograd.grad(
+            [outputs[i] for i in live], inputs,
+            None if cotangents is None else [cotangents[i] for i in live],
+            allow_unused=True) if live else [None] * len(inputs)
         grads = _grads_or_zeros(grads, inputs)
         n = len(inputs) - len(lam_leaves)
         return grads[:n], grads[n:], z_out
@@ -86,9 +90,7 @@ def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
         adj = adjoint
 
         def pulled(z_out: tuple, adj: list = adj) -> tuple[list, list]:
-            pairs = [(o, c) for o, c in zip(_float_leaves(z_out), adj, strict=True)
-                     if o.requires_grad]
-            return [o for o, _ in pairs], [c for _, c in pairs]
+            return _float_leaves(z_out), adj
 
         adjoint, g_seg, _ = segment_grads(a, b, z_start, a == start, pulled)
         g_lam = [x + y for x, y in zip(g_lam, g_seg, strict=True)]
