@@ -1,0 +1,15 @@
+"""The README's example runs as written."""
+
+import re
+from pathlib import Path
+
+
+def test_readme_example_runs():
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "README.md has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert result.diagnostics.solve_converged
+    assert result.diagnostics.inner_grad_norm < 1e-8
