@@ -215,3 +215,15 @@ def test_fixed_point_needs_a_nonsymmetric_solver():
     problem, hparams, params = logistic_problem(steps=5, optimizer=hg.Chebyshev(mu=0.1, L=1.3))
     with pytest.raises(ValueError, match="fixed-point map"):
         hg.Implicit(fixed_point=True, inner_tol=None)(problem, hparams, params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["unrolled", "recompute", "implicit_cg", "implicit_gmres"])
+def test_estimators_on_cuda_match_cpu(name):
+    ridge = Ridge.make()
+    gpu = Ridge.make(device="cuda")
+    est = ESTIMATORS[name]
+    cpu_out = est(ridge.problem(steps=200), ridge.hparams(), ridge.params0())
+    gpu_out = est(gpu.problem(steps=200), gpu.hparams(), gpu.params0())
+    assert gpu_out.grad["lam"].is_cuda
+    assert rel(gpu_out.grad["lam"].cpu(), cpu_out.grad["lam"]) < 1e-10
