@@ -6,6 +6,12 @@ before any expensive work starts.
 
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+
 
 class BilevelInputError(ValueError):
     """An argument has the wrong type, structure, shape, dtype or device."""
@@ -25,3 +31,11 @@ class NonFiniteError(FloatingPointError):
 
 class ConvergenceWarning(UserWarning):
     """An inner solve or a linear solve stopped before reaching its tolerance."""
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """Warn, attributing the warning to the first caller outside this package."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

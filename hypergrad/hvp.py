@@ -19,13 +19,13 @@ in one call.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from .errors import warn
 from .pytree import PyTree, tree_leaves, tree_map, tree_norm, tree_sub, tree_vdot
 
 HVPMode = Literal["auto", "jvp", "reverse", "linearized"]
@@ -126,10 +126,9 @@ def choose_mode(lin: Linearization) -> str:
     (t_lin, h_lin), (t_jvp, h_jvp) = results["linearized"], results["jvp"]
     scale = torch.maximum(tree_norm(h_lin), tree_norm(h_jvp)).clamp_min(1e-30)
     if float(tree_norm(tree_sub(h_lin, h_jvp)) / scale) > 1e-4:
-        warnings.warn("Hessian-vector products by double backward and by forward-over-reverse "
-                      "disagree: an operator's backward is not differentiable "
-                      "(once_differentiable?); using forward-over-reverse ('jvp')",
-                      RuntimeWarning, stacklevel=3)
+        warn("Hessian-vector products by double backward and by forward-over-reverse "
+             "disagree: an operator's backward is not differentiable "
+             "(once_differentiable?); using forward-over-reverse ('jvp')", RuntimeWarning)
         return "jvp"
     return "linearized" if t_lin <= t_jvp else "jvp"
 

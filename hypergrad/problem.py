@@ -35,6 +35,8 @@ class Problem:
         step_batch: optional ``t -> batch`` giving the minibatch of inner step t
             (stochastic inner training); defaults to ``inner_batch`` at every step.
             Indexing by step keeps recomputation and resumption reproducible.
+        outer_step_batch: optional ``t -> batch``, the outer minibatch of outer step t
+            for stochastic estimators (SOBA); defaults to ``outer_batch``.
     """
 
     inner_loss: Objective
@@ -44,6 +46,7 @@ class Problem:
     optimizer: InnerOptimizer = field(default_factory=SGD)
     steps: int = 100
     step_batch: Callable[[int], Any] | None = None
+    outer_step_batch: Callable[[int], Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("inner_loss", "outer_loss"):
@@ -60,6 +63,11 @@ class Problem:
     def batch_at(self, t: int) -> Any:
         """The inner batch of step t."""
         return self.step_batch(t) if self.step_batch is not None else self.inner_batch
+
+    def outer_batch_at(self, t: int) -> Any:
+        """The outer batch of outer step t."""
+        return self.outer_step_batch(t) if self.outer_step_batch is not None else \
+            self.outer_batch
 
     def full_batch(self) -> Any:
         """The batch of the optimality conditions ∇_w f = 0 (Hessians, gradient norms):
@@ -90,10 +98,11 @@ class Problem:
             params, state = tree_detach(params), tree_detach(state)
         return params, state
 
-    def solve_inner(self, params: PyTree, hparams: PyTree,
-                    steps: int | None = None) -> tuple[PyTree, State]:
-        """Approximate w*(λ) by ``steps`` (default ``self.steps``) graph-free steps."""
+    def solve_inner(self, params: PyTree, hparams: PyTree, steps: int | None = None,
+                    state: State | None = None) -> tuple[PyTree, State]:
+        """Approximate w*(λ) by ``steps`` (default ``self.steps``) graph-free steps,
+        continuing from the optimizer ``state`` if given (else a fresh one)."""
         params = tree_detach(params)
-        state = self.optimizer.init(params)
+        state = self.optimizer.init(params) if state is None else state
         return self.run(params, state, hparams, 0, self.steps if steps is None else steps,
                         graph=False)

@@ -88,9 +88,9 @@ def logistic_problem(steps: int = 1500, seed: int = 0, optimizer=None):
     X, y = load_breast_cancer(return_X_y=True)
     X = torch.tensor(X, dtype=DT)
     y = torch.tensor(y, dtype=DT)
-    X = (X - X.mean(0)) / X.std(0)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     tr, va = perm[:300], perm[300:450]
+    X = (X - X[tr].mean(0)) / X[tr].std(0)
 
     def inner(p, h, batch):
         Xb, yb = batch

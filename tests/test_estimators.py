@@ -8,9 +8,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from problems import DT, Ridge, logistic_problem, rel
 
 import hypergrad as hg
+
+from problems import DT, Ridge, logistic_problem, rel
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +228,20 @@ def test_estimators_on_cuda_match_cpu(name):
     gpu_out = est(gpu.problem(steps=200), gpu.hparams(), gpu.params0())
     assert gpu_out.grad["lam"].is_cuda
     assert rel(gpu_out.grad["lam"].cpu(), cpu_out.grad["lam"]) < 1e-10
+
+
+def test_warnings_point_at_the_callers_line(ridge):
+    with pytest.warns(hg.ConvergenceWarning) as record:
+        hg.hypergradient(ridge.problem(steps=3), ridge.hparams(), ridge.params0(),
+                         hg.Implicit(inner_tol=1e-6))
+    assert record[0].filename == __file__
+
+
+def test_implicit_continues_the_inner_optimizer_state(ridge):
+    problem = ridge.problem(optimizer=hg.Momentum(lr=0.1, momentum=0.9), steps=5)
+    est = hg.Implicit(inner_tol=None)
+    first = est(problem, ridge.hparams(), ridge.params0())
+    second = est(problem, ridge.hparams(), first.params, first.state)
+    w, s = problem.solve_inner(ridge.params0(), ridge.hparams(), steps=10)
+    assert torch.equal(second.params["w"], w["w"])
+    assert torch.equal(second.state["inner_state"]["m"]["w"], s["m"]["w"])

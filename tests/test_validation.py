@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hypergrad as hg
+
 from problems import DT, Ridge
 
 
@@ -78,7 +79,7 @@ def test_zero_hypergradient_warns(ridge):
 def test_non_scalar_objective(ridge):
     with pytest.raises(hg.ObjectiveError, match=r"outer_loss must return a scalar.*shape \(10,\)"):
         _call(ridge, outer_loss=lambda p, h, b: (b[0] @ p["w"] - b[1]) ** 2)
-    with pytest.raises(hg.ObjectiveError, match="inner_loss must return a scalar tensor, got float"):
+    with pytest.raises(hg.ObjectiveError, match="inner_loss must return a scalar tensor, got fl"):
         _call(ridge, inner_loss=lambda p, h, b: 1.0)
 
 

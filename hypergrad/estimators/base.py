@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConvergenceWarning, NonFiniteError
+from ..errors import ConvergenceWarning, NonFiniteError, warn
 from ..problem import Problem
 from ..pytree import PyTree, tree_leaves, tree_norm, tree_paths
 
@@ -71,14 +70,13 @@ class Estimator(ABC):
         _check_finite(result.grad, self.name)
         d = result.diagnostics
         if d.solve_converged is False:
-            warnings.warn(
+            warn(
                 f"{self.name}: the linear solve stopped at relative residual "
                 f"{d.solve_residual:.2e} after {d.solve_iterations} iterations; raise "
-                "maxiter or tol", ConvergenceWarning, stacklevel=2)
+                "maxiter or tol", ConvergenceWarning)
         if all(bool((g == 0).all()) for g in tree_leaves(result.grad)):
-            warnings.warn(f"{self.name}: the hypergradient is exactly zero: the outer loss "
-                          "does not depend on the hyperparameters through this estimate",
-                          RuntimeWarning, stacklevel=2)
+            warn(f"{self.name}: the hypergradient is exactly zero: the outer loss does not "
+                 "depend on the hyperparameters through this estimate", RuntimeWarning)
         seconds = time.perf_counter() - start
         return replace(result, diagnostics=replace(
             d, seconds=seconds, hypergrad_norm=float(tree_norm(result.grad))))

@@ -11,22 +11,23 @@ z = (w, carried state) (heavy-ball, Nesterov, Adam), a non-symmetric system:
     (I − ∂_zΦ)ᵀ u = ∇_z F,    ∇h(λ) = ∇_λ F + ∂_λΦᵀ u.
 
 Both systems are warm-started from the previous outer step's solution, carried in
-``state["v"]``; the Hessian-vector product form chosen by ``hvp="auto"`` on the first
-call is kept in ``state["hvp_mode"]``. A warning is raised when ‖∇_w f(w*)‖ exceeds
+``state["v"]``, and the inner optimizer continues from its state in
+``state["inner_state"]`` (momentum buffers, Adam moments); the Hessian-vector product
+form chosen by ``hvp="auto"`` on the first call is kept in ``state["hvp_mode"]``.
+A warning is raised when ‖∇_w f(w*)‖ exceeds
 ``inner_tol``: implicit gradients at an unconverged inner solve can be wrong by tens
 of percent.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch.func import grad, vjp
 
-from ..errors import ConvergenceWarning
+from ..errors import ConvergenceWarning, warn
 from ..hvp import HVP_MODES, HVPMode, Linearization, mixed_vjp
 from ..linear_solve import GMRES, ConjugateGradient, LinearSolver, SolveResult
 from ..optim import State
@@ -48,7 +49,8 @@ class Implicit(Estimator):
         inner_steps: graph-free inner steps to reach w* from ``params`` (default
             ``problem.steps``; 0 takes ``params`` as w*).
         inner_tol: warn when ‖∇_w f(w*)‖ exceeds it (``None``: never).
-        warm_start: start the linear solve from the previous solution in ``state``.
+        warm_start: start the linear solve from the previous solution and the inner
+            optimizer from its previous state, both kept in ``state``.
     """
 
     name: ClassVar[str] = "implicit"
@@ -81,14 +83,15 @@ class Implicit(Estimator):
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
         hparams = tree_detach(hparams)
-        w, opt_state = problem.solve_inner(params, hparams, self.inner_steps)
+        w, opt_state = problem.solve_inner(
+            params, hparams, self.inner_steps,
+            state.get("inner_state") if self.warm_start else None)
         gnorm = inner_grad_norm(problem, w, hparams)
         if self.inner_tol is not None and gnorm > self.inner_tol:
-            warnings.warn(
+            warn(
                 f"implicit: the inner problem is not converged (‖∇_w f‖ = {gnorm:.2e} > "
                 f"inner_tol = {self.inner_tol:.0e}); the hypergradient may be badly wrong. "
-                "Run more inner steps or use an unrolled estimator", ConvergenceWarning,
-                stacklevel=3)
+                "Run more inner steps or use an unrolled estimator", ConvergenceWarning)
         loss, (gF_w, gF_lam) = _outer_grads(problem, w, hparams)
         x0 = state.get("v") if self.warm_start else None
         new_state = dict(state)
@@ -99,6 +102,7 @@ class Implicit(Estimator):
             grad_, result, new_state["hvp_mode"] = self._stationary(
                 problem, w, hparams, gF_w, gF_lam, x0, hvp_mode)
         new_state["v"] = tree_detach(result.x)
+        new_state["inner_state"] = opt_state
         steps = problem.steps if self.inner_steps is None else self.inner_steps
         return Hypergradient(grad_, w, new_state, Diagnostics(
             self.name, float(loss), gnorm, steps, solve_iterations=result.iterations,
