@@ -35,7 +35,7 @@ class ConvergenceWarning(UserWarning):
 
 def warn(message: str, category: type[Warning]) -> None:
     """Warn, attributing the warning to the first caller outside this package."""
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
