@@ -7,6 +7,7 @@ estimators (unrolled, truncated, implicit) built on batched Hessian-vector produ
 from __future__ import annotations
 
 from .check import GradientCheck, check_hypergradient
+from .constrained import ConstrainedProblem
 from .errors import (
     BilevelInputError,
     ConvergenceWarning,
@@ -16,11 +17,14 @@ from .errors import (
 )
 from .estimators import (
     ESTIMATORS,
+    LVHBA,
+    ConstrainedDiagnostics,
     Diagnostics,
     Estimator,
     EstimatorState,
     Hypergradient,
     Implicit,
+    KKTImplicit,
     Truncated,
     Unrolled,
     make_estimator,
@@ -51,11 +55,11 @@ def hypergradient(problem: Problem, hparams: PyTree, params: PyTree,
 
 
 __all__ = [
-    "ESTIMATORS", "GMRES", "SGD", "Adam", "AdamW", "BilevelInputError", "Chebyshev",
-    "ConjugateGradient", "ConvergenceWarning", "Diagnostics", "Direct", "Estimator",
-    "EstimatorState", "FixedPoint", "GradientCheck", "Hypergradient", "HyperparameterError",
-    "Implicit", "Linearization", "Momentum", "Nesterov", "Neumann", "NonFiniteError",
-    "ObjectiveError", "Problem", "PyTree", "SolveResult", "Truncated", "Unrolled",
-    "check_hypergradient", "check_problem", "hvp", "hvp_batched", "hypergradient",
-    "make_estimator", "mixed_vjp",
+    "Adam", "AdamW", "BilevelInputError", "Chebyshev", "ConjugateGradient",
+    "ConstrainedDiagnostics", "ConstrainedProblem", "ConvergenceWarning", "Diagnostics", "Direct",
+    "ESTIMATORS", "Estimator", "EstimatorState", "FixedPoint", "GMRES", "GradientCheck",
+    "Hypergradient", "HyperparameterError", "Implicit", "KKTImplicit", "LVHBA", "Linearization",
+    "Momentum", "Nesterov", "Neumann", "NonFiniteError", "ObjectiveError", "Problem", "PyTree",
+    "SGD", "SolveResult", "Truncated", "Unrolled", "check_hypergradient", "check_problem", "hvp",
+    "hvp_batched", "hypergradient", "make_estimator", "mixed_vjp",
 ]

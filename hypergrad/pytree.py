@@ -22,11 +22,11 @@ tree_unflatten = _pt.tree_unflatten
 tree_structure = _pt.tree_structure
 
 
-def tree_map2(fn: Callable, x: PyTree, y: PyTree) -> PyTree:
-    """Apply ``fn`` to matching leaves of two trees of the same structure."""
+def tree_map2(fn: Callable, x: PyTree, *others: PyTree) -> PyTree:
+    """Apply ``fn`` to matching leaves of trees of the same structure."""
     leaves_x, spec = tree_flatten(x)
-    leaves_y = tree_leaves(y)
-    return tree_unflatten([fn(a, b) for a, b in zip(leaves_x, leaves_y, strict=True)], spec)
+    rest = [tree_leaves(o) for o in others]
+    return tree_unflatten([fn(*leaves) for leaves in zip(leaves_x, *rest, strict=True)], spec)
 
 
 def tree_paths(tree: PyTree) -> list[str]:

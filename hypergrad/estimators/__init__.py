@@ -6,6 +6,8 @@ from typing import Any
 
 from .base import Diagnostics, Estimator, EstimatorState, Hypergradient
 from .implicit import Implicit
+from .kkt import KKTImplicit
+from .lvhba import LVHBA, ConstrainedDiagnostics
 from .truncated import Truncated
 from .unrolled import Unrolled
 
@@ -18,6 +20,8 @@ ESTIMATORS: dict[str, tuple[type[Estimator], dict[str, Any]]] = {
     "random_window": (Truncated, {"random": True}),
     "implicit": (Implicit, {}),
     "fixed_point": (Implicit, {"fixed_point": True}),
+    "kkt": (KKTImplicit, {}),
+    "lvhba": (LVHBA, {}),
 }
 
 
@@ -33,5 +37,6 @@ def make_estimator(name: str | Estimator, **settings: Any) -> Estimator:
     return cls(**{**defaults, **settings})
 
 
-__all__ = ["ESTIMATORS", "Diagnostics", "Estimator", "EstimatorState", "Hypergradient",
-           "Implicit", "Truncated", "Unrolled", "make_estimator"]
+__all__ = ["ESTIMATORS", "LVHBA", "ConstrainedDiagnostics", "Diagnostics", "Estimator",
+           "EstimatorState", "Hypergradient", "Implicit", "KKTImplicit", "Truncated", "Unrolled",
+           "make_estimator"]

@@ -1,0 +1,141 @@
+"""Implicit differentiation through the KKT conditions of a constrained lower level.
+
+At a primal-dual solution (y*, μ*) of min_y { f(y, x) : g(y, x) ≤ 0 } with active set
+A = {i : g_i(y*, x) ≥ −active_tol}, stationarity and the active constraints,
+
+    ∇_y L(y, x, μ) = ∇_y f + J_Aᵀ μ_A = 0,    g_A(y, x) = 0,
+
+define y*(x) implicitly (under strict complementarity and LICQ). With the symmetric,
+indefinite KKT matrix K = [[∇²_yy L, J_Aᵀ], [J_A, 0]],
+
+    K (v, u) = (∇_y F, 0),    ∇h(x) = ∇_x F − ∇²_xy L · v − ∂_x g_Aᵀ u.
+
+The multipliers come from ``state["multipliers"]`` when known, else from the least-squares
+solution of the stationarity condition on the active set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.func import grad, jacrev
+
+from ..constrained import ConstrainedProblem
+from ..errors import ConvergenceWarning, warn
+from ..hvp import HVP_MODES, HVPMode, Linearization, mixed_vjp
+from ..linear_solve import GMRES, LinearSolver
+from ..pytree import PyTree, tree_detach, tree_map2, tree_norm, tree_ravel, tree_unravel
+from .base import Estimator, EstimatorState, Hypergradient
+from .lvhba import ConstrainedDiagnostics
+
+
+@dataclass(frozen=True)
+class KKTImplicit(Estimator):
+    """Hypergradient of a constrained lower level by the implicit function theorem on KKT.
+
+    Called as ``est(problem, x, y_star, state)`` with a :class:`ConstrainedProblem` and an
+    (accurate) lower-level solution ``y_star``; ``state["multipliers"]`` (shape ``(l,)``)
+    may give μ*. The simple sets of the problem are not differentiated: express bounds
+    that can be active as constraints g.
+
+    Args:
+        solver: solver for the symmetric indefinite KKT system (default GMRES).
+        active_tol: constraints with g_i ≥ −active_tol count as active.
+        stationarity_tol: warn when ‖∇_y L(y*, x, μ*)‖ exceeds it (``None``: never).
+        hvp: form of the Hessian-vector products of the Lagrangian.
+    """
+
+    name: ClassVar[str] = "kkt"
+    solver: LinearSolver | None = None
+    active_tol: float = 1e-6
+    stationarity_tol: float | None = 1e-6
+    hvp: HVPMode = "auto"
+
+    def __post_init__(self) -> None:
+        if self.hvp not in HVP_MODES:
+            raise ValueError(f"KKTImplicit.hvp must be one of {HVP_MODES}, got {self.hvp!r}")
+        if not self.active_tol >= 0:
+            raise ValueError(f"KKTImplicit.active_tol must be >= 0, got {self.active_tol!r}")
+
+    @property
+    def linear_solver(self) -> LinearSolver:
+        return self.solver if self.solver is not None else GMRES(tol=1e-10, maxiter=500)
+
+    def compute(self, problem: ConstrainedProblem, hparams: PyTree, params: PyTree,
+                state: EstimatorState) -> Hypergradient:
+        if not isinstance(problem, ConstrainedProblem):
+            raise TypeError("KKTImplicit needs a ConstrainedProblem, got "
+                            f"{type(problem).__name__}")
+        x, y, batch = tree_detach(hparams), tree_detach(params), problem.inner_batch
+        g_val = problem.g(y, x)
+        active = (g_val >= -self.active_tol).nonzero().flatten()
+        J = _active_jacobian(problem, y, x, active)  # (a, m), rows ∇_y g_i
+        mu = self._multipliers(problem, y, x, state, active, J)
+        L = problem.lagrangian(mu)
+        stationarity = float(tree_norm(grad(L)(y, x, batch)))
+        if self.stationarity_tol is not None and stationarity > self.stationarity_tol:
+            warn(f"kkt: y is not a KKT point (‖∇_y L‖ = {stationarity:.2e}); the "
+                 "hypergradient may be wrong: solve the lower level more accurately",
+                 ConvergenceWarning)
+        if bool((mu[active] <= 0).any()):
+            warn("kkt: an active constraint has a zero multiplier (no strict "
+                 "complementarity): the solution map may not be differentiable here",
+                 RuntimeWarning)
+
+        def F(yy: PyTree, xx: PyTree) -> torch.Tensor:
+            return problem.outer_loss(yy, xx, problem.outer_batch)
+
+        gF_y, gF_x = grad(F, argnums=(0, 1))(y, x)
+        H = Linearization(L, y, x, batch, mode=self.hvp)
+
+        def matvec(vu: tuple[PyTree, torch.Tensor]) -> tuple[PyTree, torch.Tensor]:
+            v, u = vu
+            top = tree_map2(torch.add, H.matvec(v), tree_unravel(J.T @ u, y))
+            return top, J @ tree_ravel(v)
+
+        rhs = (gF_y, torch.zeros(len(active), dtype=g_val.dtype, device=g_val.device))
+        result = self.linear_solver(matvec, rhs)
+        v, u = result.x
+        mixed = mixed_vjp(L, y, x, batch, v, mode=H.mode)
+        if len(active):
+            g_x = grad(lambda xx: u @ problem.g(y, xx)[active])(x)
+            mixed = tree_map2(torch.add, mixed, g_x)
+        diagnostics = ConstrainedDiagnostics(
+            self.name, float(F(y, x)), stationarity, 0, solve_iterations=result.iterations,
+            solve_residual=result.residual, solve_converged=result.converged,
+            solve_residuals=result.residuals,
+            max_violation=float(g_val.clamp_min(0).max()) if g_val.numel() else 0.0,
+            multipliers=mu.tolist())
+        new_state = {**state, "multipliers": mu, "active": active.tolist()}
+        return Hypergradient(tree_map2(torch.sub, gF_x, mixed), y, new_state, diagnostics)
+
+    def _multipliers(self, problem: ConstrainedProblem, y: PyTree, x: PyTree,
+                     state: EstimatorState, active: torch.Tensor,
+                     J: torch.Tensor) -> torch.Tensor:
+        """μ* from the state, else argmin_μA ‖∇_y f + J_Aᵀ μ_A‖ (zero off the active set)."""
+        l = problem.num_constraints
+        given = state.get("multipliers")
+        if given is not None:
+            mu = torch.as_tensor(given, dtype=J.dtype, device=J.device)
+            if mu.shape != (l,):
+                raise ValueError(f"state['multipliers'] must have shape ({l},), got "
+                                 f"{tuple(mu.shape)}")
+            return mu
+        mu = J.new_zeros(l)
+        if len(active):
+            gf = tree_ravel(grad(problem.inner_loss)(y, x, problem.inner_batch))
+            mu[active] = torch.linalg.lstsq(J.T, -gf.unsqueeze(1)).solution.squeeze(1)
+        return mu
+
+
+def _active_jacobian(problem: ConstrainedProblem, y: PyTree, x: PyTree,
+                     active: torch.Tensor) -> torch.Tensor:
+    """The rows ∇_y g_i(y, x), i ∈ A, as a dense (|A|, dim y) matrix."""
+    flat = tree_ravel(y)
+    if not len(active):
+        return flat.new_zeros(0, flat.numel())
+    rows = jacrev(lambda f: problem.g(tree_unravel(f, y), x)[active])(flat)
+    return rows.reshape(len(active), -1)
+
