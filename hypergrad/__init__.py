@@ -39,17 +39,18 @@ from .validation import check_problem
 __version__ = "0.1.0"
 
 
-def hypergradient(problem: Problem, hparams: PyTree, params: PyTree,
+def hypergradient(problem: Problem | ConstrainedProblem, hparams: PyTree, params: PyTree,
                   estimator: str | Estimator = "implicit", state: EstimatorState | None = None,
                   check: bool = True) -> Hypergradient:
     """Estimate ∇_λ F(w*(λ), λ) with the chosen estimator (object or registry name).
 
     ``params`` is the inner starting point (or the previous solution, to warm-start);
     ``state`` is the previous call's ``result.state``. With ``check`` the inputs are
-    validated first (types, structure, dtypes, devices, scalar finite losses).
+    validated first (types, structure, dtypes, devices, scalar finite losses); a
+    :class:`ConstrainedProblem` is checked by its estimator (feasible start, shape of g).
     """
     est = make_estimator(estimator)
-    if check:
+    if check and isinstance(problem, Problem):
         check_problem(problem, hparams, params)
     return est(problem, hparams, params, state)
 
