@@ -18,6 +18,8 @@ from .errors import (
 from .estimators import (
     ESTIMATORS,
     LVHBA,
+    SABA,
+    SOBA,
     ConstrainedDiagnostics,
     Diagnostics,
     Estimator,
@@ -28,6 +30,7 @@ from .estimators import (
     Truncated,
     Unrolled,
     make_estimator,
+    soba_step_size,
 )
 from .hvp import Linearization, hvp, hvp_batched, mixed_vjp
 from .linear_solve import GMRES, ConjugateGradient, Direct, FixedPoint, Neumann, SolveResult
@@ -61,6 +64,7 @@ __all__ = [
     "ESTIMATORS", "Estimator", "EstimatorState", "FixedPoint", "GMRES", "GradientCheck",
     "Hypergradient", "HyperparameterError", "Implicit", "KKTImplicit", "LVHBA", "Linearization",
     "Momentum", "Nesterov", "Neumann", "NonFiniteError", "ObjectiveError", "Problem", "PyTree",
-    "SGD", "SolveResult", "Truncated", "Unrolled", "check_hypergradient", "check_problem", "hvp",
-    "hvp_batched", "hypergradient", "make_estimator", "mixed_vjp",
+    "SABA", "SGD", "SOBA", "SolveResult", "Truncated", "Unrolled", "check_hypergradient",
+    "check_problem", "hvp", "hvp_batched", "hypergradient", "make_estimator", "mixed_vjp",
+    "soba_step_size",
 ]

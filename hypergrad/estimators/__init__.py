@@ -8,6 +8,7 @@ from .base import Diagnostics, Estimator, EstimatorState, Hypergradient
 from .implicit import Implicit
 from .kkt import KKTImplicit
 from .lvhba import LVHBA, ConstrainedDiagnostics
+from .soba import SABA, SOBA, soba_step_size
 from .truncated import Truncated
 from .unrolled import Unrolled
 
@@ -22,6 +23,8 @@ ESTIMATORS: dict[str, tuple[type[Estimator], dict[str, Any]]] = {
     "fixed_point": (Implicit, {"fixed_point": True}),
     "kkt": (KKTImplicit, {}),
     "lvhba": (LVHBA, {}),
+    "soba": (SOBA, {}),
+    "saba": (SABA, {}),
 }
 
 
@@ -37,6 +40,8 @@ def make_estimator(name: str | Estimator, **settings: Any) -> Estimator:
     return cls(**{**defaults, **settings})
 
 
-__all__ = ["ESTIMATORS", "LVHBA", "ConstrainedDiagnostics", "Diagnostics", "Estimator",
-           "EstimatorState", "Hypergradient", "Implicit", "KKTImplicit", "Truncated", "Unrolled",
-           "make_estimator"]
+__all__ = [
+    "ConstrainedDiagnostics", "Diagnostics", "ESTIMATORS", "Estimator", "EstimatorState",
+    "Hypergradient", "Implicit", "KKTImplicit", "LVHBA", "SABA", "SOBA", "Truncated", "Unrolled",
+    "make_estimator", "soba_step_size",
+]
