@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     import hypergrad as hg
 
-    d, steps, recompute = 100_000, int(sys.argv[1]), sys.argv[2] == "1"
+    d, steps, recompute = 40_000, int(sys.argv[1]), sys.argv[2] == "1"
     g = torch.Generator().manual_seed(0)
     target = torch.randn(d, generator=g, dtype=torch.float64)
 
@@ -54,6 +54,6 @@ def test_recompute_uses_less_memory_and_gives_the_same_gradient():
     plain, recomputed = _run(100, False), _run(100, True)
     assert torch.allclose(torch.tensor(plain["grad"]), torch.tensor(recomputed["grad"]),
                           rtol=1e-12, atol=0)
-    # plain stores ~100 steps of d-sized tensors (~0.8 MiB each); recompute ~2·√100
-    assert plain["peak_mib"] > 150
+    # plain stores ~100 steps of d-sized tensors (~0.3 MiB each); recompute ~2·√100
+    assert plain["peak_mib"] > 60
     assert recomputed["peak_mib"] < 0.35 * plain["peak_mib"], (plain, recomputed)
