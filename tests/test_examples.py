@@ -40,3 +40,40 @@ def test_logreg_breast_cancer(tmp_path):
     assert "ConvergenceWarning" not in proc.stderr, proc.stderr
     if s["seconds"] > 30:
         warnings.warn(f"the fast example run took {s['seconds']:.0f} s (> 30 s)", stacklevel=1)
+
+
+def test_lvhba_toy(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "toy.json", tmp_path / "toy.png"
+    proc = run_example("lvhba_toy.py", "--iterations", "3000", "--json", str(out),
+                       "--plot", str(png))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = json.loads(out.read_text())
+    assert set(s) >= {"iterations", "rel_error_x", "multiplier", "max_violation", "seconds"}
+    # 3000 iterations of the paper's settings reach ~1.2e-2 in x and λ ≈ 1.003.
+    assert s["iterations"] == 3000
+    assert s["rel_error_x"] < 0.02, s
+    assert abs(s["multiplier"] - 1) < 0.02, s
+    assert s["max_violation"] < 1e-10, s  # the joint projection keeps g ≤ 0
+    assert png.stat().st_size > 0
+
+
+def test_svm_hyperparameters(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "svm.json", tmp_path / "svm.png"
+    proc = run_example("svm_hyperparameters.py", "--budget", "3", "--json", str(out),
+                       "--plot", str(png))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = json.loads(out.read_text())
+    for method in ("lvhba", "kkt", "random_search"):
+        r = s[method]
+        assert set(r) >= {"val_loss", "test_accuracy", "seconds", "outer_steps"}, r
+        assert r["test_accuracy"] > 0.85, (method, r)
+        assert r["outer_steps"] > 0 and r["seconds"] >= 3, (method, r)
+    # Random search keeps its best candidate (c = 0 included); KKT descent lowers the
+    # validation loss from c = 0 within a few steps.
+    assert s["random_search"]["val_loss"] <= s["start"]["val_loss"]
+    assert s["kkt"]["val_loss"] < s["start"]["val_loss"]
+    assert "ConvergenceWarning" not in proc.stderr, proc.stderr
+    assert png.stat().st_size > 0

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..pytree import PyTree, tree_flatten, tree_unflatten, tree_zeros_like
-from .base import Setting, State, leafwise, resolve
+from .base import Setting, State, leafwise, nonzero, resolve
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Adam:
         for p, g, m, v, lr, b1, b2, eps, wd in zip(
                 leaves, tree_flatten(grads)[0], tree_flatten(state["m"])[0],
                 tree_flatten(state["v"])[0], *settings, strict=True):
-            decay = _nonzero(wd)
+            decay = nonzero(wd)
             if decay and not self.decoupled:
                 g = g + wd * p
             m = b1 * m + (1 - b1) * g
@@ -74,7 +74,3 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     pos = v > 0
     return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))),
                        torch.zeros_like(v))
-
-
-def _nonzero(x: object) -> bool:
-    return not (isinstance(x, (int, float)) and x == 0)

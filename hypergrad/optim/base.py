@@ -48,6 +48,11 @@ def resolve(setting: Setting, hparams: PyTree) -> Any:
     return setting(hparams) if callable(setting) else setting
 
 
+def nonzero(value: Any) -> bool:
+    """False only for a plain number equal to 0 (a term that can be skipped)."""
+    return not (isinstance(value, (int, float)) and value == 0)
+
+
 def leafwise(value: Any, params: PyTree) -> list[Any]:
     """One value per parameter leaf: a scalar is repeated, a matching pytree is split."""
     leaves, spec = tree_flatten(params)

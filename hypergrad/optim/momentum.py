@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..pytree import PyTree, tree_flatten, tree_unflatten, tree_zeros_like
-from .base import Setting, State, leafwise, resolve
+from .base import Setting, State, leafwise, nonzero, resolve
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Momentum:
         new_p, new_m = [], []
         for p, g, m, lr, mu, wd in zip(leaves, tree_flatten(grads)[0],
                                        tree_flatten(state["m"])[0], *settings, strict=True):
-            if _nonzero(wd):
+            if nonzero(wd):
                 g = g + wd * p
             m = mu * m + g
             new_p.append(p - lr * (g + mu * m if self.nesterov else m))
@@ -47,7 +47,3 @@ class Nesterov(Momentum):
     """Nesterov momentum: g ← ∇f + wd·w;  m ← μ·m + g;  w ← w − lr·(g + μ·m)."""
 
     nesterov: ClassVar[bool] = True
-
-
-def _nonzero(x: object) -> bool:
-    return not (isinstance(x, (int, float)) and x == 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..pytree import PyTree, tree_flatten, tree_unflatten
-from .base import Setting, State, leafwise, resolve
+from .base import Setting, State, leafwise, nonzero, resolve
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,6 @@ class SGD:
         leaves, spec = tree_flatten(params)
         lrs = leafwise(resolve(self.lr, hparams), params)
         wds = leafwise(resolve(self.weight_decay, hparams), params)
-        new = [p - lr * (g + wd * p) if _nonzero(wd) else p - lr * g
+        new = [p - lr * (g + wd * p) if nonzero(wd) else p - lr * g
                for p, g, lr, wd in zip(leaves, tree_flatten(grads)[0], lrs, wds, strict=True)]
         return tree_unflatten(new, spec), state
-
-
-def _nonzero(x: object) -> bool:
-    return not (isinstance(x, (int, float)) and x == 0)
