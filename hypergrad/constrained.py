@@ -38,7 +38,9 @@ class ConstrainedProblem:
         inner_set, outer_set: projections onto Y and X (a projection applied to the
             flattened variable, a dict of per-leaf projections, or ``None``: no set).
         joint_set: projection onto C ⊆ X × Y acting on the flat vector (x, y); LV-HBA
-            projects its joint (x, y) step onto it. Default: X × Y.
+            projects its joint (x, y) step onto it, so it replaces ``outer_set`` and
+            ``inner_set`` there and must enforce them itself (and should enforce
+            g ≤ 0, as C = {(x, y) ∈ X × Y : g ≤ 0} in the method). Default: X × Y.
         inner_batch, outer_batch: the data f, g and F see.
         debug: verify that every projection returns a point inside its set.
     """

@@ -63,9 +63,11 @@ def test_batched_equals_looped(mode):
         assert (batched[k] - looped[k]).abs().max() < 1e-12
     lin = hg.Linearization(f, params, hparams, batch, mode=mode)
     again = lin.matvec(tree_stack(vs), batched=True)
+    chunked = lin.matvec(tree_stack(vs), batched=True, chunk_size=4)
     for k in params:
         assert (again[k] - looped[k]).abs().max() < 1e-12
-    assert lin.products == 1
+        assert (chunked[k] - looped[k]).abs().max() < 1e-12
+    assert lin.products == 2
 
 
 def test_mixed_product_matches_finite_differences():

@@ -62,6 +62,8 @@ class Estimator(ABC):
     """Base class: timing, result checks and warnings around :meth:`compute`."""
 
     name: ClassVar[str]
+    #: warn when the estimate is exactly zero (off where zero is a legitimate answer)
+    warn_zero: ClassVar[bool] = True
 
     def __call__(self, problem: Problem, hparams: PyTree, params: PyTree,
                  state: EstimatorState | None = None) -> Hypergradient:
@@ -74,7 +76,7 @@ class Estimator(ABC):
                 f"{self.name}: the linear solve stopped at relative residual "
                 f"{d.solve_residual:.2e} after {d.solve_iterations} iterations; raise "
                 "maxiter or tol", ConvergenceWarning)
-        if all(bool((g == 0).all()) for g in tree_leaves(result.grad)):
+        if self.warn_zero and all(bool((g == 0).all()) for g in tree_leaves(result.grad)):
             warn(f"{self.name}: the hypergradient is exactly zero: the outer loss does not "
                  "depend on the hyperparameters through this estimate", RuntimeWarning)
         seconds = time.perf_counter() - start
@@ -91,7 +93,8 @@ def _check_finite(tree: PyTree, who: str) -> None:
     for path, leaf in zip(tree_paths(tree), tree_leaves(tree), strict=True):
         if not bool(torch.isfinite(leaf).all()):
             raise NonFiniteError(f"{who}: the hypergradient{path} contains NaN or inf; "
-                                 "lower the inner learning rate or check the losses")
+                                 "lower the step sizes (the inner learning rate, or "
+                                 "alpha/eta of LV-HBA) or check the losses")
 
 
 def inner_grad_norm(problem: Problem, params: PyTree, hparams: PyTree) -> float:

@@ -25,7 +25,7 @@ from torch.func import grad, jacrev
 from ..constrained import ConstrainedProblem
 from ..errors import ConvergenceWarning, warn
 from ..hvp import HVP_MODES, HVPMode, Linearization, mixed_vjp
-from ..linear_solve import GMRES, LinearSolver
+from ..linear_solve import GMRES, Direct, LinearSolver
 from ..pytree import PyTree, tree_detach, tree_map2, tree_norm, tree_ravel, tree_unravel
 from .base import Estimator, EstimatorState, Hypergradient
 from .lvhba import ConstrainedDiagnostics
@@ -41,7 +41,8 @@ class KKTImplicit(Estimator):
     that can be active as constraints g.
 
     Args:
-        solver: solver for the symmetric indefinite KKT system (default GMRES).
+        solver: solver for the symmetric indefinite KKT system (default: dense up to
+            2000 unknowns, GMRES above).
         active_tol: constraints with g_i ≥ −active_tol count as active.
         stationarity_tol: warn when ‖∇_y L(y*, x, μ*)‖ exceeds it (``None``: never).
         hvp: form of the Hessian-vector products of the Lagrangian.
@@ -59,9 +60,12 @@ class KKTImplicit(Estimator):
         if not self.active_tol >= 0:
             raise ValueError(f"KKTImplicit.active_tol must be >= 0, got {self.active_tol!r}")
 
-    @property
-    def linear_solver(self) -> LinearSolver:
-        return self.solver if self.solver is not None else GMRES(tol=1e-10, maxiter=500)
+    def linear_solver(self, size: int) -> LinearSolver:
+        """``solver``, or by default a dense solve up to 2000 unknowns and GMRES above."""
+        if self.solver is not None:
+            return self.solver
+        return Direct(max_size=2000) if size <= 2000 else GMRES(tol=1e-10, maxiter=2000,
+                                                                restart=100)
 
     def compute(self, problem: ConstrainedProblem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
@@ -96,7 +100,7 @@ class KKTImplicit(Estimator):
             return top, J @ tree_ravel(v)
 
         rhs = (gF_y, torch.zeros(len(active), dtype=g_val.dtype, device=g_val.device))
-        result = self.linear_solver(matvec, rhs)
+        result = self.linear_solver(J.shape[1] + len(active))(matvec, rhs)
         v, u = result.x
         mixed = mixed_vjp(L, y, x, batch, v, mode=H.mode)
         if len(active):

@@ -72,6 +72,7 @@ class LVHBA(Estimator):
     """
 
     name: ClassVar[str] = "lvhba"
+    warn_zero: ClassVar[bool] = False  # a zero step is legitimate at a fixed point
     alpha: float = 0.01
     beta: float = 0.1
     eta: float = 0.01
@@ -100,8 +101,9 @@ class LVHBA(Estimator):
             raise TypeError("LVHBA needs a ConstrainedProblem, got "
                             f"{type(problem).__name__}")
         x, y = tree_detach(hparams), tree_detach(params)
-        if "theta" not in state:
+        if state.get("k", 0) == 0:
             problem.check_start(y, x)
+        if "theta" not in state:
             state = {**state, **self.init_state(problem, y)}
         theta, lam, z, k = state["theta"], state["lam"], state["z"], state["k"]
         batch, c = problem.inner_batch, self.c_bar * (k + 1) ** self.p
@@ -139,8 +141,10 @@ class LVHBA(Estimator):
         theta_gap = float(tree_norm(tree_sub(theta, y)))
         v_gamma = (float(L_theta) + theta_gap ** 2 / (2 * self.gamma1)
                    - float((lam_new - z).pow(2).sum()) / (2 * self.gamma2))
+        step = (float(tree_norm(tree_sub(x, x_new))) ** 2
+                + float(tree_norm(tree_sub(y, y_new))) ** 2) ** 0.5 / self.alpha
         diagnostics = ConstrainedDiagnostics(
-            self.name, float(F), float(tree_norm(d_y)), 1,
+            self.name, float(F), step, 1,
             max_violation=float(g_y.clamp_min(0).max()) if g_y.numel() else 0.0,
             value_gap=float(f) - v_gamma, theta_gap=theta_gap,
             multipliers=lam_new.tolist(), penalty=c)
