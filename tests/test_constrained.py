@@ -119,7 +119,7 @@ def qp():
     C = Halfspace(torch.cat([torch.tensor([-0.1, 0, 0, 0], dtype=DT), torch.ones(M, dtype=DT)]),
                   -3.0)  # the binding constraint on the flat (x, y), for LV-HBA
     problem = ConstrainedProblem(f, F, g, 2, joint_set=C)
-    return problem, x0, solve, F, A, B
+    return problem, x0, solve, F, A, B, t
 
 
 def _h(F, solve, x):
@@ -127,7 +127,7 @@ def _h(F, solve, x):
 
 
 def test_qp_setting_has_an_active_constraint_with_positive_multiplier(qp):
-    problem, x0, solve, _, A, B = qp
+    problem, x0, solve, _, A, B, _ = qp
     y, mu = solve(x0)
     unconstrained = torch.linalg.solve(A, B @ x0)
     assert float(unconstrained.sum()) > 0.1 * float(x0[0]) - 3  # the constraint binds
@@ -136,7 +136,7 @@ def test_qp_setting_has_an_active_constraint_with_positive_multiplier(qp):
 
 @pytest.mark.parametrize("given_multipliers", [False, True])
 def test_kkt_hypergradient_matches_finite_differences(qp, given_multipliers):
-    problem, x0, solve, F, _, _ = qp
+    problem, x0, solve, F, *_ = qp
     y, mu = solve(x0)
     state = {"multipliers": torch.stack([mu, torch.zeros((), dtype=DT)])} \
         if given_multipliers else None
@@ -214,3 +214,26 @@ def test_lvhba_settings_are_checked():
         hg.LVHBA(alpha=0)
     with pytest.raises(ValueError, match=r"p must lie in \(0, 0.5\)"):
         hg.LVHBA(p=0.7)
+
+
+def test_lvhba_without_constraints_reaches_the_implicit_gradient_stationary_point(qp):
+    """A strongly convex unconstrained lower level: LV-HBA and implicit-gradient descent
+    (the core's Implicit estimator) reach the same x*, which has a closed form here."""
+    problem, x0, _, F, A, B, target = qp
+    f = problem.inner_loss
+    M = torch.linalg.solve(A, B)  # y*(x) = M x, h(x) = ½‖Mx − t‖² + ½‖x‖²
+    x_star = torch.linalg.solve(M.T @ M + torch.eye(N, dtype=DT), M.T @ target)
+
+    core = hg.Problem(f, F, optimizer=hg.SGD(lr=0.2), steps=200)
+    x, w = x0.clone(), {"y": torch.zeros(M.shape[0], dtype=DT)}
+    state = None
+    for _ in range(200):
+        out = hg.Implicit()(core, {"x": x}, w, state)
+        x, w, state = x - 0.3 * out.grad["x"], out.params, out.state
+    assert float((x - x_star).norm() / x_star.norm()) < 1e-8
+
+    free = ConstrainedProblem(f, F)
+    est = hg.LVHBA(alpha=0.2, beta=0.1, eta=0.2, c_bar=10.0, p=0.3)
+    xs, ys, _, history = run_lvhba(free, est, {"x": x0.clone()}, {"y": M @ x0}, 3000)
+    assert float((xs["x"] - x_star).norm() / x_star.norm()) < 1e-2
+    assert history[-1].inner_grad_norm < 1e-2 * history[0].inner_grad_norm
