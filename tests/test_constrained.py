@@ -224,7 +224,7 @@ def test_lvhba_without_constraints_reaches_the_implicit_gradient_stationary_poin
     M = torch.linalg.solve(A, B)  # y*(x) = M x, h(x) = ½‖Mx − t‖² + ½‖x‖²
     x_star = torch.linalg.solve(M.T @ M + torch.eye(N, dtype=DT), M.T @ target)
 
-    core = hg.Problem(f, F, optimizer=hg.SGD(lr=0.2), steps=200)
+    core = hg.Problem(f, F, optimizer=hg.SGD(lr=0.3), steps=40)
     x, w = x0.clone(), {"y": torch.zeros(M.shape[0], dtype=DT)}
     state = None
     for _ in range(200):
