@@ -237,3 +237,15 @@ def test_lvhba_without_constraints_reaches_the_implicit_gradient_stationary_poin
     xs, ys, _, history = run_lvhba(free, est, {"x": x0.clone()}, {"y": M @ x0}, 3000)
     assert float((xs["x"] - x_star).norm() / x_star.norm()) < 1e-2
     assert history[-1].inner_grad_norm < 1e-2 * history[0].inner_grad_norm
+
+
+def test_compiled_lvhba_equals_eager():
+    """``compile=True`` runs the same iteration through torch.compile (one compilation)."""
+    problem = toy_problem(20)
+    x = {"x": torch.zeros(20, dtype=DT)}
+    y = {"y1": torch.zeros(20, dtype=DT), "y2": torch.zeros(20, dtype=DT)}
+    eager = run_lvhba(problem, hg.LVHBA(), x, y, 30)
+    compiled = run_lvhba(problem, hg.LVHBA(compile=True), x, y, 30)
+    assert torch.allclose(compiled[0]["x"], eager[0]["x"], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(compiled[2]["lam"], eager[2]["lam"], rtol=1e-12, atol=1e-14)
+    assert compiled[3][-1].value_gap == pytest.approx(eager[3][-1].value_gap, rel=1e-9, abs=1e-12)

@@ -19,11 +19,15 @@ Only gradients are used (no Hessian-vector products).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import partial
+from typing import Any, ClassVar
 
 import torch
+from torch.func import grad_and_value
 
 from ..constrained import ConstrainedProblem
 from ..pytree import (
@@ -69,6 +73,9 @@ class LVHBA(Estimator):
         alpha: step of (x, y).  beta: step of z.  eta: step of θ and λ.
         gamma1, gamma2: proximal parameters.  c_bar, p: penalty c_k = c̄ (k+1)^p, p ∈ (0, ½).
         r: the box Z = [0, r]^l of z.
+        compile: run the iteration through ``torch.compile`` (one compilation per
+            problem, tens of seconds; then many times faster on small problems, where
+            eager execution is dominated by per-operation overhead).
     """
 
     name: ClassVar[str] = "lvhba"
@@ -81,6 +88,7 @@ class LVHBA(Estimator):
     c_bar: float = 10.0
     p: float = 0.3
     r: float = 1e3
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for field in ("alpha", "beta", "eta", "gamma1", "gamma2", "c_bar", "r"):
@@ -106,52 +114,87 @@ class LVHBA(Estimator):
         if "theta" not in state:
             state = {**state, **self.init_state(problem, y)}
         theta, lam, z, k = state["theta"], state["lam"], state["z"], state["k"]
-        batch, c = problem.inner_batch, self.c_bar * (k + 1) ** self.p
-
-        # One backward pass for ∇_θ L(θ, x; λ) and ∇_(y,x) [F/c + f](y, x).
-        th_, y_, x_ = (tree_requires_grad(t) for t in (theta, y, x))
-        with torch.enable_grad():
-            L_old = problem.lagrangian(lam)(th_, x, batch)
-            F = problem.outer_loss(y_, x_, problem.outer_batch)
-            f = problem.inner_loss(y_, x_, batch)
-            g_theta, gP_y, gP_x = _grads(L_old + F / c + f, th_, y_, x_)
-        g_y = problem.g(y, x)
-
-        # θ and λ: one projected gradient step on the proximal min-max problem.
-        theta = problem.project_y(tree_map2(
-            lambda t, gt, yy: t - self.eta * (gt + (t - yy) / self.gamma1), theta, g_theta, y))
-        lam_new = lam
-        if problem.num_constraints:
-            lam_new = (lam + self.eta * (problem.g(theta, x) - (lam - z) / self.gamma2))
-            lam_new = lam_new.clamp_min(0)
-
-        # ∇_x of the Lagrangian at the new (θ, λ).
-        x_ = tree_requires_grad(x)
-        with torch.enable_grad():
-            L_theta = problem.lagrangian(lam_new)(theta, x_, batch)
-            (gL_x,) = _grads(L_theta, x_)
-        d_x = tree_sub(gP_x, gL_x)
-        d_y = tree_map2(lambda gy, yt: gy - yt / self.gamma1, gP_y, tree_sub(y, theta))
-        x_new, y_new = problem.project_xy(
-            tree_map2(lambda a, d: a - self.alpha * d, x, d_x),
-            tree_map2(lambda a, d: a - self.alpha * d, y, d_y))
-        z_new = (z - self.beta * (z - lam_new) / self.gamma2).clamp(0, self.r)
-
-        F, f, L_theta = F.detach(), f.detach(), L_theta.detach()
-        theta_gap = float(tree_norm(tree_sub(theta, y)))
-        v_gamma = (float(L_theta) + theta_gap ** 2 / (2 * self.gamma1)
-                   - float((lam_new - z).pow(2).sum()) / (2 * self.gamma2))
-        step = (float(tree_norm(tree_sub(x, x_new))) ** 2
-                + float(tree_norm(tree_sub(y, y_new))) ** 2) ** 0.5 / self.alpha
+        c = self.c_bar * (k + 1) ** self.p
+        iterate = _compiled_iteration(self, problem) if self.compile else \
+            partial(_iteration, self, problem, _autograd_grads)
+        direction, y_new, theta, lam_new, z_new, stats = iterate(
+            x, y, theta, lam, z, torch.tensor(c, dtype=lam.dtype, device=lam.device))
+        F, value_gap, theta_gap, violation, step = stats.tolist()
         diagnostics = ConstrainedDiagnostics(
-            self.name, float(F), step, 1,
-            max_violation=float(g_y.clamp_min(0).max()) if g_y.numel() else 0.0,
-            value_gap=float(f) - v_gamma, theta_gap=theta_gap,
-            multipliers=lam_new.tolist(), penalty=c)
-        direction = tree_map2(lambda a, b: (a - b) / self.alpha, x, x_new)
+            self.name, F, step, 1, max_violation=violation, value_gap=value_gap,
+            theta_gap=theta_gap, multipliers=lam_new.tolist(), penalty=c)
         new_state = {**state, "theta": theta, "lam": lam_new, "z": z_new, "k": k + 1}
         return Hypergradient(direction, y_new, new_state, diagnostics)
 
+
+
+def _iteration(est: LVHBA, problem: ConstrainedProblem, grads: Callable, x: PyTree,
+               y: PyTree, theta: PyTree, lam: torch.Tensor, z: torch.Tensor,
+               c: torch.Tensor) -> tuple:
+    """One LV-HBA iteration on tensors only (so that it can be compiled).
+
+    ``grads(fn, *trees)`` returns (aux, [∇ of fn's value in each tree]) for fn returning
+    (value, aux). Returns (x − x⁺)/α, y⁺, θ⁺, λ⁺, z⁺ and the diagnostics at (y, x) as one
+    tensor: F, f − v_γ, ‖θ⁺ − y‖, max(g, 0), ‖((x, y) − (x⁺, y⁺))/α‖.
+    """
+    batch = problem.inner_batch
+
+    def penalised(th: PyTree, yy: PyTree, xx: PyTree) -> tuple[torch.Tensor, tuple]:
+        # ∇_θ L(θ, x; λ) and ∇_(y,x) [F/c + f](y, x) from one backward pass
+        F = problem.outer_loss(yy, xx, problem.outer_batch)
+        f = problem.inner_loss(yy, xx, batch)
+        L = problem.lagrangian(lam)(th, x, batch)
+        return L + F / c + f, (F.detach(), f.detach())
+
+    (F, f), (g_theta, gP_y, gP_x) = grads(penalised, theta, y, x)
+    g_y = problem.g(y, x)
+
+    # θ and λ: one projected gradient step on the proximal min-max problem.
+    theta = problem.project_y(tree_map2(
+        lambda t, gt, yy: t - est.eta * (gt + (t - yy) / est.gamma1), theta, g_theta, y))
+    lam_new = lam
+    if problem.num_constraints:
+        lam_new = (lam + est.eta * (problem.g(theta, x) - (lam - z) / est.gamma2)).clamp_min(0)
+
+    def lagrangian_x(xx: PyTree) -> tuple[torch.Tensor, torch.Tensor]:
+        L = problem.lagrangian(lam_new)(theta, xx, batch)
+        return L, L.detach()
+
+    L_theta, (gL_x,) = grads(lagrangian_x, x)
+    d_x = tree_sub(gP_x, gL_x)
+    d_y = tree_map2(lambda gy, yt: gy - yt / est.gamma1, gP_y, tree_sub(y, theta))
+    x_new, y_new = problem.project_xy(tree_map2(lambda a, d: a - est.alpha * d, x, d_x),
+                                      tree_map2(lambda a, d: a - est.alpha * d, y, d_y))
+    z_new = (z - est.beta * (z - lam_new) / est.gamma2).clamp(0, est.r)
+
+    direction = tree_map2(lambda a, b: (a - b) / est.alpha, x, x_new)
+    theta_gap = tree_norm(tree_sub(theta, y))
+    v_gamma = L_theta + theta_gap ** 2 / (2 * est.gamma1) - (lam_new - z).pow(2).sum() / (
+        2 * est.gamma2)
+    step = (tree_norm(direction) ** 2 + tree_norm(tree_sub(y, y_new)) ** 2 / est.alpha ** 2
+            ).sqrt()
+    violation = g_y.clamp_min(0).max() if g_y.numel() else torch.zeros_like(F)
+    stats = torch.stack([F, f - v_gamma, theta_gap, violation, step])
+    return direction, y_new, theta, lam_new, z_new, stats
+
+
+def _autograd_grads(fn: Callable, *trees: PyTree) -> tuple[Any, list[PyTree]]:
+    """(aux, gradients) of ``fn(*trees) = (value, aux)`` by one ``torch.autograd.grad``."""
+    leaves = [tree_requires_grad(t) for t in trees]
+    with torch.enable_grad():
+        value, aux = fn(*leaves)
+        return aux, _grads(value, *leaves)
+
+
+def _func_grads(fn: Callable, *trees: PyTree) -> tuple[Any, list[PyTree]]:
+    """The same with ``torch.func``, which ``torch.compile`` traces."""
+    gs, (_, aux) = grad_and_value(fn, argnums=tuple(range(len(trees))), has_aux=True)(*trees)
+    return aux, list(gs)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_iteration(est: LVHBA, problem: ConstrainedProblem) -> Callable:
+    return torch.compile(partial(_iteration, est, problem, _func_grads), dynamic=False)
 
 
 def _grads(value: torch.Tensor, *trees: PyTree) -> list[PyTree]:
