@@ -26,6 +26,7 @@ parser.add_argument("--n", type=int, default=100, help="dimension of x, y1 and y
 parser.add_argument("--threads", type=int, default=1, help="torch threads (small problem: 1)")
 parser.add_argument("--json", metavar="FILE", help="write a summary of the run to FILE")
 parser.add_argument("--plot", metavar="FILE", help="save the error curves as a PNG")
+parser.add_argument("--compile", action="store_true", help="torch.compile the iteration")
 args = parser.parse_args()
 torch.set_default_dtype(torch.float64)
 torch.set_num_threads(args.threads)
@@ -47,7 +48,8 @@ def constraints(y, x, batch):  # one constraint, g ≤ 0
 # C = {(x, y1, y2) : g ≤ 0} = {v : ⟨−1, v⟩ ≤ 0} on the flat vector (x first, then y).
 problem = hg.ConstrainedProblem(inner_loss, outer_loss, constraints, num_constraints=1,
                                 joint_set=Halfspace(-torch.ones(3 * n), 0.0))
-est = hg.LVHBA(alpha=0.01, beta=0.1, eta=0.01, gamma1=1.0, gamma2=1.0, c_bar=10.0, p=0.3)
+est = hg.LVHBA(alpha=0.01, beta=0.1, eta=0.01, gamma1=1.0, gamma2=1.0, c_bar=10.0, p=0.3,
+               compile=args.compile)
 
 x = {"x": torch.zeros(n)}
 y = {"y1": torch.zeros(n), "y2": torch.zeros(n)}
