@@ -23,7 +23,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 bench: $(STAMP)
-	$(PY) benchmarks/hypergrad.py --json benchmarks/results/cpu.json
+	$(PY) benchmarks/hypergrad.py --json benchmarks/results/cpu.json --threads 1
 
 lint: $(STAMP)
 	$(PY) -m ruff check hypergrad bilevel tests benchmarks examples
