@@ -1,0 +1,162 @@
+"""Atomic checkpoints of an outer loop, and the random-number state they carry.
+
+A checkpoint is one ``torch.save`` file ``step-XXXXXXXX.pt`` in a directory. It is
+written to a temporary file in the same directory, flushed and fsynced, then moved into
+place with :func:`os.replace`, so a crash mid-write leaves the last good checkpoint
+untouched (at worst a stale ``.step-*.tmp*`` file, which loading ignores).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: version of the checkpoint payload layout
+FORMAT = 1
+_NAME = re.compile(r"^step-(\d{8,})\.pt$")
+_TMP_PREFIX = ".step-"
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint taken after ``step`` outer steps."""
+    return f"step-{step:08d}.pt"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of torch (CPU, and CUDA when initialised), ``random`` and numpy."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is optional
+        pass
+    else:
+        state["numpy"] = np.random.get_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured (missing entries are skipped)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover
+            return
+        np.random.set_state(state["numpy"])
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically: temp file, flush, fsync, ``os.replace``.
+
+    If anything fails before the replace, the temp file is removed and the previous file
+    at ``path`` (if any) is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load(path: str | os.PathLike[str], map_location: Any = None) -> dict[str, Any]:
+    """Load one checkpoint file (a trusted file: estimator state may hold any object)."""
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a bilevel checkpoint (format {FORMAT})")
+    return payload
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the complete checkpoints in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        m = _NAME.match(entry.name)
+        if m and entry.is_file():
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike[str],
+                      map_location: Any = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that loads, with its payload (else ``None``).
+
+    A file that fails to load (e.g. truncated by a non-atomic copy) is skipped with a
+    warning and the previous one is tried.
+    """
+    import warnings
+
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load(path, map_location)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file falls back
+            warnings.warn(f"skipping unreadable checkpoint {path}: {exc}", RuntimeWarning,
+                          stacklevel=2)
+    return None
+
+
+def prune(directory: str | os.PathLike[str], keep: int | None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (``None``: keep all)."""
+    if keep is None:
+        return
+    for _, path in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete temp files left by interrupted writes; return what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        if entry.name.startswith(_TMP_PREFIX) and entry.name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+__all__ = [
+    "FORMAT", "atomic_save", "capture_rng_state", "checkpoint_name", "latest_checkpoint",
+    "list_checkpoints", "load", "prune", "remove_stale_temps", "restore_rng_state",
+]
