@@ -9,7 +9,10 @@ def test_readme_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, "README.md has no python example"
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
     result = namespace["result"]
     assert result.diagnostics.solve_converged
     assert result.diagnostics.inner_grad_norm < 1e-8
+    history = namespace["loop"].history
+    assert len(history) == 20 and history[-1]["outer_loss"] < history[0]["outer_loss"]
