@@ -1,15 +1,20 @@
 """bilevel: the user-facing layer over :mod:`hypergrad`.
 
-It re-exports the core, and adds the outer loop (:class:`OuterLoop`: any
-``torch.optim`` optimizer on the hyperparameters, metrics, logs, callbacks, atomic
-checkpoints and resume). Wrapping ``nn.Module`` training loops and the CLI follow.
+It re-exports the core, and adds :func:`wrap` / :class:`ModuleProblem` (an ordinary
+``nn.Module`` and losses on its outputs turned into a core problem through
+``torch.func.functional_call``, with a buffer/BatchNorm policy and a user-written-loop
+path) and the outer loop (:class:`OuterLoop`: any ``torch.optim`` optimizer on the
+hyperparameters, metrics, logs, callbacks, atomic checkpoints and resume). The CLI
+follows.
 """
 
 from hypergrad import *  # noqa: F401,F403
 from hypergrad import __all__ as _core_all
 
 from . import checkpoint
+from .module import ModuleProblem, assign_grads, wrap
 from .outer import BilevelTrainer, OuterLoop, peak_memory_mib
 
 __version__ = "0.1.0"
-__all__ = list(_core_all) + ["BilevelTrainer", "OuterLoop", "checkpoint", "peak_memory_mib"]
+__all__ = list(_core_all) + ["BilevelTrainer", "ModuleProblem", "OuterLoop", "assign_grads",
+                             "checkpoint", "peak_memory_mib", "wrap"]

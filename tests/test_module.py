@@ -1,0 +1,260 @@
+"""bilevel.module: nn.Module problems equal the same problem written against the core."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hypergrad as hg
+from bilevel.module import ModuleProblem, assign_grads, wrap
+from hypergrad.errors import BilevelInputError, HyperparameterError, ObjectiveError
+
+DT = torch.float64
+TOL = 1e-10
+STEPS = 15
+
+
+def data(n: int = 24, d: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=DT)
+    return x, torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=g, dtype=DT)
+
+
+def mlp(bn: bool = False, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(3, 6)] + ([nn.BatchNorm1d(6)] if bn else []) + [nn.Tanh()]
+    layers += ([nn.Dropout(dropout)] if dropout else []) + [nn.Linear(6, 1)]
+    model = nn.Sequential(*layers).to(DT)
+    if bn:  # non-trivial running statistics
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def mse(out, batch, h):
+    return F.mse_loss(out, batch[1])
+
+
+def layer_wd(p, h):
+    """Per-layer weight decay, one log-coefficient per Linear layer."""
+    names = sorted({k.split(".")[0] for k in p})
+    return sum(0.5 * h[f"wd{i}"].exp() * (p[f"{n}.weight"] ** 2).sum()
+               for i, n in enumerate(names))
+
+
+def wd_hparams() -> dict:
+    return {"wd0": torch.tensor(-1.0, dtype=DT), "wd1": torch.tensor(-2.0, dtype=DT)}
+
+
+def snapshot(model: nn.Module) -> tuple:
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()])
+
+
+def assert_unchanged(model: nn.Module, snap: tuple) -> None:
+    state, flags, req = snapshot(model)
+    assert flags == snap[1] and req == snap[2]
+    assert all(p.grad is None for p in model.parameters())
+    assert state.keys() == snap[0].keys()
+    for k in state:
+        assert torch.equal(state[k], snap[0][k]), k
+
+
+def close(a: dict, b: dict, tol: float = TOL) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=tol, atol=tol), (k, a[k], b[k])
+
+
+def direct_problem(bn: str | None = None, model: nn.Module | None = None) -> hg.Problem:
+    """The same MLP problem written by hand against the core (no module machinery)."""
+
+    def net(p, x):
+        h = x @ p["0.weight"].T + p["0.bias"]
+        if bn is not None:
+            m = model[1]
+            rm, rv = (None, None) if bn == "batch_stats" else (m.running_mean, m.running_var)
+            h = F.batch_norm(h, rm, rv, p["1.weight"], p["1.bias"],
+                             training=bn == "batch_stats", eps=m.eps)
+        last = "3" if bn is not None else "2"
+        return torch.tanh(h) @ p[f"{last}.weight"].T + p[f"{last}.bias"]
+
+    def f(p, h, batch):
+        layers = ["0", "2"] if bn is None else ["0", "1", "3"]  # BN's weight gets wd1
+        wd = sum(0.5 * h[f"wd{i}"].exp() * (p[f"{n}.weight"] ** 2).sum()
+                 for i, n in enumerate(layers))
+        return F.mse_loss(net(p, batch[0]), batch[1]) + wd
+
+    def Fo(p, h, batch):
+        return F.mse_loss(net(p, batch[0]), batch[1])
+
+    return hg.Problem(f, Fo, data(), data(16, seed=1), optimizer=hg.SGD(lr=0.2), steps=STEPS)
+
+
+IMPLICIT = hg.Implicit(solver=hg.Direct(), inner_tol=None)  # exact solve: no CG round-off
+
+
+@pytest.mark.parametrize("estimator", [hg.Unrolled(), hg.Implicit(inner_tol=None), IMPLICIT],
+                         ids=["unrolled", "implicit-cg", "implicit-direct"])
+def test_mlp_matches_core(estimator):
+    model = mlp()
+    snap = snapshot(model)
+    mp = wrap(model, mse, mse, wd_hparams(), data(), data(16, seed=1), hg.SGD(lr=0.2), STEPS,
+              penalty=layer_wd)
+    got = mp.hypergradient(estimator)
+    ref = hg.hypergradient(direct_problem(), wd_hparams(), mp.init()[0], estimator)
+    close(got.grad, ref.grad)
+    close(got.params, ref.params)
+    assert_unchanged(model, snap)
+    trained = mp.export(got.params)
+    x = data()[0]
+    assert torch.allclose(trained(x), mp.forward(got.params, x, outer=True), rtol=0, atol=1e-14)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("policy", ["batch_stats", "frozen"])
+def test_batchnorm_policies(policy):
+    model = mlp(bn=True)
+    model.eval()  # the user's flag must survive, whatever it is
+    snap = snapshot(model)
+    h = {**wd_hparams(), "wd2": torch.tensor(-3.0, dtype=DT)}
+    mp = wrap(model, mse, mse, h, data(), data(16, seed=1), hg.SGD(lr=0.2), STEPS,
+              penalty=layer_wd, buffers=policy)
+    for est in (hg.Unrolled(), IMPLICIT):
+        got = mp.hypergradient(est)
+        ref = hg.hypergradient(direct_problem(policy, model), h, mp.init()[0], est)
+        close(got.grad, ref.grad)
+    assert_unchanged(model, snap)
+    assert not model.training
+
+
+def test_batchnorm_impossible_settings():
+    model = mlp(bn=True)
+    with pytest.raises(BilevelInputError, match=r"1 \(BatchNorm1d\).*batch_stats"):
+        wrap(model, mse, mse, wd_hparams(), data(), data(), buffers="track")
+    x, y = data(1)
+    mp = wrap(model, mse, mse, {"wd0": torch.tensor(0.0, dtype=DT)}, (x, y), data(),
+              penalty=lambda p, h: h["wd0"].exp() * (p["0.weight"] ** 2).sum(), steps=2)
+    with pytest.raises(BilevelInputError, match="BatchNorm1d.*frozen"):
+        mp.hypergradient("unrolled")
+
+
+class Distilled(nn.Module):
+    """Learnable synthetic inputs and soft targets (dataset distillation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.images = nn.Parameter(torch.randn(5, 3, generator=g, dtype=DT))
+        self.labels = nn.Parameter(torch.randn(5, 1, generator=g, dtype=DT))
+
+
+def test_hparam_module():
+    hmod = Distilled()
+
+    def inner(out, batch, h):
+        return F.mse_loss(out, h["labels"])
+
+    kw = dict(inputs=lambda batch, h: h["images"], outer_inputs=lambda b: b[0], steps=STEPS)
+    mp = wrap(mlp(), inner, mse, hmod, None, data(16, seed=1), hg.SGD(lr=0.2), **kw)
+    assert mp.hparams["images"] is hmod.images
+    got = mp.hypergradient("unrolled")
+    plain = {k: v.detach().clone() for k, v in hmod.named_parameters()}
+    ref = wrap(mlp(), inner, mse, plain, None, data(16, seed=1), hg.SGD(lr=0.2), **kw)
+    close(got.grad, ref.hypergradient("unrolled").grad)
+    before = hmod.images.detach().clone()
+    assign_grads(hmod, got.grad)
+    torch.optim.SGD(hmod.parameters(), lr=0.1).step()
+    assert torch.allclose(hmod.images, before - 0.1 * got.grad["images"], rtol=0, atol=1e-14)
+
+
+def loader_problem(model=None, **kw) -> ModuleProblem:
+    x, y = data(40)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10, shuffle=True)
+    return wrap(model or mlp(), mse, mse, wd_hparams(), loader, data(16, seed=1),
+                hg.SGD(lr=0.2), 7, penalty=layer_wd, **kw)
+
+
+def test_dataloader_deterministic_and_cycled():
+    rng = torch.random.get_rng_state()
+    a, b = loader_problem(), loader_problem()
+    assert torch.equal(torch.random.get_rng_state(), rng)  # global RNG untouched
+    ga, gb = a.hypergradient("unrolled"), b.hypergradient("unrolled")
+    close(ga.grad, gb.grad, 0.0)
+    first, fifth = a.problem.step_batch(0).batch, a.problem.step_batch(4).batch
+    assert all(torch.equal(u, v) for u, v in zip(first, fifth, strict=True))  # 4 batches
+
+
+def user_loop(mp: ModuleProblem, batches, val) -> dict:
+    h = {k: v.detach().clone().requires_grad_() for k, v in mp.hparams.items()}
+    params, state = mp.init()
+    for t, batch in enumerate(batches):
+        params, state = mp.step(params, state, h, batch, t)
+    loss = mp.outer_loss(params, h, val)
+    return dict(zip(h, torch.autograd.grad(loss, list(h.values())), strict=True))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_user_loop_equals_managed(dropout):
+    mp = loader_problem(mlp(dropout=dropout))
+    batches = [mp.problem.step_batch(t).batch for t in range(mp.problem.steps)]
+    got = user_loop(mp, batches, data(16, seed=1))
+    close(got, mp.hypergradient("unrolled").grad)
+    if dropout:  # reproducible masks, and they matter
+        close(got, user_loop(mp, batches, data(16, seed=1)), 0.0)
+        other = loader_problem(mlp(dropout=dropout), seed=1).hypergradient("unrolled").grad
+        assert not torch.allclose(other["wd0"], got["wd0"])
+
+
+def test_outer_iterable_is_mean_over_batches():
+    xv, yv = data(16, seed=1)
+    loader = DataLoader(TensorDataset(xv, yv), batch_size=8)
+    a = wrap(mlp(), mse, mse, wd_hparams(), data(), loader, hg.SGD(lr=0.2), STEPS,
+             penalty=layer_wd)
+    b = wrap(mlp(), mse, mse, wd_hparams(), data(), (xv, yv), hg.SGD(lr=0.2), STEPS,
+             penalty=layer_wd)
+    close(a.hypergradient("unrolled").grad, b.hypergradient("unrolled").grad)
+
+
+def test_errors():
+    model = mlp()
+    with pytest.raises(TypeError, match="nn.Module"):
+        wrap(lambda x: x, mse, mse, wd_hparams(), data(), data())
+    with pytest.raises(TypeError, match="hparams must be a dict"):
+        wrap(model, mse, mse, [torch.zeros(1)], data(), data())
+    with pytest.raises(HyperparameterError, match="wd0"):
+        wrap(model, mse, mse, {"wd0": 1.0}, data(), data())
+    with pytest.raises(TypeError, match="inner_loss must be callable"):
+        wrap(model, 3, mse, wd_hparams(), data(), data())
+    with pytest.raises(TypeError, match="iterable of batches"):
+        wrap(model, mse, mse, wd_hparams(), 3, data())
+    with pytest.raises(BilevelInputError, match="buffers="):
+        wrap(model, mse, mse, wd_hparams(), data(), data(), buffers="running")
+    bad = wrap(model, lambda out, b, h: (out - b[1]) ** 2, mse, wd_hparams(), data(), data(),
+               penalty=layer_wd, steps=2)
+    with pytest.raises(ObjectiveError, match=r"inner_loss must return a scalar.*\(24, 1\)"):
+        bad.hypergradient("unrolled")
+    nodefault = wrap(model, mse, mse, wd_hparams(), {"x": data()[0]}, data(), penalty=layer_wd)
+    with pytest.raises(BilevelInputError, match="inputs=lambda"):
+        nodefault.hypergradient("unrolled")
+
+
+def test_dropout_with_implicit_and_under_vmap():
+    def make(**kw):
+        return wrap(mlp(dropout=0.3), mse, mse, wd_hparams(), data(), data(16, seed=1),
+                    hg.SGD(lr=0.2), 3, penalty=layer_wd, **kw)
+
+    close(make().hypergradient(IMPLICIT).grad, make().hypergradient(IMPLICIT).grad, 0.0)
+    mp = make()
+    xs = data()[0].reshape(4, 6, 3)
+    with pytest.raises(BilevelInputError, match="train=False"):
+        torch.func.vmap(lambda x: mp.forward(mp.params, x))(xs)
+    off = make(train=False)
+    ref = wrap(mlp(), mse, mse, wd_hparams(), data(), data(16, seed=1), hg.SGD(lr=0.2), 3,
+               penalty=layer_wd)
+    close(off.hypergradient(IMPLICIT).grad, ref.hypergradient(IMPLICIT).grad)
+    outs = torch.func.vmap(lambda x: off.forward(off.params, x))(xs)
+    assert outs.shape == (4, 6, 1)
