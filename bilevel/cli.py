@@ -1,0 +1,263 @@
+"""Command-line interface: ``bilevel run CONFIG`` and ``bilevel resume DIR``.
+
+A run tunes the inner learning rate and/or per-layer weight decay of an MLP on a
+scikit-learn dataset by hypergradients (:func:`bilevel.wrap` + :class:`bilevel.OuterLoop`)
+and writes into its output folder: ``config.toml`` (a copy), ``metrics.jsonl`` /
+``metrics.csv``, ``checkpoints/``, ``hparams.pt``, ``summary.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hypergrad as hg
+
+from .config import Config, ConfigError, load_config
+from .module import wrap
+from .outer import OuterLoop
+
+CONFIG_NAME = "config.toml"
+
+
+def load_data(cfg: Config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The seeded train/val/test split, standardised with training statistics."""
+    from sklearn import datasets
+
+    X, y = getattr(datasets, f"load_{cfg.data.dataset}")(return_X_y=True)
+    X = torch.as_tensor(X, dtype=cfg.torch_dtype, device=cfg.device)
+    y = torch.as_tensor(y, dtype=torch.long, device=cfg.device)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.data.seed))
+    n_tr, n_va = int(cfg.data.train * len(y)), int(cfg.data.val * len(y))
+    idx = {"train": perm[:n_tr], "val": perm[n_tr:n_tr + n_va], "test": perm[n_tr + n_va:]}
+    if cfg.data.standardize:
+        mu, sd = X[idx["train"]].mean(0), X[idx["train"]].std(0)
+        X = (X - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
+    return {k: (X[i], y[i]) for k, i in idx.items()}
+
+
+def make_mlp(sizes: list[int], seed: int, dtype: torch.dtype, device: str) -> nn.Sequential:
+    """An MLP (ReLU between layers) initialised under ``seed``."""
+    layers: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b, dtype=dtype, device=device))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def accuracy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Classification accuracy of ``model`` on ``(X, y)``."""
+    with torch.no_grad():
+        return float((model(batch[0]).argmax(1) == batch[1]).float().mean())
+
+
+class Run:
+    """Everything built from a config: data, model, problem, hyperparameters."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.data = load_data(cfg)
+        n_in = self.data["train"][0].shape[1]
+        n_out = int(torch.cat([d[1] for d in self.data.values()]).max()) + 1
+        self.sizes = [n_in, *cfg.model.sizes, n_out]
+        self.model = make_mlp(self.sizes, cfg.seed, cfg.torch_dtype, cfg.device)
+        h = cfg.hyperparameters
+        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
+        n_layers = len(self.sizes) - 1
+        self.initial = {"log_lr": torch.tensor(h.lr, **kw).log(),
+                        "log_wd": torch.full((n_layers,), h.weight_decay, **kw).log()}
+        self.tuned = list(h.tune)
+        fixed = {k: v for k, v in self.initial.items() if k not in self.tuned}
+
+        def get(hp: dict[str, torch.Tensor], k: str) -> torch.Tensor:
+            return hp[k] if k in hp else fixed[k]
+
+        def lr(hp: dict[str, torch.Tensor]) -> torch.Tensor:
+            return get(hp, "log_lr").exp()
+
+        weights = [f"{i}.weight" for i, m in enumerate(self.model) if isinstance(m, nn.Linear)]
+
+        def penalty(p: dict[str, torch.Tensor], hp: dict[str, torch.Tensor]) -> torch.Tensor:
+            wd = get(hp, "log_wd").exp()
+            return 0.5 * sum(wd[i] * (p[w] ** 2).sum() for i, w in enumerate(weights))
+
+        opt = {"sgd": lambda: hg.SGD(lr=lr),
+               "momentum": lambda: hg.Momentum(lr=lr, momentum=cfg.inner.momentum),
+               "adam": lambda: hg.Adam(lr=lr)}[cfg.inner.optimizer]()
+
+        def loss(out: torch.Tensor, batch: Any, hp: Any) -> torch.Tensor:
+            return F.cross_entropy(out, batch[1])
+
+        self.mp = wrap(self.model, loss, loss, {k: self.initial[k] for k in self.tuned},
+                       self.data["train"], self.data["val"], opt, cfg.inner.steps,
+                       penalty=penalty, seed=cfg.seed)
+
+    def reinit(self, step: int = 0) -> dict[str, torch.Tensor]:
+        """The fixed initial network (same seed every outer step)."""
+        return {k: v.clone() for k, v in self.mp.params.items()}
+
+    def train(self, hparams: dict[str, torch.Tensor]) -> nn.Module:
+        """Train the network from the fixed initialisation at ``hparams``."""
+        params = self.mp.problem.solve_inner(self.reinit(), hparams, self.cfg.inner.steps)[0]
+        return self.mp.export(params)
+
+    def evaluate(self, hparams: dict[str, torch.Tensor], params: Any) -> dict[str, float]:
+        """Validation accuracy and loss of the inner solution ``params``."""
+        model = self.mp.export(params)
+        with torch.no_grad():
+            val_loss = float(F.cross_entropy(model(self.data["val"][0]), self.data["val"][1]))
+        return {"val_acc": accuracy(model, self.data["val"]), "val_loss": val_loss}
+
+    def loop(self, out: Path) -> OuterLoop:
+        """The :class:`OuterLoop` logging and checkpointing into ``out``."""
+        o = self.cfg.outer
+        opt_cls = getattr(torch.optim, o.optimizer)
+        return OuterLoop(self.mp.problem, {k: self.initial[k] for k in self.tuned},
+                         self.reinit(), hg.make_estimator(self.cfg.estimator.name,
+                                                          **self.cfg.estimator.settings),
+                         lambda ps: opt_cls(ps, lr=o.lr),
+                         reinit=self.reinit if self.cfg.inner.reinit else None,
+                         clip_norm=o.clip_norm, evaluate=self.evaluate, eval_every=o.eval_every,
+                         checkpoint_dir=out / "checkpoints", checkpoint_every=o.checkpoint_every,
+                         log_dir=out, progress=False, device=self.cfg.device,
+                         dtype=self.cfg.torch_dtype)
+
+
+def _plot(history: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, name, label in [("outer_loss", "outer_loss.png", "outer (validation) loss"),
+                             ("eval_val_acc", "val_accuracy.png", "validation accuracy")]:
+        pts = [(r["step"] + 1, r[key]) for r in history if isinstance(r.get(key), (int, float))]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".")
+        ax.set_xlabel("outer step")
+        ax.set_ylabel(label)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+
+def _execute(cfg: Config, out: Path, resume: bool, stop_after: int | None) -> dict[str, Any]:
+    start = time.perf_counter()
+    run = Run(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    loop = run.loop(out)
+    if resume:
+        step = loop.resume()
+        print(f"resumed {out} at outer step {step}", file=sys.stderr)
+    target = cfg.outer.steps if stop_after is None else min(stop_after, cfg.outer.steps)
+    history = loop.run(target)
+    _plot(history, out)
+    hp = loop.current_hparams()
+    torch.save(hp, out / "hparams.pt")
+    if loop.global_step < cfg.outer.steps:
+        print(f"stopped at outer step {loop.global_step}/{cfg.outer.steps}; continue with "
+              f"`bilevel resume {out}`", file=sys.stderr)
+        return {"steps": loop.global_step, "complete": False}
+    base, tuned = run.train({k: run.initial[k] for k in run.tuned}), run.train(hp)
+    summary = {
+        "steps": loop.global_step, "complete": True,
+        "val_acc": accuracy(tuned, run.data["val"]), "test_acc": accuracy(tuned, run.data["test"]),
+        "initial_val_acc": accuracy(base, run.data["val"]),
+        "initial_test_acc": accuracy(base, run.data["test"]),
+        "hparams": {k: v.exp().tolist() for k, v in hp.items()},
+        "seconds": time.perf_counter() - start,
+        "train_seconds": sum(r.get("step_seconds", 0.0) for r in history),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    if not s.get("complete"):
+        return
+    print(f"{'':<10} {'val acc':>8} {'test acc':>9}")
+    print(f"{'initial':<10} {s['initial_val_acc']:8.3f} {s['initial_test_acc']:9.3f}")
+    print(f"{'tuned':<10} {s['val_acc']:8.3f} {s['test_acc']:9.3f}")
+    print(f"{s['steps']} outer steps in {s['seconds']:.1f} s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``bilevel run CONFIG``."""
+    cfg = load_config(args.config)
+    out = Path(args.output or cfg.output.dir)
+    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+        if not args.overwrite:
+            raise ConfigError(f"output.dir: {out} already holds a run; use `bilevel resume "
+                              f"{out}` or pass --overwrite")
+        for name in ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.config, out / CONFIG_NAME)
+    _print_summary(_execute(cfg, out, False, args.stop_after))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """``bilevel resume DIR``."""
+    out = Path(args.dir)
+    if not (out / CONFIG_NAME).is_file():
+        raise ConfigError(f"{out}: no {CONFIG_NAME} here (not a `bilevel run` folder)")
+    cfg = load_config(out / CONFIG_NAME)
+    _print_summary(_execute(cfg, out, True, args.stop_after))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bilevel`` command."""
+    p = argparse.ArgumentParser(
+        prog="bilevel", description="Hyperparameter optimisation by hypergradients from a "
+        "TOML config (see bilevel.config for the schema).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser("run", help="run a config into its output folder",
+                       description="Validate CONFIG, tune its hyperparameters with OuterLoop and "
+                       "write config.toml, metrics.jsonl/csv, checkpoints/, hparams.pt, "
+                       "summary.json and PNG plots into the output folder.")
+    r.add_argument("config", metavar="CONFIG", help="TOML config file")
+    r.add_argument("-o", "--output", metavar="DIR", help="output folder (default: output.dir)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the logs and checkpoints of an existing run in the folder")
+    r.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N outer steps in total (continue later with resume)")
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("resume", help="continue a stopped or killed run",
+                       description="Continue the run in DIR from its newest good checkpoint "
+                       "(reading DIR/config.toml) up to outer.steps, then write the results.")
+    s.add_argument("dir", metavar="DIR", help="output folder of an earlier `bilevel run`")
+    s.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N outer steps in total")
+    s.set_defaults(func=cmd_resume)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for configuration errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, hg.BilevelInputError) as exc:
+        print(f"bilevel: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
