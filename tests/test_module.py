@@ -258,3 +258,20 @@ def test_dropout_with_implicit_and_under_vmap():
     close(off.hypergradient(IMPLICIT).grad, ref.hypergradient(IMPLICIT).grad)
     outs = torch.func.vmap(lambda x: off.forward(off.params, x))(xs)
     assert outs.shape == (4, 6, 1)
+
+
+def test_user_loop_then_implicit_at_its_end_point():
+    """The docs' recipe: a user-written loop without a graph, then Implicit(inner_steps=0)."""
+    model = mlp()
+    mp = wrap(model, mse, mse, wd_hparams(), data(), data(16, seed=1), hg.SGD(lr=0.2), STEPS,
+              penalty=layer_wd)
+    params, state = mp.init()
+    with torch.no_grad():
+        for t in range(STEPS):
+            params, state = mp.step(params, state, mp.hparams, data(), t)
+    est = hg.Implicit(solver=hg.Direct(), inner_tol=None)
+    mine = mp.hypergradient(hg.Implicit(solver=hg.Direct(), inner_steps=0, inner_tol=None),
+                            params=params)
+    managed = mp.hypergradient(est)
+    close(mine.params, managed.params)
+    close(mine.grad, managed.grad)
