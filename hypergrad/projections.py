@@ -24,7 +24,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -260,53 +260,44 @@ class NonNegative:
 
 
 @dataclass(frozen=True, eq=False)
-class Halfspace:
-    """The halfspace {v : ⟨a, v⟩ ≤ b}: P(v) = v − max(0, ⟨a, v⟩ − b) / ‖a‖² · a.
-
-    ``a`` is a nonzero tensor with as many elements as v (both are read flat).
-    """
+class _AffineSet:
+    """{v : ⟨a, v⟩ ≤ b} (``two_sided=False``) or {v : ⟨a, v⟩ = b} (``two_sided=True``),
+    with ``a`` a nonzero tensor of as many elements as v (both read flat)."""
 
     a: Tensor
     b: float
+    two_sided: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _validate_normal(self, "Halfspace")
+        _validate_normal(self, type(self).__name__)
 
     def __call__(self, v: Tensor) -> Tensor:
-        _check_input(v, "Halfspace")
-        a = _flat_vector(self.a, v, "Halfspace.a")
+        name = type(self).__name__
+        _check_input(v, name)
+        a = _flat_vector(self.a, v, f"{name}.a")
         flat = v.reshape(-1)
-        excess = (torch.dot(a, flat) - self.b).clamp_min(0)
+        excess = torch.dot(a, flat) - self.b
+        if not self.two_sided:
+            excess = excess.clamp_min(0)
         return (flat - (excess / torch.dot(a, a)) * a).reshape(v.shape)
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
-        _check_input(v, "Halfspace.contains")
-        return _normal_violation(self.a, self.b, v, tol, "Halfspace.a", two_sided=False)
+        name = type(self).__name__
+        _check_input(v, f"{name}.contains")
+        return _normal_violation(self.a, self.b, v, tol, f"{name}.a",
+                                 two_sided=self.two_sided)
 
 
 @dataclass(frozen=True, eq=False)
-class Hyperplane:
-    """The hyperplane {v : ⟨a, v⟩ = b}: P(v) = v − (⟨a, v⟩ − b) / ‖a‖² · a.
+class Halfspace(_AffineSet):
+    """The halfspace {v : ⟨a, v⟩ ≤ b}: P(v) = v − max(0, ⟨a, v⟩ − b) / ‖a‖² · a."""
 
-    ``a`` is a nonzero tensor with as many elements as v (both are read flat).
-    """
 
-    a: Tensor
-    b: float
+@dataclass(frozen=True, eq=False)
+class Hyperplane(_AffineSet):
+    """The hyperplane {v : ⟨a, v⟩ = b}: P(v) = v − (⟨a, v⟩ − b) / ‖a‖² · a."""
 
-    def __post_init__(self) -> None:
-        _validate_normal(self, "Hyperplane")
-
-    def __call__(self, v: Tensor) -> Tensor:
-        _check_input(v, "Hyperplane")
-        a = _flat_vector(self.a, v, "Hyperplane.a")
-        flat = v.reshape(-1)
-        excess = torch.dot(a, flat) - self.b
-        return (flat - (excess / torch.dot(a, a)) * a).reshape(v.shape)
-
-    def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
-        _check_input(v, "Hyperplane.contains")
-        return _normal_violation(self.a, self.b, v, tol, "Hyperplane.a", two_sided=True)
+    two_sided: ClassVar[bool] = True
 
 
 def _validate_normal(obj: Halfspace | Hyperplane, cls: str) -> None:
