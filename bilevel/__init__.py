@@ -12,9 +12,17 @@ from hypergrad import *  # noqa: F401,F403
 from hypergrad import __all__ as _core_all
 
 from . import checkpoint
-from .module import ModuleProblem, assign_grads, wrap
+from .module import (
+    BufferPolicyError,
+    InnerLoop,
+    InnerLoopError,
+    ModuleProblem,
+    assign_grads,
+    wrap,
+)
 from .outer import BilevelTrainer, OuterLoop, peak_memory_mib
 
 __version__ = "0.1.0"
-__all__ = list(_core_all) + ["BilevelTrainer", "ModuleProblem", "OuterLoop", "assign_grads",
+__all__ = list(_core_all) + ["BilevelTrainer", "BufferPolicyError", "InnerLoop",
+                             "InnerLoopError", "ModuleProblem", "OuterLoop", "assign_grads",
                              "checkpoint", "peak_memory_mib", "wrap"]

@@ -33,9 +33,21 @@ Buffers (``buffers=``):
   the outer loss; running statistics are never read nor updated (safe under ``vmap``).
 - ``"frozen"``: normalisation layers run in eval mode with the module's current running
   statistics, copied once as constants.
-- ``"track"`` (running statistics updated through the inner steps) is not supported:
-  an in-place running-stat update inside differentiated, vmapped inner steps cannot
-  work; it raises an error naming the layers.
+- ``"track"``: BatchNorm running statistics are carried functionally through the inner
+  steps, as ``nn.BatchNorm`` in training mode would update them, and the outer loss (and
+  :meth:`ModuleProblem.export`) uses them in eval mode. They live in the parameter pytree
+  (``mp.params`` gains ``"<layer>.running_mean"``, ``".running_var"`` and
+  ``".num_batches_tracked"``, the count as a float): the inner loss does not read them
+  (its gradient there is zero and ``penalty`` does not see them), the optimizer's update
+  of them is discarded, and each inner step (:class:`TrackingProblem`, ``mp.step``)
+  replaces them by the update from that step's batch, differentiably, so hypergradients
+  include the path through the statistics. Only estimators that run the inner steps
+  (``Unrolled``, ``Truncated``, every mode) support it; others raise
+  :class:`BufferPolicyError` from ``mp.hypergradient``, ``OuterLoop`` and recorded loops
+  (calling ``hypergrad.hypergradient`` on ``mp.problem`` directly is not checked).
+  Per-leaf optimizer settings must then include the statistics' keys. Other layers with
+  running statistics (InstanceNorm) raise :class:`BufferPolicyError`. The user's module
+  is never written.
 
 Other layers run in training mode in the inner loss (``train=True``) and in eval mode in
 the outer loss (``outer_train=False``). Random layers (Dropout) are reproducible: with
@@ -47,6 +59,11 @@ mask for an iterable). The default
 Hessian-vector products linearise the model once outside ``vmap``, so Dropout works with
 ``Implicit``; code that calls the model inside ``vmap`` gets an error advising
 ``train=False`` (random layers off in the inner loss) or an unrolled estimator.
+
+User-written inner loops: :meth:`ModuleProblem.step` is one differentiable step
+(reverse-mode unrolling through your own loop); :meth:`ModuleProblem.inner_loop` records
+a loop you write (``loop.step(batch)``) and replays it with any estimator
+(:class:`InnerLoop`).
 
 Data (``inner_data`` / ``outer_data``): a tensor, tuple, list, dict or ``None`` is *one
 batch*; any other iterable (a ``DataLoader``, a generator; pass ``iter(list_of_batches)``
@@ -61,8 +78,11 @@ read completely; the outer loss is then the mean of the per-batch outer losses.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
+import types
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -76,8 +96,60 @@ from hypergrad.optim import SGD, InnerOptimizer, State
 ModuleLoss = Callable[[Any, Any, dict[str, torch.Tensor]], torch.Tensor]
 Params = dict[str, torch.Tensor]
 
-BUFFER_POLICIES = ("batch_stats", "frozen")
+BUFFER_POLICIES = ("batch_stats", "frozen", "track")
 _NORM = nn.modules.batchnorm._NormBase
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+_TRACKED = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class BufferPolicyError(BilevelInputError):
+    """The buffer policy cannot work with this model or estimator (e.g. ``buffers="track"``
+    with an implicit or single-loop estimator)."""
+
+
+class InnerLoopError(BilevelInputError):
+    """A recorded user-written inner loop (:meth:`ModuleProblem.inner_loop`) was misused."""
+
+
+#: estimators that run the inner steps through ``Problem.step`` (all ``buffers=`` policies)
+_STEPPING = (hg.Unrolled, hg.Truncated)
+
+
+def check_estimator(problem: Any, estimator: str | hg.Estimator) -> hg.Estimator:
+    """The estimator object; raises :class:`BufferPolicyError` when ``problem`` tracks
+    running statistics (``buffers="track"``) and the estimator does not run its inner steps
+    (only :class:`~hypergrad.Unrolled` and :class:`~hypergrad.Truncated`, every mode, do)."""
+    est = hg.make_estimator(estimator)
+    if isinstance(problem, TrackingProblem) and not isinstance(est, _STEPPING):
+        raise BufferPolicyError(
+            f"buffers='track' cannot be used with the {type(est).__name__} estimator: running "
+            "statistics are carried through the inner steps, and only estimators that run "
+            "those steps (Unrolled, Truncated, in any mode) differentiate them; "
+            f"{type(est).__name__} would treat them as constants (implicit differentiation "
+            "has no equation for them). Use Unrolled()/Truncated(), or buffers='frozen' / "
+            "'batch_stats'")
+    return est
+
+
+@dataclass(frozen=True)
+class TrackingProblem(hg.Problem):
+    """A core problem whose inner step also updates BatchNorm running statistics.
+
+    The statistics live in the parameter pytree (keys ``"<layer>.running_mean"``,
+    ``"<layer>.running_var"``, ``"<layer>.num_batches_tracked"``, the count as a float);
+    the inner loss does not read them (its gradient there is zero), the optimizer's
+    update of them is discarded, and :meth:`step` replaces them by the BatchNorm update
+    from the step's batch. The outer loss reads them (eval mode).
+    """
+
+    track_step: Callable[..., tuple[Params, State]] | None = field(
+        default=None, repr=False, compare=False)
+
+    def step(self, params: Params, state: State, hparams: Params,
+             t: int) -> tuple[Params, State]:
+        assert self.track_step is not None
+        batch = self.step_batch(t) if self.step_batch is not None else self.inner_batch
+        return self.track_step(params, state, hparams, batch)
 
 
 class _At(NamedTuple):
@@ -180,7 +252,8 @@ class ModuleProblem:
         problem: the core :class:`hypergrad.Problem` (losses in ``f(params, hparams,
             batch)`` form on tagged batches).
         params: the initial parameters, detached copies of the model's trainable
-            parameters keyed by name.
+            parameters keyed by name (with ``buffers="track"`` also the tracked running
+            statistics, see the module docstring).
         hparams: the hyperparameter dict (for an ``nn.Module`` of hyperparameters, its
             Parameter objects themselves: read them back from that module).
     """
@@ -202,13 +275,22 @@ class ModuleProblem:
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         if buffers not in BUFFER_POLICIES:
             layers = _running_stat_layers(module)
-            hint = (f" Layers with running statistics: {', '.join(layers)}; updating them "
-                    "in place inside differentiated (vmapped) inner steps cannot work."
+            hint = (f" Layers with running statistics: {', '.join(layers)}."
                     if layers else "")
             raise BilevelInputError(
                 f"buffers={buffers!r} is not supported; use one of {BUFFER_POLICIES}.{hint} "
                 "Use buffers='batch_stats' (batch statistics, nothing updated), "
-                "buffers='frozen' (eval-mode running statistics), or GroupNorm/LayerNorm.")
+                "buffers='frozen' (eval-mode running statistics), buffers='track' (running "
+                "statistics carried through the inner steps), or GroupNorm/LayerNorm.")
+        if buffers == "track":
+            other = [f"{n or '<root>'} ({type(m).__name__})" for n, m in module.named_modules()
+                     if isinstance(m, _NORM) and not isinstance(m, _BATCHNORM)
+                     and m.running_mean is not None]
+            if other:
+                raise BufferPolicyError(
+                    f"buffers='track' updates BatchNorm running statistics only; "
+                    f"{', '.join(other)} also keep running statistics. Use "
+                    "buffers='frozen' or 'batch_stats', or track_running_stats=False there")
         if not isinstance(steps, int) or steps < 0:
             raise BilevelInputError(f"steps must be a non-negative int, got {steps!r}")
         if seed is not None and not isinstance(seed, int):
@@ -225,12 +307,23 @@ class ModuleProblem:
                         True: (outer_inputs or _default_inputs,
                                outer_inputs is not None and _n_positional(outer_inputs) >= 2)}
         self.hparams = hparams_dict(hparams)
-        self._models = {True: self._private_copy(train), False: self._private_copy(outer_train)}
+        #: BatchNorm layers whose running statistics ``buffers="track"`` carries: (name,
+        #: momentum)
+        self._track_layers: list[tuple[str, float | None]] = [
+            (n, m.momentum) for n, m in module.named_modules()
+            if buffers == "track" and isinstance(m, _BATCHNORM) and m.running_mean is not None]
+        self._tracked = tuple(f"{n}{'.' if n else ''}{b}" for n, _ in self._track_layers
+                              for b in _TRACKED)
+        self._seen: dict[str, list[torch.Tensor]] | None = None
+        self._models = {True: self._private_copy(train, inner=True),
+                        False: self._private_copy(outer_train, inner=False)}
         self._consts = self._constants()
-        self.params: Params = {n: p.detach().clone() for n, p in module.named_parameters()
-                               if p.requires_grad}
-        if not self.params:
+        trainable = {n: p.detach().clone() for n, p in module.named_parameters()
+                     if p.requires_grad}
+        if not trainable:
             raise BilevelInputError(f"{type(module).__name__} has no trainable parameters")
+        self._trainable = tuple(trainable)
+        self.params: Params = {**trainable, **self._initial_stats()}
         devices = {t.device for t in self.params.values()}
         self._devices = [d.index or 0 for d in devices if d.type == "cuda"]
         optimizer = SGD() if optimizer is None else optimizer
@@ -238,21 +331,83 @@ class ModuleProblem:
 
     # --- model -----------------------------------------------------------------------
 
-    def _private_copy(self, train: bool) -> nn.Module:
+    def _private_copy(self, train: bool, inner: bool) -> nn.Module:
         """A copy sharing every tensor with the user's module, with its own modes."""
         shared = {id(t): t for t in list(self.module.parameters()) + list(self.module.buffers())}
         model = copy.deepcopy(self.module, memo=shared)
         model.train(train)
-        for m in model.modules():
+        tracked = dict(self._track_layers)
+        for name, m in model.named_modules():
             if not isinstance(m, _NORM):
                 continue
-            if self.buffers == "batch_stats":
+            if self.buffers == "batch_stats" or (inner and self.buffers == "track"):
                 m.track_running_stats = False
                 m.running_mean = m.running_var = m.num_batches_tracked = None
                 m.train(True)
+                if name in tracked:  # the inner step reads the layer's input for its update
+                    m.forward = types.MethodType(_batchnorm_train, m)
+                    m.register_forward_pre_hook(self._capture_hook(name))
             else:
                 m.train(False)
+                if name in tracked:  # native eval batch_norm refuses differentiable stats
+                    m.forward = types.MethodType(_batchnorm_eval, m)
         return model
+
+    def _capture_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self._seen is not None:
+                self._seen.setdefault(name, []).append(args[0])
+        return hook
+
+    def _initial_stats(self) -> Params:
+        """``buffers="track"``: the module's running statistics, as floating tensors."""
+        named = dict(self.module.named_modules())
+        out: Params = {}
+        for name, _ in self._track_layers:
+            m = named[name]
+            rm = m.running_mean.detach().clone()
+            for b in _TRACKED:
+                v = getattr(m, b)
+                key = f"{name}{'.' if name else ''}{b}"
+                out[key] = rm.new_tensor(0.0) if v is None else v.detach().clone().to(rm.dtype)
+        return out
+
+    def _updated_stats(self, params: Params, seen: dict[str, list[torch.Tensor]]) -> Params:
+        """The running statistics after the forward passes whose BatchNorm inputs are
+        ``seen``, exactly as ``nn.BatchNorm`` updates them in training mode (differentiable)."""
+        out: Params = {}
+        for name, momentum in self._track_layers:
+            pre = f"{name}{'.' if name else ''}"
+            rm, rv = params[pre + "running_mean"], params[pre + "running_var"]
+            count = params[pre + "num_batches_tracked"]
+            for x in seen.get(name, []):
+                dims = [0] + list(range(2, x.dim()))
+                count = count + 1
+                factor = 1.0 / count if momentum is None else momentum
+                rm = (1 - factor) * rm + factor * x.mean(dims)
+                rv = (1 - factor) * rv + factor * x.var(dims, correction=1)
+            out.update({pre + "running_mean": rm, pre + "running_var": rv,
+                        pre + "num_batches_tracked": count})
+        return out
+
+    def _grad_and_stats(self, params: Params, hparams: Params, batch: Any,
+                        t: int | None) -> tuple[Params, Params]:
+        """∇_params of the inner loss and the updated running statistics."""
+        stats = {k: params[k] for k in self._tracked}
+
+        def loss_and_stats(w: Params) -> tuple[torch.Tensor, Params]:
+            seen: dict[str, list[torch.Tensor]] = {}
+            self._seen = seen
+            try:
+                loss = self.inner_loss(w, hparams, batch, t)
+            finally:
+                self._seen = None
+            return loss, self._updated_stats(stats, seen)
+
+        trainable = {k: v for k, v in params.items() if k not in stats}
+        g, new = grad(loss_and_stats, has_aux=True)(trainable)
+        g = {k: g[k] if k in g else torch.zeros_like(v) for k, v in params.items()}
+        return g, new
 
     def _constants(self) -> dict[str, torch.Tensor]:
         """Frozen parameters and remaining buffers, detached copies (never written)."""
@@ -273,6 +428,8 @@ class ModuleProblem:
         layers seeded by (seed, t)."""
         model = self._models[not outer]
         args = inputs if isinstance(inputs, tuple) else (inputs,)
+        if self._tracked and not outer:  # the inner model normalises by batch statistics
+            params = {k: v for k, v in params.items() if k not in self._tracked}
         tensors = {**self._consts, **params}
         try:
             if self.seed is None:
@@ -320,6 +477,8 @@ class ModuleProblem:
         out = self._outputs(params, hparams, batch, False, t)
         loss = _scalar("inner_loss", self._inner_fn(out, batch, hparams))
         if self._penalty is not None:
+            if self._tracked:
+                params = {k: v for k, v in params.items() if k not in self._tracked}
             loss = loss + _scalar("penalty", self._penalty(params, hparams))
         return loss
 
@@ -341,16 +500,32 @@ class ModuleProblem:
         memory grows with the number of steps, nothing else is kept). Pass the step
         index ``t`` to get the same random masks as the managed path.
         """
-        g = grad(self.inner_loss)(params, hparams, batch, t)
-        return self.problem.optimizer.step(params, g, state, hparams)
+        return self._step(params, state, hparams, batch, t, self.problem.optimizer)
+
+    def _step(self, params: Params, state: State, hparams: Params, batch: Any,
+              t: int | None, optimizer: InnerOptimizer) -> tuple[Params, State]:
+        if not self._tracked:
+            g = grad(self.inner_loss)(params, hparams, batch, t)
+            return optimizer.step(params, g, state, hparams)
+        missing = [k for k in self._tracked if k not in params]
+        if missing:
+            raise BufferPolicyError(
+                f"buffers='track': params lacks the running statistics {missing}; start from "
+                "mp.params / mp.init() (they hold them)")
+        g, stats = self._grad_and_stats(params, hparams, batch, t)
+        new, state = optimizer.step(params, g, state, hparams)
+        return {k: stats[k] if k in stats else new[k] for k in new}, state
 
     def export(self, params: Params) -> nn.Module:
-        """A new copy of the user's module holding ``params`` (detached); the user's module
-        itself is left as it is."""
+        """A new copy of the user's module holding ``params`` (detached; with
+        ``buffers="track"`` also the tracked running statistics); the user's module itself
+        is left as it is."""
         model = copy.deepcopy(self.module)
-        named = dict(model.named_parameters())
+        named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         with torch.no_grad():
             for k, v in params.items():
+                if not named[k].is_floating_point():
+                    v = v.round()
                 named[k].copy_(v)
         return model
 
@@ -360,9 +535,29 @@ class ModuleProblem:
                       check: bool = True) -> hg.Hypergradient:
         """``hypergrad.hypergradient`` on this problem, by default at ``self.hparams`` from
         ``self.params``."""
+        estimator = check_estimator(self.problem, estimator)
         return hg.hypergradient(self.problem, self.hparams if hparams is None else hparams,
                                 self.params if params is None else params, estimator,
                                 state=state, check=check)
+
+    def inner_loop(self, hparams: Mapping[str, torch.Tensor] | nn.Module | None = None,
+                   params: Params | None = None) -> InnerLoop:
+        """Record a user-written inner loop so that any estimator can differentiate it.
+
+        ::
+
+            with mp.inner_loop() as loop:
+                for batch in loader:
+                    params = loop.step(batch)      # one graph-free inner step
+                    if stop_condition(params):     # log, evaluate, stop early, ...
+                        break
+            result = loop.hypergradient(bilevel.Truncated(window=10))
+
+        The loop starts from ``params`` (default ``self.params``) with a fresh optimizer
+        state, at ``hparams`` (default ``self.hparams``), which must not change while it
+        runs. See :class:`InnerLoop`.
+        """
+        return InnerLoop(self, hparams, params)
 
     # --- data --------------------------------------------------------------------------
 
@@ -385,16 +580,25 @@ class ModuleProblem:
             def step_batch(t: int) -> _At:
                 return _At(batches[t % len(batches)], t)
 
+        outer_batch, outer_step_batch = self._outer_source(outer_data)
+        return self._make_problem(inner_batch, step_batch, outer_batch, outer_step_batch,
+                                  optimizer, steps)
+
+    def _outer_source(self, outer_data: Any) -> tuple[_At, Callable[[int], _At] | None]:
+        """The tagged outer batch and, for an iterable, the outer batch of step t."""
         if is_single_batch(outer_data):
-            outer_batch = _At(outer_data, None)
-            outer_step_batch = None
-        else:
-            obs = tuple(_read(outer_data, None, seed + 1, "outer_data"))
-            outer_batch = _At(_Many(obs), None)
+            return _At(outer_data, None), None
+        obs = tuple(_read(outer_data, None, (0 if self.seed is None else self.seed) + 1,
+                          "outer_data"))
 
-            def outer_step_batch(t: int) -> _At:
-                return _At(obs[t % len(obs)], None)
+        def outer_step_batch(t: int) -> _At:
+            return _At(obs[t % len(obs)], None)
 
+        return _At(_Many(obs), None), outer_step_batch
+
+    def _make_problem(self, inner_batch: _At | None, step_batch: Callable[[int], _At],
+                      outer_batch: _At, outer_step_batch: Callable[[int], _At] | None,
+                      optimizer: InnerOptimizer, steps: int) -> hg.Problem:
         def f(params: Params, hparams: Params, tagged: _At) -> torch.Tensor:
             return self.inner_loss(params, hparams, tagged.batch, tagged.t)
 
@@ -404,8 +608,168 @@ class ModuleProblem:
                 return torch.stack(losses).mean()
             return self.outer_loss(params, hparams, tagged.batch)
 
-        return hg.Problem(f, F, inner_batch, outer_batch, optimizer=optimizer, steps=steps,
-                          step_batch=step_batch, outer_step_batch=outer_step_batch)
+        kw = dict(optimizer=optimizer, steps=steps, step_batch=step_batch,
+                  outer_step_batch=outer_step_batch)
+        if not self._tracked:
+            return hg.Problem(f, F, inner_batch, outer_batch, **kw)
+
+        def track_step(params: Params, state: State, hparams: Params,
+                       tagged: _At) -> tuple[Params, State]:
+            return self._step(params, state, hparams, tagged.batch, tagged.t, optimizer)
+
+        return TrackingProblem(f, F, inner_batch, outer_batch, **kw, track_step=track_step)
+
+
+class InnerLoop:
+    """A user-written inner loop, recorded so that any estimator can replay it.
+
+    Made by :meth:`ModuleProblem.inner_loop`; use it as a context manager. Each
+    :meth:`step` takes one graph-free inner step on the batch given (exactly the step the
+    core :class:`hypergrad.Problem` of the replay takes, so the replay reaches the same
+    parameters) and records the batch. :meth:`hypergradient` then builds a core problem
+    whose step ``t`` uses recorded batch ``t`` and whose number of steps is the number of
+    recorded steps, and runs any estimator on it from the recorded start (a fresh
+    optimizer state). Implicit estimators take the last recorded batch as the batch of the
+    optimality conditions. The batches are kept in memory (references, not copies: do
+    not modify them in place).
+
+    Attributes:
+        params: the current parameters (read-only: do not modify them in place).
+        state: the current inner optimizer state.
+        start: the starting parameters.
+        batches: the recorded batches.
+        hparams: the hyperparameters the loop runs at.
+    """
+
+    def __init__(self, mp: ModuleProblem, hparams: Mapping[str, torch.Tensor] | nn.Module |
+                 None, params: Params | None) -> None:
+        self.mp = mp
+        self.hparams = mp.hparams if hparams is None else hparams_dict(hparams)
+        self._frozen = {k: v.detach().clone() for k, v in self.hparams.items()}
+        self.start, self.state = mp.init(params)
+        self.params = self.start
+        self.start = {k: v.clone() for k, v in self.start.items()}
+        self.batches: list[Any] = []
+        self.closed = False
+        self._versions = self._version_of(self.params)
+
+        def step_batch(t: int) -> _At:
+            return _At(self.batches[t], t)
+
+        base = mp.problem
+        self._problem = mp._make_problem(None, step_batch, base.outer_batch,
+                                         base.outer_step_batch, base.optimizer, 0)
+
+    @staticmethod
+    def _version_of(params: Params) -> dict[str, int]:
+        return {k: v._version for k, v in params.items()}
+
+    def __enter__(self) -> InnerLoop:
+        if self.closed:
+            raise InnerLoopError("this inner loop has ended; start a new one with "
+                                 "mp.inner_loop()")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.closed = True
+
+    @property
+    def steps(self) -> int:
+        """The number of recorded steps."""
+        return len(self.batches)
+
+    def _check_unchanged(self) -> None:
+        changed = [k for k, v in self.hparams.items()
+                   if v.shape != self._frozen[k].shape or not torch.equal(v.detach(),
+                                                                          self._frozen[k])]
+        if changed:
+            raise InnerLoopError(
+                f"the hyperparameters {changed} changed while the inner loop ran; a recorded "
+                "loop runs at fixed hyperparameters (take outer steps between loops)")
+        if self._version_of(self.params) != self._versions:
+            raise InnerLoopError(
+                "the parameters returned by loop.step were modified in place; the recorded "
+                "loop could not be replayed. Work on copies (params[k].clone())")
+
+    def step(self, batch: Any) -> Params:
+        """One inner step on ``batch`` (recorded); returns the new parameters."""
+        if self.closed:
+            raise InnerLoopError("loop.step called after the `with mp.inner_loop()` block "
+                                 "ended; start a new loop with mp.inner_loop()")
+        self._check_unchanged()
+        self.batches.append(batch)
+        t = len(self.batches) - 1
+        try:
+            params, state = self._problem.run(self.params, self.state, self._frozen, t, t + 1,
+                                              graph=False)
+        except BaseException:
+            self.batches.pop()
+            raise
+        self.params, self.state = params, state
+        self._versions = self._version_of(params)
+        return params
+
+    def problem(self) -> hg.Problem:
+        """The core problem that replays the recorded steps (``steps`` = their number)."""
+        if not self.batches:
+            raise InnerLoopError("the inner loop has no recorded step: call loop.step(batch) "
+                                 "at least once before asking for a hypergradient")
+        return dataclasses.replace(self._problem, steps=len(self.batches))
+
+    def hypergradient(self, estimator: str | hg.Estimator = "unrolled",
+                      outer_data: Any = None, state: hg.EstimatorState | None = None,
+                      check: bool = True) -> hg.Hypergradient:
+        """Differentiate the recorded loop with any estimator, from the recorded start.
+
+        ``outer_data`` (a batch or an iterable of batches, as in :func:`wrap`) replaces the
+        problem's outer data. ``state`` is a previous result's state; its ``inner_state``
+        (a warm-started inner optimizer) is dropped so that the replay starts as the loop
+        did. ``result.params`` equals ``loop.params``.
+        """
+        problem = self.problem()
+        self._check_unchanged()
+        if outer_data is not None:
+            if not is_single_batch(outer_data) and not isinstance(outer_data, Iterable):
+                raise TypeError("outer_data must be a batch (tensor, tuple, list, dict) or an "
+                                f"iterable of batches, got {type(outer_data).__name__}")
+            ob, osb = self.mp._outer_source(outer_data)
+            problem = dataclasses.replace(problem, outer_batch=ob, outer_step_batch=osb)
+        estimator = check_estimator(problem, estimator)
+        state = {k: v for k, v in (state or {}).items() if k != "inner_state"}
+        return hg.hypergradient(problem, self.hparams, self.start, estimator, state=state,
+                                check=check)
+
+
+def _batchnorm_affine(self: nn.Module, y: torch.Tensor, shape: tuple) -> torch.Tensor:
+    if self.weight is not None:
+        y = y * self.weight.reshape(shape)
+    if self.bias is not None:
+        y = y + self.bias.reshape(shape)
+    return y
+
+
+def _batchnorm_train(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in training mode (batch statistics) written with plain differentiable ops,
+    so that forward-over-reverse (forward-mode unrolling) works (``buffers="track"``)."""
+    self._check_input_dim(x)
+    if x.numel() <= x.shape[1]:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {tuple(x.shape)}")
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, correction=0, keepdim=True)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return _batchnorm_affine(self, (x - mean) * torch.rsqrt(var + self.eps), shape)
+
+
+def _batchnorm_eval(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in eval mode written with differentiable ops (``buffers="track"``: the
+    running statistics carry a graph back to the hyperparameters)."""
+    self._check_input_dim(x)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - self.running_mean.reshape(shape)) * torch.rsqrt(
+        self.running_var.reshape(shape) + self.eps)
+    return _batchnorm_affine(self, y, shape)
 
 
 def _scalar(name: str, value: Any) -> torch.Tensor:
@@ -427,5 +791,6 @@ def wrap(module: nn.Module, inner_loss: ModuleLoss, outer_loss: ModuleLoss,
                          optimizer, steps, **options)
 
 
-__all__ = ["BUFFER_POLICIES", "ModuleProblem", "assign_grads", "hparams_dict",
+__all__ = ["BUFFER_POLICIES", "BufferPolicyError", "InnerLoop", "InnerLoopError",
+           "ModuleProblem", "TrackingProblem", "assign_grads", "check_estimator", "hparams_dict",
            "is_single_batch", "wrap"]

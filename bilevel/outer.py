@@ -32,6 +32,7 @@ from hypergrad.pytree import PyTree, tree_detach
 from hypergrad.validation import check_problem
 
 from . import checkpoint as ckpt
+from .module import check_estimator
 
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -62,6 +63,30 @@ def peak_memory_mib(device: torch.device | None = None) -> float | None:
         return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0
     except (ImportError, OSError):  # pragma: no cover
         return None
+
+
+TENSORBOARD_HINT = "pip install bilevel[tensorboard]"
+
+
+def summary_writer_class() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``; a clear ImportError naming the extra when
+    the ``tensorboard`` package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError(
+            "OuterLoop(tensorboard=...) needs the tensorboard package, which is not "
+            f"installed: {TENSORBOARD_HINT} (or pip install tensorboard)") from exc
+    return SummaryWriter
+
+
+def _scalar_value(v: Any) -> float | None:
+    """A record value as a number for TensorBoard (``None`` for non-numbers)."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
 
 
 class _Progress:
@@ -126,6 +151,12 @@ class OuterLoop:
         checkpoint_dir / checkpoint_every / keep_checkpoints: atomic checkpoints after
             every k-th step (and at the end of ``run``), keeping the newest few.
         log_dir: write ``metrics.jsonl`` and ``metrics.csv`` there.
+        tensorboard: a TensorBoard log directory: every numeric metric of each record
+            (the history) is written there as a scalar at its outer step, with
+            ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard`` package:
+            ``pip install bilevel[tensorboard]``; an ImportError says so at construction).
+            The writer opens at the first step and is closed when :meth:`run` returns or
+            raises (and by :meth:`close`); a later step opens a new event file there.
         progress: progress bar; ``None`` shows it only when stderr is a terminal.
         device / dtype: the one device and floating dtype of hparams and params; tensors
             are moved/cast to them (hparams only when a factory builds the optimizer),
@@ -143,12 +174,17 @@ class OuterLoop:
                  eval_every: int = 0, callbacks: Iterable[Any] = (),
                  checkpoint_dir: str | os.PathLike[str] | None = None,
                  checkpoint_every: int = 0, keep_checkpoints: int | None = 3,
-                 log_dir: str | os.PathLike[str] | None = None, progress: bool | None = None,
+                 log_dir: str | os.PathLike[str] | None = None,
+                 tensorboard: str | os.PathLike[str] | None = None,
+                 progress: bool | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  check: bool = True, scheduler_metric: str = "outer_loss",
                  estimator_state: EstimatorState | None = None) -> None:
         self.problem = problem
-        self.estimator = make_estimator(estimator)
+        self.estimator = check_estimator(problem, make_estimator(estimator))
+        self.tensorboard = Path(tensorboard) if tensorboard is not None else None
+        self._writer_cls = summary_writer_class() if tensorboard is not None else None
+        self._writer: Any = None
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
         if dtype is not None and not dtype.is_floating_point:
@@ -378,6 +414,7 @@ class OuterLoop:
         finally:
             if bar is not None:
                 bar.close()
+            self.close()
         if self.checkpoint_dir is not None and (
                 self.last_checkpoint is None or
                 self.last_checkpoint.name != ckpt.checkpoint_name(self.global_step)):
@@ -391,7 +428,25 @@ class OuterLoop:
                 fn(*args)
 
     # ------------------------------------------------------------------ logging
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer, if one is open."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
+
+    def _log_tensorboard(self, record: dict[str, Any]) -> None:
+        if self.tensorboard is None:
+            return
+        if self._writer is None:
+            self._writer = self._writer_cls(log_dir=str(self.tensorboard))
+        for k, v in record.items():
+            value = _scalar_value(v)
+            if k != "step" and value is not None:
+                self._writer.add_scalar(k, value, global_step=record["step"])
+        self._writer.flush()
+
     def _log(self, record: dict[str, Any]) -> None:
+        self._log_tensorboard(record)
         if self.log_dir is None:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -507,4 +562,5 @@ class OuterLoop:
 
 BilevelTrainer = OuterLoop
 
-__all__ = ["BASE_COLUMNS", "BilevelTrainer", "OuterLoop", "peak_memory_mib"]
+__all__ = ["BASE_COLUMNS", "BilevelTrainer", "OuterLoop", "peak_memory_mib",
+           "summary_writer_class"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hypergrad as hg
-from bilevel.module import ModuleProblem, assign_grads, wrap
+from bilevel.module import (
+    BufferPolicyError,
+    InnerLoopError,
+    ModuleProblem,
+    assign_grads,
+    wrap,
+)
+from bilevel.outer import OuterLoop
 from hypergrad.errors import BilevelInputError, HyperparameterError, ObjectiveError
 
 DT = torch.float64
@@ -134,7 +143,7 @@ def test_batchnorm_policies(policy):
 def test_batchnorm_impossible_settings():
     model = mlp(bn=True)
     with pytest.raises(BilevelInputError, match=r"1 \(BatchNorm1d\).*batch_stats"):
-        wrap(model, mse, mse, wd_hparams(), data(), data(), buffers="track")
+        wrap(model, mse, mse, wd_hparams(), data(), data(), buffers="running")
     x, y = data(1)
     mp = wrap(model, mse, mse, {"wd0": torch.tensor(0.0, dtype=DT)}, (x, y), data(),
               penalty=lambda p, h: h["wd0"].exp() * (p["0.weight"] ** 2).sum(), steps=2)
@@ -275,3 +284,237 @@ def test_user_loop_then_implicit_at_its_end_point():
     managed = mp.hypergradient(est)
     close(mine.params, managed.params)
     close(mine.grad, managed.grad)
+
+
+# --- buffers="track" ---------------------------------------------------------------------
+
+
+def batches_of(n: int, size: int = 8, seed: int = 5) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(size, 3, generator=g, dtype=DT)
+        out.append((x, torch.sin(x.sum(1, keepdim=True))))
+    return out
+
+
+def sq(out, batch, h):
+    """Mean squared error written out (F.mse_loss has no forward-over-reverse rule)."""
+    return ((out - batch[1]) ** 2).mean()
+
+
+def bn_hparams() -> dict:
+    return {**wd_hparams(), "wd2": torch.tensor(-3.0, dtype=DT)}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+def test_track_running_stats_match_eager_training(momentum):
+    model = mlp(bn=True)
+    model[1].momentum = momentum
+    model[1].num_batches_tracked.fill_(3)
+    model.eval()  # the user's flag must survive
+    snap = snapshot(model)
+    h, batches = bn_hparams(), batches_of(5)
+    mp = wrap(model, mse, mse, h, iter(batches), data(16, seed=1), hg.SGD(lr=0.2), 5,
+              penalty=layer_wd, buffers="track")
+    got = mp.hypergradient(hg.Unrolled()).params
+    eager = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(eager.parameters(), lr=0.2)
+    for x, y in batches:
+        opt.zero_grad()
+        (F.mse_loss(eager(x), y) + layer_wd(dict(eager.named_parameters()), h)).backward()
+        opt.step()
+    trained = mp.export(got).state_dict()
+    ref = eager.state_dict()
+    assert trained.keys() == ref.keys()
+    assert int(trained["1.num_batches_tracked"]) == 8
+    assert trained["1.num_batches_tracked"].dtype == torch.long
+    for k in ref:
+        assert torch.allclose(trained[k], ref[k], rtol=TOL, atol=TOL), k
+    assert not torch.allclose(ref["1.running_mean"], model[1].running_mean)
+    # the user-written loop and the recorded loop carry the same statistics
+    params, state = mp.init()
+    with torch.no_grad():
+        for t, batch in enumerate(batches):
+            params, state = mp.step(params, state, h, batch, t)
+    close(params, got)
+    # the outer loss uses them in eval mode, as the exported module does
+    x = data(16, seed=1)[0]
+    assert torch.allclose(mp.export(got).eval()(x), mp.forward(got, x, outer=True), rtol=0,
+                          atol=1e-13)
+    assert_unchanged(model, snap)
+    assert not model.training
+
+
+def test_track_hypergradient_matches_finite_differences():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.5), nn.Tanh(),
+                          nn.Linear(4, 1)).to(DT)
+    batches, val = batches_of(3, size=6), batches_of(1, size=10, seed=9)[0]
+
+    def inner(out, batch, h):
+        return sq(out * h["scale"], batch, h)
+
+    def make(h):
+        return wrap(model, inner, sq, h, iter(batches), val, hg.SGD(lr=0.5), 3,
+                    penalty=lambda p, h: h["wd"].exp() * sum((w ** 2).sum()
+                                                             for w in p.values()),
+                    buffers="track")
+
+    h = {"wd": torch.tensor(-1.0, dtype=DT), "scale": torch.tensor([1.5], dtype=DT)}
+
+    def value(hh):
+        mp = make(hh)
+        w = mp.problem.solve_inner(mp.params, hh)[0]
+        return float(mp.outer_loss(w, hh, val))
+
+    eps = 1e-6
+    fd = {}
+    for k in h:
+        up = {**h, k: h[k] + eps}
+        down = {**h, k: h[k] - eps}
+        fd[k] = torch.tensor([(value(up) - value(down)) / (2 * eps)], dtype=DT).reshape(
+            h[k].shape)
+    mp = make(h)
+    for est in (hg.Unrolled(), hg.Unrolled(mode="forward"), hg.Truncated(window=3),
+                hg.Unrolled(recompute=True, segment=1)):
+        got = mp.hypergradient(est).grad
+        for k in h:
+            assert abs(float(fd[k].sum())) > 1e-3
+            assert torch.allclose(got[k], fd[k], rtol=1e-6, atol=1e-9), (est, k, got, fd)
+    # the statistics matter: treating them as constants gives another answer
+    frozen = make(h)
+    frozen._updated_stats = lambda stats, seen: {k: v.detach() for k, v in
+                                                 ModuleProblem._updated_stats(
+                                                     frozen, stats, seen).items()}
+    assert not torch.allclose(frozen.hypergradient(hg.Unrolled()).grad["wd"], fd["wd"],
+                              rtol=1e-3, atol=0)
+
+
+def test_track_in_outer_loop_warm_starts_the_statistics():
+    model = mlp(bn=True)
+    mp = wrap(model, sq, sq, bn_hparams(), data(), data(16, seed=1), hg.SGD(lr=0.2), 3,
+              penalty=layer_wd, buffers="track")
+    loop = OuterLoop(mp.problem, mp.hparams, mp.params, hg.Truncated(window=2),
+                     lambda hp: torch.optim.SGD(hp, lr=0.1))
+    loop.run(2)
+    assert float(loop.params["1.num_batches_tracked"]) == 6  # 2 outer steps x 3 inner
+    assert not torch.allclose(loop.params["1.running_var"], mp.params["1.running_var"])
+    assert int(model[1].num_batches_tracked) == 0
+
+
+def test_track_rejects_what_it_cannot_do():
+    model = mlp(bn=True)
+    mp = wrap(model, mse, mse, bn_hparams(), data(), data(16, seed=1), hg.SGD(lr=0.2), 3,
+              penalty=layer_wd, buffers="track")
+    for est in (IMPLICIT, "fixed_point", "soba"):
+        with pytest.raises(BufferPolicyError, match="track.*Unrolled"):
+            mp.hypergradient(est)
+    with pytest.raises(BufferPolicyError, match="Implicit"):
+        OuterLoop(mp.problem, mp.hparams, mp.params, "implicit")
+    with pytest.raises(BufferPolicyError, match="Implicit"):
+        with mp.inner_loop() as loop:
+            loop.step(data())
+        loop.hypergradient(IMPLICIT)
+    with pytest.raises(BufferPolicyError, match="running statistics"):
+        mp.step({k: v for k, v in mp.params.items() if "running" not in k},
+                {}, mp.hparams, data(), 0)
+    inorm = nn.Sequential(nn.Linear(3, 4), nn.InstanceNorm1d(4, track_running_stats=True))
+    with pytest.raises(BufferPolicyError, match=r"1 \(InstanceNorm1d\)"):
+        wrap(inorm.to(DT), mse, mse, wd_hparams(), data(), data(), buffers="track")
+
+
+# --- recorded user-written loops -----------------------------------------------------------
+
+
+RECORDED = [hg.Unrolled(), hg.Unrolled(recompute=True), hg.Unrolled(mode="forward"),
+            hg.Truncated(window=3), hg.Truncated(window=3, random=True), IMPLICIT]
+
+
+def recorded_setup(dropout: float = 0.0, bn: str | None = None, steps: int = 6):
+    model = mlp(bn=bn is not None, dropout=dropout)
+    h = bn_hparams() if bn else wd_hparams()
+    kw = {"buffers": bn} if bn else {}
+    batches = batches_of(steps)
+    mp = wrap(model, sq, sq, h, iter(batches), data(16, seed=1), hg.SGD(lr=0.2), steps,
+              penalty=layer_wd, **kw)
+    return mp, batches
+
+
+@pytest.mark.parametrize("est", RECORDED, ids=["unrolled", "recompute", "forward",
+                                                 "truncated", "random_window", "implicit"])
+def test_recorded_loop_equals_managed(est):
+    mp, batches = recorded_setup()
+    seen = []
+    with mp.inner_loop() as loop:
+        for batch in batches:
+            params = loop.step(batch)
+            seen.append(float(mp.inner_loss(params, mp.hparams, batch)))  # user code
+    assert loop.steps == len(batches)
+    got = loop.hypergradient(est)
+    ref = mp.hypergradient(est)
+    close(got.grad, ref.grad)
+    close(got.params, ref.params)
+    if not getattr(est, "random", False):  # a random window ends before the last step
+        close(got.params, loop.params, 1e-12)  # the replay reaches what the user saw
+
+
+@pytest.mark.parametrize("setting", [{"dropout": 0.3}, {"bn": "track"}, {"bn": "frozen"}],
+                         ids=["dropout", "track", "frozen"])
+def test_recorded_loop_other_settings(setting):
+    mp, batches = recorded_setup(**setting, steps=4)
+    with mp.inner_loop() as loop:
+        for batch in batches:
+            loop.step(batch)
+    for est in (hg.Unrolled(), hg.Truncated(window=2)):
+        got, ref = loop.hypergradient(est), mp.hypergradient(est)
+        close(got.grad, ref.grad)
+        close(got.params, loop.params, 1e-12)
+
+
+def test_recorded_loop_early_stop_and_outer_data():
+    mp, batches = recorded_setup(steps=12)
+    with mp.inner_loop() as loop:
+        for batch in batches:
+            params = loop.step(batch)
+            if float(mp.inner_loss(params, mp.hparams, batch)) < 0.35:  # data-dependent
+                break
+    n = loop.steps
+    assert 1 < n < len(batches)
+    val = data(12, seed=4)
+    ref = wrap(mlp(), sq, sq, wd_hparams(), iter(batches[:n]), val, hg.SGD(lr=0.2), n,
+               penalty=layer_wd)
+    for est in (hg.Unrolled(), hg.Truncated(window=2), IMPLICIT):
+        got = loop.hypergradient(est, outer_data=val)
+        close(got.grad, ref.hypergradient(est).grad)
+        close(got.params, loop.params, 1e-12)
+
+
+def test_recorded_loop_misuse():
+    mp, batches = recorded_setup(steps=3)
+    with mp.inner_loop() as loop:
+        with pytest.raises(InnerLoopError, match="no recorded step"):
+            loop.hypergradient("unrolled")
+        loop.step(batches[0])
+    with pytest.raises(InnerLoopError, match="after the"):
+        loop.step(batches[1])
+    with pytest.raises(InnerLoopError, match="ended"):
+        with loop:
+            pass
+    h = {k: v.clone() for k, v in mp.hparams.items()}
+    with mp.inner_loop(h) as loop:
+        loop.step(batches[0])
+        h["wd0"] += 0.5
+        with pytest.raises(InnerLoopError, match=r"\['wd0'\] changed"):
+            loop.step(batches[1])
+    with pytest.raises(InnerLoopError, match="changed"):
+        loop.hypergradient("unrolled")
+    with mp.inner_loop() as loop:
+        params = loop.step(batches[0])
+        params["0.weight"].mul_(2)
+        with pytest.raises(InnerLoopError, match="in place"):
+            loop.step(batches[1])
+    with mp.inner_loop() as loop:  # a failing step is not recorded
+        with pytest.raises(BilevelInputError):
+            loop.step({"x": batches[0][0]})
+        assert loop.steps == 0

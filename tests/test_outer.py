@@ -276,3 +276,73 @@ def test_progress_printer(capsys, monkeypatch):
     assert "outer step 10/10" in capsys.readouterr().err
     OuterLoop(problem, r.hparams(), r.params0()).run(1)  # non-TTY: silent by default
     assert capsys.readouterr().err == ""
+
+
+def test_tensorboard_writes_every_metric(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r, problem = _setup(steps=30)
+    loop = OuterLoop(problem, r.hparams(), r.params0(), "implicit",
+                     lambda hp: torch.optim.Adam(hp, lr=0.1), tensorboard=tmp_path / "tb",
+                     evaluate=lambda hp, p: {"val": _val_loss(r, hp["lam"])}, eval_every=2)
+    history = loop.run(3)
+    assert loop._writer is None  # closed at the end of run
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    numeric = {k for h in history for k, v in h.items()
+               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert "outer_loss" in numeric and "eval_val" in numeric
+    assert tags == numeric
+    for k in ("outer_loss", "hypergrad_norm", "lr"):
+        events = acc.Scalars(k)
+        assert [e.step for e in events] == [0, 1, 2]
+        assert [e.value for e in events] == pytest.approx([h[k] for h in history], rel=1e-6)
+    assert [e.step for e in acc.Scalars("eval_val")] == [1]
+
+
+def test_tensorboard_closed_on_exception(tmp_path, monkeypatch):
+    """Runs without the tensorboard package: the writer class is replaced by a recorder."""
+    import bilevel.outer as outer
+
+    calls = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("open", log_dir))
+
+        def add_scalar(self, tag, value, global_step):
+            calls.append((tag, global_step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("close", None))
+
+    class Boom:
+        def on_step(self, step, record):
+            if step == 1:
+                raise RuntimeError("boom")
+
+    monkeypatch.setattr(outer, "summary_writer_class", lambda: Writer)
+    r, problem = _setup(steps=10)
+    loop = OuterLoop(problem, r.hparams(), r.params0(), "unrolled",
+                     tensorboard=tmp_path / "tb", callbacks=[Boom()])
+    with pytest.raises(RuntimeError, match="boom"):
+        loop.run(5)
+    assert calls[0] == ("open", str(tmp_path / "tb")) and calls[-1] == ("close", None)
+    assert ("outer_loss", 0) in calls and ("outer_loss", 1) in calls
+    assert ("inner_steps", 0) in calls and ("step", 0) not in calls
+    assert ("solve_residual", 0) not in calls  # None for unrolled: not a number
+    assert loop._writer is None
+
+
+def test_tensorboard_missing_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    r, problem = _setup(steps=5)
+    with pytest.raises(ImportError, match=r"pip install bilevel\[tensorboard\]"):
+        OuterLoop(problem, r.hparams(), r.params0(), tensorboard="tb")
+    OuterLoop(problem, r.hparams(), r.params0())  # without the option nothing is imported
