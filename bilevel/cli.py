@@ -1,9 +1,11 @@
 """Command-line interface: ``bilevel run CONFIG`` and ``bilevel resume DIR``.
 
-A run tunes the inner learning rate and/or per-layer weight decay of an MLP on a
-scikit-learn dataset by hypergradients (:func:`bilevel.wrap` + :class:`bilevel.OuterLoop`)
-and writes into its output folder: ``config.toml`` (a copy), ``metrics.jsonl`` /
-``metrics.csv``, ``checkpoints/``, ``hparams.pt``, ``summary.json`` and PNG plots.
+A run tunes the inner learning rate and/or per-layer weight decay of an MLP or a ConvNet
+on a scikit-learn dataset or an image dataset (Fashion-MNIST, a folder of IDX files or of
+images, an ``.npz`` file) by hypergradients (:func:`bilevel.wrap` +
+:class:`bilevel.OuterLoop`) and writes into its output folder: ``config.toml`` (a copy),
+``metrics.jsonl`` / ``metrics.csv``, ``checkpoints/``, ``hparams.pt``, ``summary.json`` and
+PNG plots.
 """
 
 from __future__ import annotations
@@ -22,27 +24,76 @@ from torch import nn
 
 import hypergrad as hg
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, ConvNetModelConfig, load_config
+from .data import DataError, load_dataset
 from .module import wrap
+from .nets import ConvNet
 from .outer import OuterLoop
 
 CONFIG_NAME = "config.toml"
 
+Split = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _limit(data: Split, limit: int | None, seed: int) -> Split:
+    """Keep a seeded random subset of at most ``limit`` training examples."""
+    x, y = data["train"]
+    if limit is None or limit >= len(y):
+        return data
+    gen = torch.Generator().manual_seed(seed + 1)
+    keep = torch.randperm(len(y), generator=gen)[:limit].sort().values.to(y.device)
+    return {**data, "train": (x[keep], y[keep])}
+
+
+def _standardize(data: Split, dims: tuple[int, ...]) -> Split:
+    """Standardise with the mean and std of the training inputs over ``dims``."""
+    x = data["train"][0]
+    mu, sd = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
+    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+    return {k: ((v[0] - mu) / sd, v[1]) for k, v in data.items()}
+
 
 def load_data(cfg: Config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The seeded train/val/test split, standardised with training statistics."""
+    """The seeded train/val/test split, standardised with training statistics.
+
+    scikit-learn datasets are split by the fractions ``data.train``/``data.val``; datasets
+    with their own test split keep it and hold out ``data.val`` of their training split
+    (stratified). Inputs are ``(N, features)`` for an MLP and ``(N, C, H, W)`` for a ConvNet.
+    """
+    d = cfg.data
+    kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
+    images = isinstance(cfg.model, ConvNetModelConfig)
+    if d.own_split:
+        try:
+            ds = load_dataset(d.dataset)
+            val = ds.split_validation(d.val, seed=d.seed)
+        except (DataError, ValueError) as exc:
+            raise ConfigError(f"data.dataset: {exc}") from None
+        data = {"train": (val.train_x, val.train_y), "val": (val.test_x, val.test_y),
+                "test": (ds.test_x, ds.test_y)}
+        data = {k: (x.to(**kw), y.to(cfg.device)) for k, (x, y) in data.items()}
+        data = _limit(data, d.limit, d.seed)
+        if d.standardize:
+            data = _standardize(data, (0, 2, 3))
+        if not images:
+            data = {k: (x.flatten(1), y) for k, (x, y) in data.items()}
+        return data
     from sklearn import datasets
 
-    X, y = getattr(datasets, f"load_{cfg.data.dataset}")(return_X_y=True)
-    X = torch.as_tensor(X, dtype=cfg.torch_dtype, device=cfg.device)
+    X, y = getattr(datasets, f"load_{d.dataset}")(return_X_y=True)
+    X = torch.as_tensor(X, **kw)
     y = torch.as_tensor(y, dtype=torch.long, device=cfg.device)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.data.seed))
-    n_tr, n_va = int(cfg.data.train * len(y)), int(cfg.data.val * len(y))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(d.seed))
+    n_tr, n_va = int(d.train * len(y)), int(d.val * len(y))
     idx = {"train": perm[:n_tr], "val": perm[n_tr:n_tr + n_va], "test": perm[n_tr + n_va:]}
-    if cfg.data.standardize:
-        mu, sd = X[idx["train"]].mean(0), X[idx["train"]].std(0)
-        X = (X - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
-    return {k: (X[i], y[i]) for k, i in idx.items()}
+    data = _limit({k: (X[i], y[i]) for k, i in idx.items()}, d.limit, d.seed)
+    if d.standardize:
+        data = _standardize(data, (0,))
+    elif images:
+        data = {k: (x / 16, y) for k, (x, y) in data.items()}  # digits pixels are 0..16
+    if images:  # digits: 64 features are 8x8 pixels
+        data = {k: (x.reshape(-1, 1, 8, 8), y) for k, (x, y) in data.items()}
+    return data
 
 
 def make_mlp(sizes: list[int], seed: int, dtype: torch.dtype, device: str) -> nn.Sequential:
@@ -57,10 +108,27 @@ def make_mlp(sizes: list[int], seed: int, dtype: torch.dtype, device: str) -> nn
     return nn.Sequential(*layers)
 
 
+def make_convnet(in_shape: tuple[int, ...], num_classes: int, width: int, depth: int, norm: str,
+                 seed: int, dtype: torch.dtype, device: str) -> nn.Module:
+    """A :class:`bilevel.nets.ConvNet` initialised under ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            net = ConvNet(in_shape, num_classes, width=width, depth=depth, norm=norm)
+        except ValueError as exc:
+            raise ConfigError(f"model.depth: {exc}") from None
+    return net.to(dtype=dtype, device=device)
+
+
+def predict(model: nn.Module, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``model(x)`` without a graph, in chunks of ``chunk`` examples (bounded memory)."""
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
 def accuracy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
     """Classification accuracy of ``model`` on ``(X, y)``."""
-    with torch.no_grad():
-        return float((model(batch[0]).argmax(1) == batch[1]).float().mean())
+    return float((predict(model, batch[0]).argmax(1) == batch[1]).float().mean())
 
 
 class Run:
@@ -69,13 +137,21 @@ class Run:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.data = load_data(cfg)
-        n_in = self.data["train"][0].shape[1]
         n_out = int(torch.cat([d[1] for d in self.data.values()]).max()) + 1
-        self.sizes = [n_in, *cfg.model.sizes, n_out]
-        self.model = make_mlp(self.sizes, cfg.seed, cfg.torch_dtype, cfg.device)
+        m = cfg.model
+        if isinstance(m, ConvNetModelConfig):
+            shape = tuple(self.data["train"][0].shape[1:])
+            self.model = make_convnet(shape, n_out, m.width, m.depth, m.norm, cfg.seed,
+                                      cfg.torch_dtype, cfg.device)
+        else:
+            self.sizes = [self.data["train"][0].shape[1], *m.sizes, n_out]
+            self.model = make_mlp(self.sizes, cfg.seed, cfg.torch_dtype, cfg.device)
+        # weight decay per layer: the weights of the conv and linear layers
+        weights = [f"{name}.weight" for name, mod in self.model.named_modules()
+                   if isinstance(mod, (nn.Linear, nn.Conv2d))]
         h = cfg.hyperparameters
         kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
-        n_layers = len(self.sizes) - 1
+        n_layers = len(weights)
         self.initial = {"log_lr": torch.tensor(h.lr, **kw).log(),
                         "log_wd": torch.full((n_layers,), h.weight_decay, **kw).log()}
         self.tuned = list(h.tune)
@@ -86,8 +162,6 @@ class Run:
 
         def lr(hp: dict[str, torch.Tensor]) -> torch.Tensor:
             return get(hp, "log_lr").exp()
-
-        weights = [f"{i}.weight" for i, m in enumerate(self.model) if isinstance(m, nn.Linear)]
 
         def penalty(p: dict[str, torch.Tensor], hp: dict[str, torch.Tensor]) -> torch.Tensor:
             wd = get(hp, "log_wd").exp()
@@ -116,8 +190,7 @@ class Run:
     def evaluate(self, hparams: dict[str, torch.Tensor], params: Any) -> dict[str, float]:
         """Validation accuracy and loss of the inner solution ``params``."""
         model = self.mp.export(params)
-        with torch.no_grad():
-            val_loss = float(F.cross_entropy(model(self.data["val"][0]), self.data["val"][1]))
+        val_loss = float(F.cross_entropy(predict(model, self.data["val"][0]), self.data["val"][1]))
         return {"val_acc": accuracy(model, self.data["val"]), "val_loss": val_loss}
 
     def loop(self, out: Path) -> OuterLoop:
@@ -154,9 +227,10 @@ def _plot(history: list[dict[str, Any]], out: Path) -> None:
         plt.close(fig)
 
 
-def _execute(cfg: Config, out: Path, resume: bool, stop_after: int | None) -> dict[str, Any]:
-    start = time.perf_counter()
-    run = Run(cfg)
+def _execute(cfg: Config, out: Path, resume: bool, stop_after: int | None,
+             run: Run | None = None, start: float | None = None) -> dict[str, Any]:
+    start = time.perf_counter() if start is None else start
+    run = Run(cfg) if run is None else run
     out.mkdir(parents=True, exist_ok=True)
     loop = run.loop(out)
     if resume:
@@ -196,18 +270,21 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``bilevel run CONFIG``."""
+    start = time.perf_counter()
     cfg = load_config(args.config)
     out = Path(args.output or cfg.output.dir)
-    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-        if not args.overwrite:
-            raise ConfigError(f"output.dir: {out} already holds a run; use `bilevel resume "
-                              f"{out}` or pass --overwrite")
+    existing = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+    if existing and not args.overwrite:
+        raise ConfigError(f"output.dir: {out} already holds a run; use `bilevel resume "
+                          f"{out}` or pass --overwrite")
+    run = Run(cfg)  # data and model problems surface before the folder is touched
+    if existing:
         for name in ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json"):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.config, out / CONFIG_NAME)
-    _print_summary(_execute(cfg, out, False, args.stop_after))
+    _print_summary(_execute(cfg, out, False, args.stop_after, run, start))
     return 0
 
 

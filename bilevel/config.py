@@ -3,7 +3,8 @@
 Every table is a dataclass; :func:`load_config` (or :func:`parse_config` on a dict) checks
 the whole file before anything runs. An unknown key, a value of the wrong type or a
 missing required field raises :class:`ConfigError` naming the key path (``outer.lr``) and
-the expected type. Example (``examples/configs/digits_mlp.toml``)::
+the expected type. ``[model]`` is one of two tables chosen by its ``kind``; keys of the
+other kind are unknown keys. Example (``examples/configs/digits_mlp.toml``)::
 
     device = "cpu"
     dtype = "float32"
@@ -14,10 +15,12 @@ the expected type. Example (``examples/configs/digits_mlp.toml``)::
     sizes = [64]          # hidden-layer widths; input/output sizes come from the data
 
     [data]
-    dataset = "digits"    # digits | breast_cancer | iris | wine (scikit-learn)
+    dataset = "digits"    # digits | breast_cancer | iris | wine (scikit-learn),
+                          # fashion_mnist, or a path (see below)
     train = 0.5           # fractions; the test part is the rest
     val = 0.25
     seed = 0
+    # limit = 500         # optional: at most this many training examples
 
     [hyperparameters]
     tune = ["log_lr", "log_wd"]   # inner log-learning-rate, per-layer log weight decay
@@ -43,6 +46,31 @@ the expected type. Example (``examples/configs/digits_mlp.toml``)::
 
     [output]
     dir = "runs/digits_mlp"
+
+The ConvNet (:class:`bilevel.nets.ConvNet`, instance norm, no running statistics) instead
+(``examples/configs/digits_convnet.toml``)::
+
+    [model]
+    kind = "convnet"
+    width = 32            # channels of every conv block (default 32)
+    depth = 2             # conv blocks, each halving the image size (default 3)
+    norm = "instance"     # instance | none
+
+It needs images: ``digits`` (viewed as 1x8x8 images), ``fashion_mnist`` or a path; the
+tabular ``breast_cancer``, ``iris`` and ``wine`` are refused (``model.kind``). An MLP
+takes image datasets too (flattened).
+
+``[data] dataset`` is a name above or the path (relative to the working directory) of an
+image dataset read by :func:`bilevel.data.load_dataset`: a folder of IDX files, an image
+folder (``train/<class>/*.png`` and ``test/<class>/*.png``) or an ``.npz`` file. A name
+wins over a folder of the same name (write ``./digits`` for the folder). ``fashion_mnist``
+and paths have their own test split: the test set is that split, ``data.val`` (default 0.1)
+is the stratified fraction of the training split held out for validation (by
+``data.seed``), and ``data.train`` is refused. ``data.standardize`` standardises with
+training statistics: each feature for the scikit-learn datasets (each pixel for
+``digits``), each channel for the others.
+``data.limit`` keeps a seeded random subset of at most that many training examples (the
+inner problem is full-batch: keep it small for image datasets on a CPU).
 """
 
 from __future__ import annotations
@@ -63,7 +91,15 @@ import torch
 
 from hypergrad import ESTIMATORS, make_estimator
 
-DATASETS = ("digits", "breast_cancer", "iris", "wine")
+#: scikit-learn datasets split by fractions; digits is also an image dataset (1x8x8).
+TABULAR_DATASETS = ("digits", "breast_cancer", "iris", "wine")
+#: Named datasets with their own train/test split (from :mod:`bilevel.data`).
+SPLIT_DATASETS = ("fashion_mnist",)
+DATASETS = TABULAR_DATASETS + SPLIT_DATASETS
+#: Image shapes of the named image datasets (paths are checked once loaded).
+IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion_mnist": (1, 28, 28)}
+MODEL_KINDS = ("mlp", "convnet")
+NORMS = ("instance", "none")
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 HPARAMS = ("log_lr", "log_wd")
 DTYPES = ("float32", "float64")
@@ -75,21 +111,50 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """``[model]``: a multilayer perceptron with ReLU activations."""
+    """``[model]`` with ``kind = "mlp"`` (the default): an MLP with ReLU activations."""
 
     sizes: list[int]
     kind: Literal["mlp"] = "mlp"
 
 
+MLPModelConfig = ModelConfig
+
+
+@dataclass
+class ConvNetModelConfig:
+    """``[model]`` with ``kind = "convnet"``: :class:`bilevel.nets.ConvNet` (image data)."""
+
+    kind: Literal["convnet"]
+    width: int = 32
+    depth: int = 3
+    norm: Literal["instance", "none"] = "instance"
+
+
 @dataclass
 class DataConfig:
-    """``[data]``: a scikit-learn dataset, standardised, split train/val/test by ``seed``."""
+    """``[data]``: a dataset, standardised, split train/val/test by ``seed``.
 
-    dataset: Literal["digits", "breast_cancer", "iris", "wine"]
-    train: float = 0.5
-    val: float = 0.25
+    ``train`` and ``val`` are filled in by :func:`parse_config` when omitted: 0.5 and 0.25
+    of the whole for the scikit-learn datasets; for datasets with their own test split
+    ``train`` stays ``None`` and ``val`` (default 0.1) is a fraction of the training split.
+    """
+
+    dataset: str
+    train: float | None = None
+    val: float | None = None
     seed: int = 0
     standardize: bool = True
+    limit: int | None = None
+
+    @property
+    def own_split(self) -> bool:
+        """Whether the dataset brings its own test split (``fashion_mnist`` or a path)."""
+        return self.dataset not in TABULAR_DATASETS
+
+    @property
+    def images(self) -> bool:
+        """Whether the dataset can be read as images (everything but breast_cancer/iris/wine)."""
+        return self.dataset == "digits" or self.own_split
 
 
 @dataclass
@@ -142,7 +207,7 @@ class OutputConfig:
 class Config:
     """A whole run."""
 
-    model: ModelConfig
+    model: ModelConfig | ConvNetModelConfig
     data: DataConfig
     hyperparameters: HyperparametersConfig
     inner: InnerConfig
@@ -165,6 +230,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if all(dataclasses.is_dataclass(a) for a in args):
+            return "table"
         return " or ".join(_type_name(a) for a in args) + " (or omitted)"
     if origin is list:
         return f"array of {_type_name(typing.get_args(tp)[0])}"
@@ -190,6 +257,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return _build(tp, value, path)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) > 1 and all(dataclasses.is_dataclass(a) for a in inner):
+            return _convert_kind(value, inner, path)
         return _convert(value, inner[0], path)
     if origin is Literal:
         if value not in typing.get_args(tp) or isinstance(value, bool):
@@ -217,14 +286,32 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} at {path}")  # pragma: no cover
 
 
-def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+def _kinds(cls: type) -> tuple[Any, ...]:
+    """The values of the ``kind`` literal of a table dataclass."""
+    return typing.get_args(typing.get_type_hints(cls)["kind"])
+
+
+def _convert_kind(value: Any, options: list[type], path: str) -> Any:
+    """A table that is one of several dataclasses, chosen by its ``kind`` (default: the first)."""
+    if not isinstance(value, dict):
+        raise _fail(path, options[0], value)
+    kind = value.get("kind", _kinds(options[0])[0])
+    for cls in options:
+        if kind in _kinds(cls) and not isinstance(kind, bool):
+            return _build(cls, value, path, f" for kind = {kind!r}")
+    allowed = [k for cls in options for k in _kinds(cls)]
+    raise ConfigError(f"{path}.kind: expected one of {', '.join(map(repr, allowed))}, got "
+                      f"{type(kind).__name__} {kind!r}")
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, context: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     where = f"{prefix}." if prefix else ""
     for key in table:
         if key not in fields:
             raise ConfigError(f"{where}{key}: unknown key (allowed in "
-                              f"{'[' + prefix + ']' if prefix else 'the top level'}: "
+                              f"{'[' + prefix + ']' if prefix else 'the top level'}{context}: "
                               f"{', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
@@ -246,15 +333,57 @@ def _positive(path: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{path}: expected a {kind} number, got {value!r}")
 
 
+def _check_data(d: DataConfig) -> None:
+    """Check ``[data]`` and fill in the defaults of ``train`` and ``val``."""
+    if d.own_split:
+        if not Path(d.dataset).exists() and d.dataset not in SPLIT_DATASETS:
+            names = ", ".join(repr(n) for n in DATASETS)
+            raise ConfigError(f"data.dataset: expected one of {names} or the path of an image "
+                              f"dataset (an IDX folder, an image folder with train/ and test/, "
+                              f"or an .npz file), got {d.dataset!r} (no such file or folder)")
+        if d.train is not None:
+            raise ConfigError(f"data.train: not used with {d.dataset!r}, which has its own "
+                              f"test split; data.val is the fraction of its training split "
+                              f"held out for validation (data.limit caps the training set)")
+        if d.val is None:
+            d.val = 0.1
+        if not 0 < d.val < 1:
+            raise ConfigError(f"data.val: expected a fraction in (0, 1) of the training split, "
+                              f"got {d.val!r}")
+    else:
+        d.train = 0.5 if d.train is None else d.train
+        d.val = 0.25 if d.val is None else d.val
+        if not (0 < d.train < 1 and 0 < d.val < 1 and d.train + d.val < 1):
+            raise ConfigError(f"data.train, data.val: expected fractions in (0, 1) with "
+                              f"train + val < 1 (test is the rest), got {d.train!r}, {d.val!r}")
+    if d.limit is not None:
+        _positive("data.limit", d.limit)
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    if isinstance(m, ModelConfig):
+        if not m.sizes or any(s < 1 for s in m.sizes):
+            raise ConfigError(f"model.sizes: expected a non-empty array of positive integers, "
+                              f"got {m.sizes!r}")
+        return
+    if not cfg.data.images:
+        raise ConfigError(f"model.kind: 'convnet' needs image data (digits, fashion_mnist or "
+                          f"the path of an image dataset), but data.dataset = "
+                          f"{cfg.data.dataset!r} is tabular; use kind = 'mlp'")
+    _positive("model.width", m.width)
+    _positive("model.depth", m.depth)
+    shape = IMAGE_SHAPES.get(cfg.data.dataset)
+    if shape is not None and min(shape[1:]) < 2 ** m.depth:
+        raise ConfigError(f"model.depth: {cfg.data.dataset} images are {shape[1]}x{shape[2]}, "
+                          f"too small for depth {m.depth} (each block halves the size; at most "
+                          f"{min(shape[1:]).bit_length() - 1})")
+
+
 def _check_values(cfg: Config) -> None:
     """Range and registry checks beyond the types."""
-    if not cfg.model.sizes or any(s < 1 for s in cfg.model.sizes):
-        raise ConfigError(f"model.sizes: expected a non-empty array of positive integers, got "
-                          f"{cfg.model.sizes!r}")
-    d = cfg.data
-    if not (0 < d.train < 1 and 0 < d.val < 1 and d.train + d.val < 1):
-        raise ConfigError(f"data.train, data.val: expected fractions in (0, 1) with "
-                          f"train + val < 1 (test is the rest), got {d.train!r}, {d.val!r}")
+    _check_data(cfg.data)
+    _check_model(cfg)
     h = cfg.hyperparameters
     if len(set(h.tune)) != len(h.tune) or not h.tune:
         raise ConfigError(f"hyperparameters.tune: expected a non-empty array of distinct "
@@ -307,6 +436,6 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data)
 
 
-__all__ = ["Config", "ConfigError", "DataConfig", "EstimatorConfig", "HyperparametersConfig",
-           "InnerConfig", "ModelConfig", "OuterConfig", "OutputConfig", "load_config",
-           "parse_config"]
+__all__ = ["Config", "ConfigError", "ConvNetModelConfig", "DataConfig", "EstimatorConfig",
+           "HyperparametersConfig", "InnerConfig", "MLPModelConfig", "ModelConfig",
+           "OuterConfig", "OutputConfig", "load_config", "parse_config"]

@@ -5,9 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from bilevel.cli import main
+from bilevel.config import ConvNetModelConfig, ModelConfig, load_config
+from bilevel.data import FASHION_MNIST_ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +72,13 @@ def test_help(capsys: pytest.CaptureFixture) -> None:
     ('dataset = "iris"', 'dataset = "mnist"', "data.dataset: expected one of"),
     ("lr = 0.05\n", "", "outer.lr: missing required field (expected float)"),
     ('name = "truncated"', 'name = "magic"', "estimator.name: expected one of"),
+    ("sizes = [8]", "sizes = [8]\nwidth = 4", "model.width: unknown key (allowed in [model] "
+     "for kind = 'mlp': sizes, kind)"),
+    ("sizes = [8]", 'kind = "resnet"', "model.kind: expected one of 'mlp', 'convnet', got str"),
+    ("sizes = [8]", 'kind = "convnet"', "model.kind: 'convnet' needs image data"),
+    ('dataset = "iris"', 'dataset = "iris"\nlimit = 0', "data.limit: expected a positive"),
+    ('dataset = "iris"', 'dataset = "iris"\nlimit = 2.5',
+     "data.limit: expected integer, got float"),
 ])
 def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture, old: str, new: str,
                             expected: str) -> None:
@@ -127,3 +138,115 @@ def test_mlp_example_runs() -> None:
     assert r.returncode == 0, r.stderr
     assert "untuned" in r.stdout and "tuned (hypergradients)" in r.stdout
     assert "test acc" in r.stdout
+
+
+CONVNET = 'kind = "convnet"\nwidth = 4\ndepth = 1'
+
+
+@pytest.mark.parametrize("model, data, expected", [
+    (CONVNET + "\nsizes = [8]", "", "model.sizes: unknown key (allowed in [model] for kind = "
+     "'convnet': kind, width, depth, norm)"),
+    (CONVNET + '\nnorm = "batch"', "", "model.norm: expected one of 'instance', 'none'"),
+    (CONVNET.replace("width = 4", "width = 0"), "", "model.width: expected a positive"),
+    (CONVNET.replace("depth = 1", "depth = 4"), "", "model.depth: digits images are 8x8, too "
+     "small for depth 4 (each block halves the size; at most 3)"),
+    (CONVNET, "\ntrain = 0.5", "data.train: not used with"),
+    (CONVNET, "\nval = 1.0", "data.val: expected a fraction in (0, 1)"),
+])
+def test_bad_convnet_config(tmp_path: Path, capsys: pytest.CaptureFixture, model: str,
+                            data: str, expected: str) -> None:
+    """ConvNet keys, and image datasets with their own split (a folder here)."""
+    out = tmp_path / "out"
+    text = TINY.format(steps=3, out=out.as_posix()).replace("sizes = [8]", model)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    dataset = "digits" if "depth = 4" in model or not data else folder.as_posix()
+    text = text.replace('dataset = "iris"', f'dataset = "{dataset}"{data}')
+    assert main(["run", str(write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_bad_dataset_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A path that exists but is no dataset: a data error at run time, before any output."""
+    out = tmp_path / "out"
+    (tmp_path / "imgs" / "train").mkdir(parents=True)
+    text = TINY.format(steps=3, out=out.as_posix()).replace(
+        'dataset = "iris"', f'dataset = "{(tmp_path / "imgs").as_posix()}"')
+    assert main(["run", str(write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    assert "data.dataset: " in err and "not an image folder with train/ and test/" in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(Path(FASHION_MNIST_ROOT).exists(), reason="Fashion-MNIST is installed")
+def test_fashion_mnist_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    text = TINY.format(steps=1, out=out.as_posix()).replace('"iris"', '"fashion_mnist"')
+    assert main(["run", str(write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    assert "data.dataset: Fashion-MNIST not found" in err and "dataset-fashion-mnist" in err
+    assert not out.exists()
+
+
+def test_example_configs_parse() -> None:
+    mlp = load_config(ROOT / "examples" / "configs" / "digits_mlp.toml")
+    assert isinstance(mlp.model, ModelConfig) and mlp.model.sizes == [64]
+    assert (mlp.data.train, mlp.data.val, mlp.data.limit) == (0.5, 0.25, None)
+    conv = load_config(ROOT / "examples" / "configs" / "digits_convnet.toml")
+    assert isinstance(conv.model, ConvNetModelConfig) and conv.model.norm == "instance"
+
+
+@pytest.fixture
+def one_thread():
+    """A single intra-op thread: small convolutions on a busy shared CPU run much faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_digits_convnet_example(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                one_thread: None) -> None:
+    text = (ROOT / "examples" / "configs" / "digits_convnet.toml").read_text()
+    out = tmp_path / "out"
+    for old, new in [("steps = 10\n", "steps = 2\n"), ('dir = "runs/digits_convnet"',
+                                                      f'dir = "{out.as_posix()}"')]:
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+    assert main(["run", str(write(tmp_path, text))]) == 0
+    assert "tuned" in capsys.readouterr().out
+    for name in ("config.toml", "metrics.jsonl", "metrics.csv", "hparams.pt", "summary.json",
+                 "outer_loss.png", "val_accuracy.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["complete"]
+    assert 0 <= summary["test_acc"] <= 1 and summary["val_acc"] > 0.2  # 10 classes
+    assert len(summary["hparams"]["log_wd"]) == 3  # two conv layers and the classifier
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and all(r["hypergrad_norm"] > 0 for r in rows)
+
+
+def test_image_folder_run(tmp_path: Path, one_thread: None) -> None:
+    """A ConvNet and an MLP on a folder of PNGs: its test split is the test set."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for label, cls in enumerate(("a", "b")):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 100, (4, 4)) + 150 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(
+                    tmp_path / "imgs" / split / cls / f"{i}.png")
+    for model in (CONVNET, "sizes = [4]"):
+        out = tmp_path / "out"
+        text = TINY.format(steps=1, out=out.as_posix()).replace("sizes = [8]", model).replace(
+            'dataset = "iris"', f'dataset = "{(tmp_path / "imgs").as_posix()}"\nval = 0.34\n'
+            "limit = 3")
+        assert main(["run", str(write(tmp_path, text)), "--overwrite"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == 1 and 0 <= summary["test_acc"] <= 1
+        # test accuracy is over the 4 test images
+        assert summary["test_acc"] * 4 == pytest.approx(round(summary["test_acc"] * 4))

@@ -19,6 +19,7 @@ from bilevel.data import (
     load_digits,
     load_fashion_mnist,
     load_idx_dataset,
+    load_image_folder,
     read_idx,
 )
 
@@ -338,3 +339,107 @@ def test_load_arrays_pixel_max() -> None:
     arrays["test_x"] = (arrays["test_x"] * 1000).astype(np.int32)
     ds = load_arrays(**arrays, pixel_max=1000)
     assert float(ds.train_x.max()) <= 1.0 and ds.train_x.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- image folders
+
+
+def write_png(path: Path, arr: np.ndarray, fmt: str = "PNG") -> Path:
+    """Write a ``uint8`` ``(H, W)`` (grayscale) or ``(H, W, 3)`` (RGB) array as an image."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+def write_image_folder(root: Path, rgb: bool = False, size: tuple[int, int] = (6, 5),
+                       counts: tuple[int, int] = (3, 2)) -> dict[str, list[np.ndarray]]:
+    """``root/{train,test}/{cat,dog}/NN.png`` with random pixels; the arrays per split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shape = (*size, 3) if rgb else size
+    written: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    for split, n in zip(("train", "test"), counts, strict=True):
+        for cls in ("dog", "cat"):  # labels come from the sorted names: cat 0, dog 1
+            for i in range(n):
+                arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+                write_png(root / split / cls / f"{i:02d}.png", arr)
+    for split in written:
+        for cls in ("cat", "dog"):
+            for f in sorted((root / split / cls).iterdir()):
+                with Image.open(f) as img:
+                    written[split].append(np.asarray(img))
+    return written
+
+
+def test_load_image_folder_grayscale(tmp_path: Path) -> None:
+    arrays = write_image_folder(tmp_path / "pets")
+    ds = load_image_folder(tmp_path / "pets")
+    assert ds.name == "pets" and ds.num_classes == 2
+    assert ds.train_x.shape == (6, 1, 6, 5) and ds.test_x.shape == (4, 1, 6, 5)
+    assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
+    assert ds.train_y.tolist() == [0, 0, 0, 1, 1, 1] and ds.test_y.tolist() == [0, 0, 1, 1]
+    np.testing.assert_allclose(ds.train_x[:, 0].numpy(), np.stack(arrays["train"]) / 255.0,
+                               rtol=0, atol=1e-7)
+    via = load_dataset(tmp_path / "pets")  # a directory with train/ and test/
+    assert torch.equal(via.test_x, ds.test_x)
+    rgb = load_image_folder(tmp_path / "pets", grayscale=False)
+    assert rgb.train_x.shape == (6, 3, 6, 5)
+    assert torch.equal(rgb.train_x[:, 2], ds.train_x[:, 0])
+    assert load_image_folder(tmp_path / "pets", num_classes=2).num_classes == 2
+
+
+def test_load_image_folder_rgb_and_jpeg(tmp_path: Path) -> None:
+    arrays = write_image_folder(tmp_path / "c", rgb=True, counts=(2, 1))
+    ds = load_dataset(tmp_path / "c")
+    assert ds.train_x.shape == (4, 3, 6, 5)
+    np.testing.assert_allclose(ds.train_x.permute(0, 2, 3, 1).numpy(),
+                               np.stack(arrays["train"]) / 255.0, rtol=0, atol=1e-7)
+    gray = load_image_folder(tmp_path / "c", grayscale=True)
+    assert gray.train_x.shape == (4, 1, 6, 5)
+    assert 0.0 <= float(gray.train_x.min()) and float(gray.train_x.max()) <= 1.0
+    # a JPEG next to the PNGs, and a grayscale image among colour ones: RGB for all
+    write_png(tmp_path / "c" / "test" / "dog" / "x.JPG", np.full((6, 5), 128, np.uint8), "JPEG")
+    mixed = load_image_folder(tmp_path / "c")
+    assert mixed.test_x.shape == (3, 3, 6, 5)
+    torch.testing.assert_close(mixed.test_x[-1], torch.full((3, 6, 5), 128 / 255), atol=0.02,
+                               rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda r: write_png(r / "train" / "cat" / "big.png", np.zeros((7, 5), np.uint8)),
+         r"big\.png: image is 5x7 pixels but .* is 5x6"),
+        (lambda r: (r / "test" / "dog" / "bad.png").write_bytes(b"not a png"),
+         r"bad\.png: cannot read image"),
+        (lambda r: write_png(r / "test" / "bird" / "0.png", np.zeros((6, 5), np.uint8)),
+         r"different class folders .*only in test: \['bird'\]"),
+        (lambda r: (r / "train" / "dog" / "notes.txt").write_text("x"),
+         r"notes\.txt: not an image file"),
+        (lambda r: (r / "train" / "fish").mkdir(), r"fish: class folder holds no images"),
+        (lambda r: (r / "train" / "readme.md").write_text("x"),
+         r"readme\.md: expected only class folders"),
+    ],
+    ids=["size", "unreadable", "classes", "stray-file", "empty-class", "stray-top"],
+)
+def test_load_image_folder_errors(tmp_path: Path, damage, message: str) -> None:
+    write_image_folder(tmp_path, counts=(1, 1))
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"\0")  # hidden files are skipped
+    load_image_folder(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(DataError, match=message):
+        load_image_folder(tmp_path)
+
+
+def test_load_image_folder_layout_errors(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "a", counts=(1, 1))
+    with pytest.raises(DataError, match="num_classes=3 but there are 2 class folders"):
+        load_image_folder(tmp_path / "a", num_classes=3)
+    (tmp_path / "b" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="no test/ folder"):
+        load_image_folder(tmp_path / "b")
+    with pytest.raises(DataError, match="lacks the IDX file"):  # not an image folder either
+        load_dataset(tmp_path / "b")
