@@ -58,7 +58,7 @@ class MLP(nn.Module):
         c, h, w = _shape(in_shape)
         sizes = [c * h * w, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], num_classes))
         self.net = nn.Sequential(*layers)

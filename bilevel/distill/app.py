@@ -1,0 +1,117 @@
+"""``bilevel distill``: distil a dataset from the command line and write the output folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import DataError, load_dataset
+from .augment import Augment
+from .core import DISTILL_ESTIMATORS, DistillConfig, Distiller
+from .report import protocol, write_outputs
+
+#: per-dataset defaults (command-line options override them)
+PRESETS: dict[str, dict] = {
+    "digits": {"net": "mlp"},
+    "fashion_mnist": {"net": "convnet", "width": 128, "inner_lr": 0.03, "outer_batch": 256},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``bilevel distill`` (and of ``examples/distill.py``)."""
+    d = DistillConfig()
+    a = p.add_argument
+    a("--dataset", default="digits", help="digits | fashion_mnist | a folder of IDX files, an "
+      "image folder (train/, test/) or an .npz file (default: digits)")
+    a("--ipc", type=int, default=d.ipc, help="synthetic images per class (default: %(default)s)")
+    a("--net", choices=["mlp", "convnet"], help="network (default: mlp on digits, convnet "
+      "otherwise)")
+    a("--width", type=int, help="ConvNet channels (default 128)")
+    a("--depth", type=int, help="ConvNet blocks (default: 3, or 2 for 8x8 images)")
+    a("--hidden", type=int, nargs="+", help="MLP hidden widths (default: 128)")
+    a("--estimator", choices=DISTILL_ESTIMATORS, default=d.estimator,
+      help="hypergradient estimator (default: %(default)s)")
+    a("--window", type=int, help="window of truncated / random_window (default: half the "
+      "inner steps)")
+    a("--inner-steps", type=int, default=d.inner_steps, help="default: %(default)s")
+    a("--inner-lr", type=float, help=f"initial inner learning rate (default {d.inner_lr})")
+    a("--inner-optimizer", choices=["sgd", "momentum", "adam"], default=d.inner_optimizer)
+    a("--fixed-lr", action="store_true", help="do not learn the inner learning rate")
+    a("--hard-labels", action="store_true", help="do not learn soft labels")
+    a("--init", choices=["real", "noise"], default=d.init, help="initial synthetic images")
+    a("--shift", type=int, default=0, help="augmentation: random shifts of up to N pixels")
+    a("--flip", action="store_true", help="augmentation: random horizontal flips")
+    a("--outer-steps", type=int, default=d.outer_steps, help="default: %(default)s")
+    a("--outer-batch", type=int, help=f"real images per outer loss (default {d.outer_batch})")
+    a("--image-lr", type=float, default=d.image_lr, help="Adam lr of the images")
+    a("--eval-every", type=int, default=0, help="evaluate every N outer steps (0: at the end)")
+    a("--eval-nets", type=int, default=5, help="fresh networks per evaluation (default 5)")
+    a("--seed", type=int, default=0)
+    a("--device", default="cpu", help="cpu | cuda | cuda:N")
+    a("--threads", type=int, help="torch CPU threads")
+    a("--out", default="runs/distill", help="output folder (default: %(default)s)")
+    a("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def config_from_args(args: argparse.Namespace, dataset: str) -> DistillConfig:
+    """A :class:`DistillConfig` from parsed options on top of the dataset's preset."""
+    key = dataset.replace("-", "_")
+    kw: dict = dict(PRESETS.get(key, {"net": "convnet"}))
+    for opt, field_ in [("net", "net"), ("width", "width"), ("depth", "depth"),
+                        ("inner_lr", "inner_lr"), ("outer_batch", "outer_batch")]:
+        if getattr(args, opt) is not None:
+            kw[field_] = getattr(args, opt)
+    if args.hidden:
+        kw["hidden"] = tuple(args.hidden)
+    settings = {"window": args.window} if args.window is not None else {}
+    return DistillConfig(
+        **kw, ipc=args.ipc, estimator=args.estimator, estimator_settings=settings,
+        inner_steps=args.inner_steps, inner_optimizer=args.inner_optimizer,
+        learn_lr=not args.fixed_lr, learn_labels=not args.hard_labels, init=args.init,
+        augment=Augment(shift=args.shift, flip=args.flip), outer_steps=args.outer_steps,
+        image_lr=args.image_lr, eval_every=args.eval_every, eval_nets=args.eval_nets,
+        seed=args.seed, device=args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Distil, evaluate by the protocol, write the output folder, print the table."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        data = load_dataset(args.dataset)
+        cfg = config_from_args(args, str(args.dataset))
+        distiller = Distiller(data, cfg)
+    except (DataError, ValueError, TypeError) as exc:
+        print(f"bilevel distill: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"distilling {data.name} ({len(data.train_y)} training images, {data.num_classes} "
+          f"classes) into {cfg.ipc} per class: {cfg.net}, {cfg.estimator}, "
+          f"{cfg.inner_steps} inner x {cfg.outer_steps} outer steps", flush=True)
+    start = time.perf_counter()
+    distiller.run(progress=False if args.no_progress else None)
+    report = protocol(distiller, n_nets=args.eval_nets, seed=args.seed)
+    paths = write_outputs(args.out, distiller, report)
+    total = time.perf_counter() - start
+    print()
+    print(report.table(cfg.ipc))
+    print(f"\ndistillation {distiller.seconds:.0f} s, with evaluation {total:.0f} s; learned "
+          f"inner lr {distiller.distilled.lr:.3g}")
+    print(f"images: {paths['images']}\ncurves: {paths['curves']}\nsummary: {paths['summary']}"
+          f"\ntensors: {paths['distilled']}  (bilevel.distill.load_distilled)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bilevel distill", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def summary_of(out: str | Path) -> dict:
+    """Read ``summary.json`` of a finished run."""
+    return json.loads((Path(out) / "summary.json").read_text())

@@ -1,0 +1,448 @@
+"""Dataset distillation by hypergradients.
+
+Outer variables λ: synthetic images X (IPC per class), optionally soft-label logits L and
+the log inner learning rate. Inner problem: train a freshly initialised network on
+(aug(X), softmax(L)) for T steps of a differentiable optimizer; outer loss: cross-entropy
+of the trained network on a batch of real training images::
+
+    min_λ CE(net(w_T(λ); x_real), y_real)
+    w_{t+1} = w_t − η ∇_w CE(net(w_t; aug_t(X)), softmax(L))
+
+with w_0 drawn afresh every outer step. Any :mod:`hypergrad` estimator differentiates the
+inner training (unrolled, recompute, truncated, random-window, implicit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import hypergrad as hg
+
+from ..data import ImageDataset
+from ..nets import NETS, make_net
+from .augment import Augment
+from .evaluate import EvalResult, Recipe, evaluate, init_networks, random_subset, soft_cross_entropy
+
+#: estimator names accepted by :class:`DistillConfig` (keys of ``hypergrad.ESTIMATORS``)
+DISTILL_ESTIMATORS = ("unrolled", "recompute", "truncated", "random_window", "implicit")
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of a distillation run (defaults: a quick digits run on CPU).
+
+    Args:
+        ipc: synthetic images per class.
+        net / width / depth / norm / hidden: the network (:func:`bilevel.nets.make_net`);
+            ``depth=None`` picks 3 blocks for images of 28 pixels or more, fewer for
+            smaller ones (2 for 8×8 digits) so the last block still sees 2×2 maps.
+        init: ``"real"`` (random real images of each class) or ``"noise"`` (N(0, 1) in
+            normalised pixel space).
+        learn_labels: learn soft labels (logits, initialised to ``label_scale``·one-hot).
+        learn_lr: learn the inner learning rate (as its logarithm).
+        inner_lr / inner_optimizer / inner_momentum / inner_steps: the inner training
+            recipe, also used to evaluate the distilled set.
+        estimator / estimator_settings: a name of :data:`DISTILL_ESTIMATORS` and keyword
+            settings (e.g. ``{"window": 10}`` for truncated).
+        outer_steps / outer_batch: outer iterations; real images per outer loss.
+        image_lr / label_lr / lr_lr: Adam step sizes of images, label logits, log-lr.
+        max_lr: upper bound on the learned inner learning rate (a projection after each
+            step; without it the rate tends to grow until the inner run diverges).
+        clip_norm: clip each hypergradient to this 2-norm (``None``: no clipping).
+        augment: differentiable augmentation used in inner training and evaluation.
+        eval_every / eval_nets: evaluate every k outer steps (0: never during the run) with
+            this many fresh networks.
+        seed: seeds the initial images, every network initialisation, every outer batch
+            and augmentation draw.
+        device / dtype: where and in which precision everything runs.
+    """
+
+    ipc: int = 10
+    net: str = "mlp"
+    width: int = 128
+    depth: int | None = None
+    norm: str = "instance"
+    hidden: tuple[int, ...] = (128,)
+    init: str = "real"
+    learn_labels: bool = True
+    learn_lr: bool = True
+    label_scale: float = 3.0
+    inner_lr: float = 0.1
+    inner_optimizer: str = "sgd"
+    inner_momentum: float = 0.9
+    inner_steps: int = 30
+    estimator: str = "unrolled"
+    estimator_settings: dict[str, Any] = field(default_factory=dict)
+    outer_steps: int = 400
+    outer_batch: int = 256
+    image_lr: float = 0.05
+    label_lr: float = 0.05
+    lr_lr: float = 0.03
+    max_lr: float | None = 1.0
+    clip_norm: float | None = None
+    augment: Augment = field(default_factory=Augment)
+    eval_every: int = 0
+    eval_nets: int = 5
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"DistillConfig.{what}")
+
+        need(isinstance(self.ipc, int) and self.ipc >= 1,
+             f"ipc must be an int >= 1, got {self.ipc!r}")
+        need(self.net in NETS, f"net must be one of {NETS}, got {self.net!r}")
+        need(self.init in ("real", "noise"), f"init must be 'real' or 'noise', got {self.init!r}")
+        need(self.inner_optimizer in INNER_OPTIMIZERS,
+             f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {self.inner_optimizer!r}")
+        need(self.estimator in DISTILL_ESTIMATORS,
+             f"estimator must be one of {DISTILL_ESTIMATORS}, got {self.estimator!r}")
+        need(isinstance(self.inner_steps, int) and self.inner_steps >= 1,
+             f"inner_steps must be an int >= 1, got {self.inner_steps!r}")
+        need(isinstance(self.outer_steps, int) and self.outer_steps >= 0,
+             f"outer_steps must be an int >= 0, got {self.outer_steps!r}")
+        need(isinstance(self.outer_batch, int) and self.outer_batch >= 1,
+             f"outer_batch must be an int >= 1, got {self.outer_batch!r}")
+        for name in ("inner_lr", "image_lr", "label_lr", "lr_lr", "label_scale"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
+                 f"{name} must be a positive finite number, got {v!r}")
+        need(self.max_lr is None or (math.isfinite(self.max_lr) and self.max_lr > 0),
+             f"max_lr must be positive or None, got {self.max_lr!r}")
+        need(self.clip_norm is None or self.clip_norm > 0,
+             f"clip_norm must be positive or None, got {self.clip_norm!r}")
+        need(self.eval_every >= 0 and self.eval_nets >= 1,
+             f"eval_every must be >= 0 and eval_nets >= 1, got {self.eval_every}, {self.eval_nets}")
+        need(self.dtype in ("float32", "float64"), f"dtype must be 'float32' or 'float64', "
+                                                   f"got {self.dtype!r}")
+        need(isinstance(self.augment, Augment), f"augment must be an Augment, got "
+                                                f"{type(self.augment).__name__}")
+        hg.make_estimator(self.estimator, **self.estimator_settings)  # checks the settings
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["augment"] = {"shift": self.augment.shift, "flip": self.augment.flip}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"DistillConfig: unknown settings {unknown}")
+        d = dict(d)
+        if "hidden" in d:
+            d["hidden"] = tuple(d["hidden"])
+        if isinstance(d.get("augment"), dict):
+            d["augment"] = Augment(**d["augment"])
+        return cls(**d)
+
+    def net_factory(self, in_shape: tuple[int, int, int],
+                    num_classes: int) -> Callable[[], nn.Module]:
+        """A function building one (randomly initialised) network of this config."""
+        depth = self.depth or max(1, min(3, int(math.log2(min(in_shape[1:]))) - 1))
+
+        def build() -> nn.Module:
+            return make_net(self.net, in_shape, num_classes, width=self.width,
+                            depth=depth, norm=self.norm, hidden=self.hidden)
+        return build
+
+    def eval_recipe(self, lr: float) -> Recipe:
+        """The inner training recipe (full batch) at learning rate ``lr``."""
+        return Recipe(steps=self.inner_steps, lr=lr, optimizer=self.inner_optimizer,
+                      momentum=self.inner_momentum, augment=self.augment)
+
+
+@dataclass
+class DistilledSet:
+    """A distilled training set.
+
+    ``images`` live in normalised pixel space ((x − mean)/std of the real training set);
+    ``labels`` are probability rows (``(n, K)``); ``lr`` is the (learned) inner learning
+    rate; ``config`` the :class:`DistillConfig` as a dict; ``meta`` free-form facts
+    (dataset name, outer steps done, ...).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    lr: float
+    mean: torch.Tensor
+    std: torch.Tensor
+    num_classes: int
+    config: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ipc(self) -> int:
+        return self.images.shape[0] // self.num_classes
+
+    @property
+    def hard_labels(self) -> torch.Tensor:
+        return self.labels.argmax(-1)
+
+    def pixels(self) -> torch.Tensor:
+        """The images back in ``[0, 1]`` pixel space (clipped), for viewing."""
+        m = self.mean.view(1, -1, 1, 1).to(self.images)
+        s = self.std.view(1, -1, 1, 1).to(self.images)
+        return (self.images * s + m).clamp(0, 1)
+
+    def save(self, path: str | Path) -> Path:
+        """Write to ``path`` (a ``.pt`` file, written atomically); :meth:`load` reads it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
+                "lr": torch.tensor(float(self.lr), dtype=torch.float64),
+                "mean": self.mean.detach().cpu(), "std": self.std.detach().cpu(),
+                "num_classes": torch.tensor(self.num_classes),
+                "json": json.dumps({"config": self.config, "meta": self.meta})}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(blob, tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DistilledSet:
+        """Read a set written by :meth:`save` (tensors only; no code is unpickled)."""
+        blob = torch.load(Path(path), map_location=device, weights_only=True)
+        extra = json.loads(blob["json"])
+        return cls(images=blob["images"], labels=blob["labels"], lr=float(blob["lr"]),
+                   mean=blob["mean"], std=blob["std"], num_classes=int(blob["num_classes"]),
+                   config=extra["config"], meta=extra["meta"])
+
+
+class Distiller:
+    """Distil ``data.train_*`` into ``config.ipc`` images per class.
+
+    Call :meth:`step` for one outer step or :meth:`run` for ``config.outer_steps``; the
+    result is :attr:`distilled`. ``eval_data`` (normally the test split) is used for the
+    accuracy curve when ``config.eval_every > 0``.
+    """
+
+    def __init__(self, data: ImageDataset, config: DistillConfig = DistillConfig()) -> None:
+        self.config = cfg = config
+        self.data = data
+        self.device = torch.device(cfg.device)
+        dtype = cfg.torch_dtype
+        x = data.train_x.to(self.device, dtype)
+        dims = (0, 2, 3)
+        self.mean = x.mean(dims)
+        self.std = x.std(dims).clamp_min(1e-6)
+        self.train_x = self._normalise(x)
+        self.train_y = data.train_y.to(self.device)
+        self.test_x = self._normalise(data.test_x.to(self.device, dtype))
+        self.test_y = data.test_y.to(self.device)
+        self.num_classes = k = data.num_classes
+        self.make_net = cfg.net_factory(data.image_shape, k)
+        self.make_net()  # fail early on a net that does not fit the images
+
+        gen = torch.Generator().manual_seed(cfg.seed)
+        if cfg.init == "real":
+            images, _ = random_subset(self.train_x, self.train_y, cfg.ipc, k, seed=cfg.seed)
+        else:
+            images = torch.randn((k * cfg.ipc, *data.image_shape), generator=gen).to(
+                self.device, dtype)
+        self.classes = torch.arange(k, device=self.device).repeat_interleave(cfg.ipc)
+        self.hparams: dict[str, torch.Tensor] = {"images": images.clone().requires_grad_()}
+        groups = [{"params": [self.hparams["images"]], "lr": cfg.image_lr}]
+        if cfg.learn_labels:
+            logits = cfg.label_scale * F.one_hot(self.classes, k).to(dtype)
+            self.hparams["labels"] = logits.requires_grad_()
+            groups.append({"params": [self.hparams["labels"]], "lr": cfg.label_lr})
+        if cfg.learn_lr:
+            self.hparams["log_lr"] = torch.tensor(math.log(cfg.inner_lr), device=self.device,
+                                                  dtype=dtype, requires_grad=True)
+            groups.append({"params": [self.hparams["log_lr"]], "lr": cfg.lr_lr})
+        self.optimizer = torch.optim.Adam(groups)
+        self.estimator = self._make_estimator()
+        self.estimator_state: hg.EstimatorState = {}
+        self.net, _ = init_networks(self.make_net, [0], self.device, dtype)
+        self.step_count = 0
+        self.history: list[dict[str, Any]] = []
+        self.seconds = 0.0
+
+    # -- the bilevel problem ---------------------------------------------------------
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def _make_estimator(self) -> hg.Estimator:
+        cfg = self.config
+        settings = dict(cfg.estimator_settings)
+        if cfg.estimator == "implicit":
+            # every outer step trains a new network: nothing to warm-start from, and a
+            # T-step inner run is not a converged solution, so do not warn about it
+            settings.setdefault("warm_start", False)
+            settings.setdefault("inner_tol", None)
+            settings.setdefault("solver", hg.ConjugateGradient(maxiter=20, tol=1e-3,
+                                                               damping=1e-3))
+        if cfg.estimator in ("truncated", "random_window"):
+            settings.setdefault("window", max(1, cfg.inner_steps // 2))
+            settings.setdefault("seed", cfg.seed)
+        return hg.make_estimator(cfg.estimator, **settings)
+
+    def targets(self, hparams: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Soft-label probabilities (or one-hot rows without learned labels)."""
+        if "labels" in hparams:
+            return F.softmax(hparams["labels"], dim=-1)
+        return F.one_hot(self.classes, self.num_classes).to(hparams["images"].dtype)
+
+    def lr(self, hparams: dict[str, torch.Tensor] | None = None) -> torch.Tensor | float:
+        hparams = self.hparams if hparams is None else hparams
+        if "log_lr" in hparams:
+            return hparams["log_lr"].detach().exp()
+        return self.config.inner_lr
+
+    def inner_optimizer(self) -> hg.optim.InnerOptimizer:
+        lr: Any = (lambda h: h["log_lr"].exp()) if self.config.learn_lr else self.config.inner_lr
+        return self.config.eval_recipe(1.0).inner_optimizer(lr)
+
+    def problem(self, step: int) -> tuple[hg.Problem, dict[str, torch.Tensor]]:
+        """The bilevel problem of outer step ``step`` and its fresh inner start w_0."""
+        cfg = self.config
+        seed = _mix(cfg.seed, step)
+        gen = torch.Generator().manual_seed(seed)
+        n = self.train_x.shape[0]
+        idx = torch.randperm(n, generator=gen)[:min(cfg.outer_batch, n)].to(self.device)
+        outer = (self.train_x[idx], self.train_y[idx])
+        draws = cfg.augment.draw(self.hparams["images"].shape[0], gen, steps=cfg.inner_steps) \
+            if cfg.augment.active else None
+        net, augment = self.net, cfg.augment
+
+        def inner_loss(p: dict, h: dict, draw: torch.Tensor | None) -> torch.Tensor:
+            logits = functional_call(net, p, (augment(h["images"], draw),))
+            return soft_cross_entropy(logits, self.targets(h))
+
+        def outer_loss(p: dict, h: dict, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return F.cross_entropy(functional_call(net, p, (batch[0],)), batch[1])
+
+        problem = hg.Problem(
+            inner_loss, outer_loss, inner_batch=None if draws is None else draws[-1],
+            outer_batch=outer, optimizer=self.inner_optimizer(), steps=cfg.inner_steps,
+            step_batch=None if draws is None else (lambda t: draws[t]))
+        _, w0 = init_networks(self.make_net, [seed], self.device, cfg.torch_dtype)
+        return problem, {k: v[0] for k, v in w0.items()}
+
+    # -- the outer loop --------------------------------------------------------------
+
+    def step(self) -> dict[str, Any]:
+        """One outer step: hypergradient, Adam step; returns the step's record."""
+        cfg = self.config
+        start = time.perf_counter()
+        problem, w0 = self.problem(self.step_count)
+        hp = {k: v.detach() for k, v in self.hparams.items()}
+        if self.step_count == 0:
+            hg.check_problem(problem, hp, w0)
+        result = self.estimator(problem, hp, w0, self.estimator_state)
+        self.estimator_state = result.state
+        grads = result.grad
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+        scale = min(1.0, cfg.clip_norm / (norm + 1e-12)) if cfg.clip_norm else 1.0
+        for k, v in self.hparams.items():
+            v.grad = grads[k] * scale
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if "log_lr" in self.hparams and cfg.max_lr is not None:
+            with torch.no_grad():  # a projection: larger rates make the inner run chaotic
+                self.hparams["log_lr"].clamp_(max=math.log(cfg.max_lr))
+        self.step_count += 1
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        record: dict[str, Any] = {
+            "step": self.step_count, "outer_loss": result.diagnostics.outer_loss,
+            "hypergrad_norm": norm, "inner_grad_norm": result.diagnostics.inner_grad_norm,
+            "inner_lr": float(self.lr()), "seconds": self.seconds, "step_seconds": seconds}
+        if result.diagnostics.solve_residual is not None:
+            record["solve_residual"] = result.diagnostics.solve_residual
+            record["solve_iterations"] = result.diagnostics.solve_iterations
+        if cfg.eval_every and (self.step_count % cfg.eval_every == 0
+                               or self.step_count == cfg.outer_steps):
+            ev = self.evaluate()
+            record["eval_acc_mean"], record["eval_acc_std"] = ev.mean, ev.std
+        self.history.append(record)
+        return record
+
+    def run(self, steps: int | None = None, progress: bool | None = None,
+            callback: Callable[[dict[str, Any]], Any] | None = None) -> DistilledSet:
+        """Run until ``steps`` (default ``config.outer_steps``) outer steps in total.
+
+        ``progress`` shows a bar with the outer loss and the last evaluation (``None``:
+        only on a terminal); ``callback(record)`` is called after every step.
+        """
+        total = self.config.outer_steps if steps is None else steps
+        bar = _bar(total, self.step_count, progress)
+        last_eval = ""
+        try:
+            while self.step_count < total:
+                record = self.step()
+                if "eval_acc_mean" in record:
+                    last_eval = f"{100 * record['eval_acc_mean']:.1f}%"
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['outer_loss']:.3f}",
+                                    lr=f"{record['inner_lr']:.3g}", acc=last_eval or "-")
+                if callback is not None:
+                    callback(record)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.distilled
+
+    @property
+    def distilled(self) -> DistilledSet:
+        """The current synthetic set (detached copies)."""
+        with torch.no_grad():
+            return DistilledSet(
+                images=self.hparams["images"].detach().clone(),
+                labels=self.targets(self.hparams).detach().clone(), lr=float(self.lr()),
+                mean=self.mean.clone(), std=self.std.clone(), num_classes=self.num_classes,
+                config=self.config.to_dict(),
+                meta={"dataset": self.data.name, "outer_steps": self.step_count,
+                      "seconds": self.seconds, "image_shape": list(self.data.image_shape)})
+
+    def evaluate(self, n_nets: int | None = None, seed: int = 1) -> EvalResult:
+        """Test accuracy of ``n_nets`` fresh networks trained on the current set by the
+        inner recipe (seeds disjoint from those used while distilling)."""
+        d = self.distilled
+        return evaluate(self.make_net, d.images, d.labels, self.test_x, self.test_y,
+                        self.config.eval_recipe(d.lr), n_nets or self.config.eval_nets,
+                        seed=10_000 + seed)
+
+
+def _mix(seed: int, step: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7919 + 17) % (2**63 - 1)
+
+
+def _bar(total: int, initial: int, progress: bool | None) -> Any:
+    import sys
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="distil", dynamic_ncols=True)
+
+
+__all__ = ["DISTILL_ESTIMATORS", "DistillConfig", "DistilledSet", "Distiller"]
