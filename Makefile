@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/logreg_breast_cancer.py
+	$(PY) examples/distill.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -26,6 +26,7 @@ import hypergrad as hg
 
 from .config import Config, ConfigError, ConvNetModelConfig, load_config
 from .data import DataError, load_dataset
+from .distill import app as distill_app
 from .module import wrap
 from .nets import ConvNet
 from .outer import OuterLoop
@@ -322,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N outer steps in total")
     s.set_defaults(func=cmd_resume)
+    d = sub.add_parser("distill", help="distil an image dataset into a few images per class",
+                       description="Dataset distillation: learn IPC synthetic images per class "
+                       "(and soft labels, inner learning rate) by hypergradients, evaluate "
+                       "them against a random real subset and the full data, and write "
+                       "images.png, curves.png, distilled.pt, metrics.jsonl and summary.json.")
+    distill_app.add_arguments(d)
+    d.set_defaults(func=distill_app.run)
     return p
 
 

@@ -4,7 +4,8 @@ import re
 from pathlib import Path
 
 
-def test_readme_example_runs():
+def test_readme_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples may write files (runs/...)
     text = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, "README.md has no python example"
@@ -16,3 +17,6 @@ def test_readme_example_runs():
     assert result.diagnostics.inner_grad_norm < 1e-8
     history = namespace["loop"].history
     assert len(history) == 20 and history[-1]["outer_loss"] < history[0]["outer_loss"]
+    report = namespace["report"]
+    assert report.distilled.mean > report.random.mean
+    assert (tmp_path / "runs" / "digits_ipc1.pt").is_file()

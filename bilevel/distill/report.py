@@ -84,7 +84,7 @@ def save_grid(distilled: DistilledSet, path: str | Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    px = distilled.pixels().cpu()
+    px = distilled.pixels().detach().cpu().float().numpy()
     k, ipc = distilled.num_classes, distilled.ipc
     fig, axes = plt.subplots(k, ipc, figsize=(max(1.0 * ipc, 2.0), 1.0 * k), squeeze=False)
     for c in range(k):
@@ -94,7 +94,7 @@ def save_grid(distilled: DistilledSet, path: str | Path,
             if img.shape[0] == 1:
                 ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
             else:
-                ax.imshow(img.permute(1, 2, 0))
+                ax.imshow(img.transpose(1, 2, 0))
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:

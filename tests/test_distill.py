@@ -1,0 +1,254 @@
+"""Dataset distillation: augmentation, evaluation protocol, hypergradients, results, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hypergrad as hg
+from bilevel.cli import main as cli_main
+from bilevel.data import load_digits
+from bilevel.distill import (
+    Augment,
+    DistillConfig,
+    DistilledSet,
+    Distiller,
+    Recipe,
+    evaluate,
+    load_distilled,
+    protocol,
+    random_subset,
+    train_networks,
+    write_outputs,
+)
+from bilevel.distill.evaluate import accuracies, init_networks
+from bilevel.nets import ConvNet, make_net
+
+SUMMARY_KEYS = {"dataset", "ipc", "estimator", "distilled_acc_mean", "distilled_acc_std",
+                "random_acc_mean", "random_acc_std", "full_acc", "seconds", "outer_steps"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: thread hand-offs cost more than they save
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------
+# augmentation
+# ---------------------------------------------------------------------------------------
+
+
+def test_augment_shifts_and_flips_exactly():
+    x = torch.arange(2 * 2 * 4 * 5, dtype=torch.float64).reshape(2, 2, 4, 5)
+    draw = torch.tensor([[1, -2, 0], [-1, 1, 1]])
+    out = Augment(shift=2, flip=True)(x, draw)
+    expect = torch.zeros_like(x)
+    expect[0, :, 1:, :3] = x[0, :, :3, 2:]            # down 1, left 2
+    shifted = torch.zeros_like(x[1])
+    shifted[:, :3, 1:] = x[1, :, 1:, :4]              # up 1, right 1
+    expect[1] = shifted.flip(-1)                      # then mirrored
+    assert torch.equal(out, expect)
+    assert torch.equal(Augment()(x, draw), x)         # identity when inactive
+
+
+def test_augment_is_linear_and_differentiable():
+    aug = Augment(shift=1, flip=True)
+    draw = aug.draw(3, torch.Generator().manual_seed(0))
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: aug(t, draw), (x,))
+    y = torch.randn_like(x)
+    assert torch.allclose(aug(2 * x + y, draw), 2 * aug(x, draw) + aug(y, draw))
+
+
+def test_augment_draws_are_seeded_and_checked():
+    aug = Augment(shift=2, flip=True)
+    a = aug.draw(5, torch.Generator().manual_seed(3), steps=4)
+    b = aug.draw(5, torch.Generator().manual_seed(3), steps=4)
+    assert a.shape == (4, 5, 3) and torch.equal(a, b)
+    assert a[..., :2].abs().max() <= 2 and set(a[..., 2].unique().tolist()) <= {0, 1}
+    with pytest.raises(ValueError, match="draw of shape"):
+        aug(torch.zeros(2, 1, 4, 4), torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="shift"):
+        Augment(shift=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# networks and evaluation
+# ---------------------------------------------------------------------------------------
+
+
+def test_convnet_shapes_and_errors():
+    net = ConvNet((3, 32, 32), 10, width=8, depth=3)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert not list(net.buffers())  # instance norm: nothing to track, vmap-safe
+    with pytest.raises(ValueError, match="too small for depth 4"):
+        ConvNet((1, 8, 8), 10, depth=4)
+    with pytest.raises(ValueError, match="net must be one of"):
+        make_net("resnet", (1, 8, 8), 10)
+
+
+def test_vmapped_training_equals_training_each_network_alone():
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
+    make = lambda: ConvNet((1, 8, 8), 3, width=4, depth=2)  # noqa: E731
+    recipe = Recipe(steps=5, lr=0.1, optimizer="momentum", batch_size=8,
+                    augment=Augment(shift=1))
+    net, stacked = init_networks(make, [1, 2], dtype=torch.float64)
+    both = train_networks(net, stacked, x, y, recipe, seed=4)
+    for i, s in enumerate([1, 2]):
+        _, alone = init_networks(make, [s], dtype=torch.float64)
+        one = train_networks(net, alone, x, y, recipe, seed=4)
+        for k in both:
+            torch.testing.assert_close(both[k][i], one[k][0], rtol=1e-10, atol=1e-12)
+
+
+def test_evaluation_is_deterministic_under_a_seed(digits):
+    x, y = random_subset(digits.train_x, digits.train_y, 2, 10, seed=0)
+    make = lambda: make_net("mlp", (1, 8, 8), 10, hidden=(16,))  # noqa: E731
+    run = lambda seed: evaluate(make, x, y, digits.test_x, digits.test_y,  # noqa: E731
+                                Recipe(steps=30, lr=0.01), n_nets=3, seed=seed)
+    a, b, c = run(0), run(0), run(1)
+    assert a.accuracies == b.accuracies and len(a.accuracies) == 3
+    assert a.accuracies != c.accuracies
+    assert 0.0 <= a.std and 0.2 < a.mean < 1.0
+
+
+def test_random_subset_is_stratified_and_seeded(digits):
+    x, y = random_subset(digits.train_x, digits.train_y, 3, 10, seed=5)
+    assert torch.equal(y, torch.arange(10).repeat_interleave(3))
+    x2, _ = random_subset(digits.train_x, digits.train_y, 3, 10, seed=5)
+    assert torch.equal(x, x2)
+    with pytest.raises(ValueError, match="fewer than"):
+        random_subset(digits.train_x, digits.train_y, 1000, 10)
+
+
+# ---------------------------------------------------------------------------------------
+# the bilevel problem
+# ---------------------------------------------------------------------------------------
+
+
+def tiny_config(**kw) -> DistillConfig:
+    base = dict(ipc=1, hidden=(8,), inner_steps=4, outer_steps=2, outer_batch=64,
+                dtype="float64")
+    return DistillConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("estimator", ["unrolled", "recompute", "truncated"])
+def test_distillation_hypergradient_matches_finite_differences(digits, estimator):
+    """Images, soft labels and the inner learning rate all get the right gradient."""
+    d = Distiller(digits, tiny_config(estimator=estimator,
+                                      estimator_settings={"window": 4}
+                                      if estimator == "truncated" else {},
+                                      augment=Augment(shift=1)))
+    problem, w0 = d.problem(0)
+    hp = {k: v.detach() for k, v in d.hparams.items()}
+    assert list(hp) == ["images", "labels", "log_lr"]  # flat: 64 pixels, 10 logits, 1
+    check = hg.check_hypergradient(problem, hp, w0, d.estimator, coords=[3, 35, 64, 69, 74],
+                                   eps=1e-6)
+    assert check.rel_error < 1e-6, check
+    assert check.finite_difference.abs().min() > 1e-6  # every probed coordinate matters
+
+
+def test_recompute_replays_the_augmented_inner_run_exactly(digits):
+    cfg = tiny_config(augment=Augment(shift=1, flip=True))
+    d = Distiller(digits, cfg)
+    problem, w0 = d.problem(3)
+    hp = {k: v.detach() for k, v in d.hparams.items()}
+    a = hg.Unrolled()(problem, hp, w0).grad
+    b = hg.Unrolled(recompute=True, segment=2)(problem, hp, w0).grad
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-14)
+
+
+def test_implicit_distillation_runs_without_warnings(digits, recwarn):
+    d = Distiller(digits, tiny_config(estimator="implicit", learn_lr=False))
+    d.run()
+    assert d.step_count == 2 and "solve_residual" in d.history[-1]
+    assert not [w for w in recwarn if "converge" in str(w.message)]
+
+
+def test_each_outer_step_trains_a_fresh_network(digits):
+    d = Distiller(digits, tiny_config())
+    (_, w0), (_, w1), (_, w0b) = d.problem(0), d.problem(1), d.problem(0)
+    assert all(torch.equal(w0[k], w0b[k]) for k in w0)
+    assert not all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_bad_settings_name_the_field(digits):
+    for kw, match in [({"ipc": 0}, "ipc"), ({"estimator": "lvhba"}, "estimator"),
+                      ({"inner_lr": -1.0}, "inner_lr"), ({"init": "zeros"}, "init"),
+                      ({"estimator": "truncated", "estimator_settings": {"window": 0}},
+                       "window"), ({"max_lr": 0.0}, "max_lr")]:
+        with pytest.raises(ValueError, match=match):
+            DistillConfig(**kw)
+    with pytest.raises(ValueError, match="too small for depth 4"):
+        Distiller(digits, DistillConfig(net="convnet", depth=4))
+    assert DistillConfig.from_dict(DistillConfig(augment=Augment(2)).to_dict()) == \
+        DistillConfig(augment=Augment(2))
+
+
+# ---------------------------------------------------------------------------------------
+# results: distilled beats random; save / load; output folder
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["unrolled", "truncated"])
+def test_distilled_beats_random_subset_at_ipc1(digits, estimator):
+    cfg = DistillConfig(ipc=1, inner_steps=20, outer_steps=120, estimator=estimator)
+    d = Distiller(digits, cfg)
+    d.run()
+    report = protocol(d, n_nets=5, full_steps=300)
+    assert report.distilled.mean >= report.random.mean + 0.15, report.table(1)
+    assert report.distilled.mean > 0.85 and report.full > 0.95
+
+
+def test_saved_set_loads_back_identically(digits, tmp_path):
+    d = Distiller(digits, tiny_config(dtype="float32"))
+    d.run()
+    s = d.distilled
+    back = DistilledSet.load(s.save(tmp_path / "set.pt"))
+    for name in ("images", "labels", "mean", "std"):
+        assert torch.equal(getattr(s, name), getattr(back, name))
+    assert (back.lr, back.num_classes, back.ipc) == (s.lr, 10, 1)
+    assert back.config == s.config and back.meta == s.meta
+    assert back.pixels().min() >= 0 and back.pixels().max() <= 1
+
+
+def test_output_folder(digits, tmp_path):
+    d = Distiller(digits, tiny_config(dtype="float32", eval_every=1, eval_nets=2))
+    d.run()
+    report = protocol(d, n_nets=2, full_steps=20)
+    paths = write_outputs(tmp_path, d, report)
+    summary = json.loads(paths["summary"].read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["outer_steps"] == 2 and summary["ipc"] == 1
+    assert summary["distilled_acc_mean"] == pytest.approx(report.distilled.mean)
+    for name in ("images", "curves"):
+        assert paths[name].read_bytes()[:4] == b"\x89PNG"
+    assert len(paths["metrics"].read_text().splitlines()) == 2
+    assert torch.equal(load_distilled(tmp_path).images, d.distilled.images)
+    assert accuracies  # re-exported helper stays importable
+
+
+def test_cli_distill(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli_main(["distill", "--ipc", "1", "--outer-steps", "3", "--inner-steps", "5",
+                     "--eval-nets", "2", "--estimator", "random_window", "--out", str(out),
+                     "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "distilled" in text and "random real subset" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary) and summary["estimator"] == "random_window"
+    assert cli_main(["distill", "--dataset", "no_such_data", "--out", str(out)]) == 2
+    assert "no_such_data" in capsys.readouterr().err
