@@ -77,3 +77,17 @@ def test_svm_hyperparameters(tmp_path):
     assert s["kkt"]["val_loss"] < s["start"]["val_loss"]
     assert "ConvergenceWarning" not in proc.stderr, proc.stderr
     assert png.stat().st_size > 0
+
+
+def test_distill_example(tmp_path):
+    """`make demo`'s script, shortened: it runs, prints the table, writes the folder."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    proc = run_example("distill.py", "--ipc", "1", "--outer-steps", "3", "--inner-steps", "5",
+                       "--eval-nets", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "random real subset" in proc.stdout and "full training set" in proc.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["dataset"] == "digits" and s["ipc"] == 1 and s["outer_steps"] == 3
+    assert {p.name for p in out.iterdir()} >= {"images.png", "curves.png", "distilled.pt",
+                                               "metrics.jsonl", "summary.json"}
