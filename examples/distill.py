@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"distilling {data.name} into {config.ipc} images per class "
           f"({config.net}, {config.estimator} hypergradients, {config.outer_steps} outer "
           f"steps of {config.inner_steps} inner steps)", flush=True)
-    distiller.run(progress=not args.no_progress and sys.stderr.isatty())
+    checkpoints = Path(args.out) / "checkpoints"    # a killed run continues with --resume
+    if args.resume:
+        print(f"resumed at outer step {distiller.resume(checkpoints)}")
+    distiller.run(progress=not args.no_progress and sys.stderr.isatty(),
+                  checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every)
 
     report = protocol(distiller, n_nets=args.eval_nets, seed=args.seed)
     paths = write_outputs(args.out, distiller, report)

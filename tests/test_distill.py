@@ -83,6 +83,8 @@ def test_convnet_shapes_and_errors():
     net = ConvNet((3, 32, 32), 10, width=8, depth=3)
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert not list(net.buffers())  # instance norm: nothing to track, vmap-safe
+    with pytest.raises(TypeError, match="ImageDataset"):
+        Distiller((digits.train_x, digits.train_y), DistillConfig())
     with pytest.raises(ValueError, match="too small for depth 4"):
         ConvNet((1, 8, 8), 10, depth=4)
     with pytest.raises(ValueError, match="net must be one of"):
@@ -183,6 +185,8 @@ def test_bad_settings_name_the_field(digits):
                        "window"), ({"max_lr": 0.0}, "max_lr")]:
         with pytest.raises(ValueError, match=match):
             DistillConfig(**kw)
+    with pytest.raises(TypeError, match="ImageDataset"):
+        Distiller((digits.train_x, digits.train_y), DistillConfig())
     with pytest.raises(ValueError, match="too small for depth 4"):
         Distiller(digits, DistillConfig(net="convnet", depth=4))
     assert DistillConfig.from_dict(DistillConfig(augment=Augment(2)).to_dict()) == \
@@ -216,6 +220,25 @@ def test_saved_set_loads_back_identically(digits, tmp_path):
     assert back.pixels().min() >= 0 and back.pixels().max() <= 1
 
 
+def test_resume_is_bit_identical(digits, tmp_path):
+    cfg = tiny_config(outer_steps=6, estimator="random_window", estimator_settings={"window": 2},
+                      augment=Augment(shift=1))
+    straight = Distiller(digits, cfg)
+    straight.run()
+    first = Distiller(digits, cfg)
+    first.run(steps=3, checkpoint_dir=tmp_path, checkpoint_every=2)  # checkpoints at 2, 3
+    second = Distiller(digits, cfg)
+    assert second.resume(tmp_path) == 3
+    second.run(checkpoint_dir=tmp_path)
+    for k in straight.hparams:
+        assert torch.equal(straight.hparams[k], second.hparams[k])
+    assert [r["outer_loss"] for r in straight.history] == \
+        [r["outer_loss"] for r in second.history]
+    assert Distiller(digits, cfg).resume(tmp_path / "empty") == 0
+    with pytest.raises(ValueError, match="another run"):
+        Distiller(digits, tiny_config(outer_steps=6, seed=1)).resume(tmp_path)
+
+
 def test_output_folder(digits, tmp_path):
     d = Distiller(digits, tiny_config(dtype="float32", eval_every=1, eval_nets=2))
     d.run()
@@ -234,14 +257,20 @@ def test_output_folder(digits, tmp_path):
 
 def test_cli_distill(tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli_main(["distill", "--ipc", "1", "--outer-steps", "3", "--inner-steps", "5",
-                     "--eval-nets", "2", "--estimator", "random_window", "--out", str(out),
-                     "--no-progress"])
+    args = ["distill", "--ipc", "1", "--outer-steps", "3", "--inner-steps", "5",
+            "--eval-nets", "2", "--estimator", "random_window", "--out", str(out),
+            "--no-progress"]
+    code = cli_main(args)
     assert code == 0
     text = capsys.readouterr().out
     assert "distilled" in text and "random real subset" in text
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary) and summary["estimator"] == "random_window"
+    assert (out / "checkpoints" / "step-00000003.pt").is_file()
+    assert cli_main(args + ["--resume"]) == 0  # nothing left to do: resumes at the end
+    assert "resumed at outer step 3" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["distilled_accs"] == \
+        summary["distilled_accs"]
     assert cli_main(["distill", "--dataset", "no_such_data", "--out", str(out)]) == 2
     assert "no_such_data" in capsys.readouterr().err
 

@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--device", default="cpu", help="cpu | cuda | cuda:N")
     a("--threads", type=int, help="torch CPU threads")
     a("--out", default="runs/distill", help="output folder (default: %(default)s)")
+    a("--checkpoint-every", type=int, default=50, help="checkpoint into OUT/checkpoints every "
+      "N outer steps (0: only at the end; default %(default)s)")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in "
+      "OUT/checkpoints (same settings)")
     a("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -93,7 +97,17 @@ def run(args: argparse.Namespace) -> int:
           f"classes) into {cfg.ipc} per class: {cfg.net}, {cfg.estimator}, "
           f"{cfg.inner_steps} inner x {cfg.outer_steps} outer steps", flush=True)
     start = time.perf_counter()
-    distiller.run(progress=False if args.no_progress else None)
+    ckpt_dir = Path(args.out) / "checkpoints"
+    if args.resume:
+        try:
+            step = distiller.resume(ckpt_dir)
+        except ValueError as exc:
+            print(f"bilevel distill: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"resumed at outer step {step}" if step else f"no checkpoint in {ckpt_dir}; "
+              "starting afresh", flush=True)
+    distiller.run(progress=False if args.no_progress else None, checkpoint_dir=ckpt_dir,
+                  checkpoint_every=args.checkpoint_every)
     report = protocol(distiller, n_nets=args.eval_nets, seed=args.seed)
     paths = write_outputs(args.out, distiller, report)
     total = time.perf_counter() - start

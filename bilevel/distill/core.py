@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 import hypergrad as hg
 
+from .. import checkpoint as ckpt
 from ..data import ImageDataset
 from ..nets import NETS, make_net
 from .augment import Augment
@@ -241,7 +242,13 @@ class Distiller:
     def __init__(self, data: ImageDataset, config: DistillConfig = DistillConfig()) -> None:
         self.config = cfg = config
         self.data = data
+        if not isinstance(data, ImageDataset):
+            raise TypeError(f"Distiller: data must be a bilevel.data.ImageDataset, got "
+                            f"{type(data).__name__} (see bilevel.data.load_arrays)")
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"DistillConfig.device is {cfg.device!r} but CUDA is not "
+                             "available here")
         dtype = cfg.torch_dtype
         x = data.train_x.to(self.device, dtype)
         dims = (0, 2, 3)
@@ -382,11 +389,15 @@ class Distiller:
         return record
 
     def run(self, steps: int | None = None, progress: bool | None = None,
-            callback: Callable[[dict[str, Any]], Any] | None = None) -> DistilledSet:
+            callback: Callable[[dict[str, Any]], Any] | None = None,
+            checkpoint_dir: str | Path | None = None,
+            checkpoint_every: int = 0) -> DistilledSet:
         """Run until ``steps`` (default ``config.outer_steps``) outer steps in total.
 
         ``progress`` shows a bar with the outer loss and the last evaluation (``None``:
-        only on a terminal); ``callback(record)`` is called after every step.
+        only on a terminal); ``callback(record)`` is called after every step. With
+        ``checkpoint_dir``, an atomic checkpoint is written every ``checkpoint_every``
+        steps and at the end (see :meth:`resume`).
         """
         total = self.config.outer_steps if steps is None else steps
         bar = _bar(total, self.step_count, progress)
@@ -394,6 +405,10 @@ class Distiller:
         try:
             while self.step_count < total:
                 record = self.step()
+                if checkpoint_dir is not None and (
+                        self.step_count == total
+                        or (checkpoint_every and self.step_count % checkpoint_every == 0)):
+                    self.save_checkpoint(checkpoint_dir)
                 if "eval_acc_mean" in record:
                     last_eval = f"{100 * record['eval_acc_mean']:.1f}%"
                 if bar is not None:
@@ -406,6 +421,53 @@ class Distiller:
             if bar is not None:
                 bar.close()
         return self.distilled
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run: hyperparameters, Adam state, estimator
+        state, step count, history (networks, batches and draws follow from the seed)."""
+        return {"format": ckpt.FORMAT, "kind": "distill", "config": self.config.to_dict(),
+                "dataset": self.data.name, "step": self.step_count,
+                "hparams": {k: v.detach().cpu() for k, v in self.hparams.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "estimator_state": self.estimator_state, "history": self.history,
+                "seconds": self.seconds}
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the config and dataset must be the same."""
+        if payload.get("kind") != "distill":
+            raise ValueError("not a distillation checkpoint")
+        if payload["config"] != self.config.to_dict() or payload["dataset"] != self.data.name:
+            raise ValueError(f"the checkpoint was written by another run (dataset "
+                             f"{payload['dataset']!r}, config {payload['config']}); use the "
+                             "same settings to resume")
+        with torch.no_grad():
+            for k, v in self.hparams.items():
+                v.copy_(payload["hparams"][k])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.estimator_state = payload["estimator_state"]
+        self.step_count = int(payload["step"])
+        self.history = list(payload["history"])
+        self.seconds = float(payload["seconds"])
+
+    def save_checkpoint(self, directory: str | Path, keep: int = 2) -> Path:
+        """Write ``directory/step-XXXXXXXX.pt`` atomically, keeping the newest ``keep``."""
+        path = ckpt.atomic_save(self.state_dict(),
+                                Path(directory) / ckpt.checkpoint_name(self.step_count))
+        ckpt.prune(directory, keep)
+        return path
+
+    def resume(self, directory: str | Path) -> int:
+        """Continue from the newest readable checkpoint in ``directory``; return the step
+        reached (0 when there is none). The continued run is bit-identical to an
+        uninterrupted one on the same machine."""
+        ckpt.remove_stale_temps(directory)
+        found = ckpt.latest_checkpoint(directory, map_location=self.device)
+        if found is None:
+            return 0
+        self.load_state_dict(found[1])
+        return self.step_count
 
     @property
     def distilled(self) -> DistilledSet:
