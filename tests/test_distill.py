@@ -198,7 +198,7 @@ def test_bad_settings_name_the_field(digits):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("estimator", ["unrolled", "truncated"])
+@pytest.mark.parametrize("estimator", ["unrolled", "truncated", "random_window"])
 def test_distilled_beats_random_subset_at_ipc1(digits, estimator):
     cfg = DistillConfig(ipc=1, inner_steps=20, outer_steps=120, estimator=estimator)
     d = Distiller(digits, cfg)

@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--hidden", type=int, nargs="+", help="MLP hidden widths (default: 128)")
     a("--estimator", choices=DISTILL_ESTIMATORS, default=d.estimator,
       help="hypergradient estimator (default: %(default)s)")
-    a("--window", type=int, help="window of truncated / random_window (default: half the "
-      "inner steps)")
+    a("--window", type=int, help="window of truncated / random_window (default: 1/2 and 3/4 "
+      "of the inner steps)")
     a("--inner-steps", type=int, default=d.inner_steps, help="default: %(default)s")
     a("--inner-lr", type=float, help=f"initial inner learning rate (default {d.inner_lr})")
     a("--inner-optimizer", choices=["sgd", "momentum", "adam"], default=d.inner_optimizer)

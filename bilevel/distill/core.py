@@ -56,7 +56,8 @@ class DistillConfig:
         inner_lr / inner_optimizer / inner_momentum / inner_steps: the inner training
             recipe, also used to evaluate the distilled set.
         estimator / estimator_settings: a name of :data:`DISTILL_ESTIMATORS` and keyword
-            settings (e.g. ``{"window": 10}`` for truncated).
+            settings (e.g. ``{"window": 10}``; default windows: T/2 for ``truncated``,
+            ⌈3T/4⌉ for ``random_window``).
         outer_steps / outer_batch: outer iterations; real images per outer loss.
         image_lr / label_lr / lr_lr: Adam step sizes of images, label logits, log-lr.
         max_lr: upper bound on the learned inner learning rate (a projection after each
@@ -302,8 +303,14 @@ class Distiller:
             settings.setdefault("inner_tol", None)
             settings.setdefault("solver", hg.ConjugateGradient(maxiter=20, tol=1e-3,
                                                                damping=1e-3))
-        if cfg.estimator in ("truncated", "random_window"):
+        if cfg.estimator == "truncated":
             settings.setdefault("window", max(1, cfg.inner_steps // 2))
+        if cfg.estimator == "random_window":
+            # a window ending early measures an undertrained network; with short windows
+            # those draws dominate and the run stalls (window T/2: 59 % vs 3T/4: 93 % on
+            # digits IPC 1, 120 outer steps)
+            settings.setdefault("window", max(1, (3 * cfg.inner_steps + 3) // 4))
+        if cfg.estimator in ("truncated", "random_window"):
             settings.setdefault("seed", cfg.seed)
         return hg.make_estimator(cfg.estimator, **settings)
 
