@@ -171,6 +171,21 @@ def test_implicit_distillation_runs_without_warnings(digits, recwarn):
     assert not [w for w in recwarn if "converge" in str(w.message)]
 
 
+def test_options_choose_what_is_learned(digits):
+    d = Distiller(digits, tiny_config(learn_labels=False, learn_lr=False, init="noise"))
+    assert list(d.hparams) == ["images"]
+    real = torch.cat([(digits.train_x - d.mean) / d.std]).flatten(1)
+    nearest = torch.cdist(d.hparams["images"].detach().flatten(1).float(), real.float()).min(1)
+    assert nearest.values.min() > 1.0  # noise, not copies of training images
+    d.run()
+    s = d.distilled
+    assert s.lr == 0.1 and torch.equal(s.hard_labels, torch.arange(10))
+    assert torch.equal(s.labels, torch.eye(10, dtype=s.labels.dtype))
+    r = Distiller(digits, tiny_config())
+    assert torch.equal(r.hparams["images"].detach(),
+                       random_subset(r.train_x, r.train_y, 1, 10, seed=0)[0])
+
+
 def test_each_outer_step_trains_a_fresh_network(digits):
     d = Distiller(digits, tiny_config())
     (_, w0), (_, w1), (_, w0b) = d.problem(0), d.problem(1), d.problem(0)
