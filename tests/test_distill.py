@@ -248,6 +248,8 @@ def test_resume_is_bit_identical(digits, tmp_path):
     assert [r["outer_loss"] for r in straight.history] == \
         [r["outer_loss"] for r in second.history]
     assert Distiller(digits, cfg).resume(tmp_path / "empty") == 0
+    longer = Distiller(digits, tiny_config(**{**cfg.__dict__, "outer_steps": 8}))
+    assert longer.resume(tmp_path) == 6  # a finished run can be extended
     with pytest.raises(ValueError, match="another run"):
         Distiller(digits, tiny_config(outer_steps=6, seed=1)).resume(tmp_path)
 

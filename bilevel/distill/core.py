@@ -442,10 +442,15 @@ class Distiller:
                 "seconds": self.seconds}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the config and dataset must be the same."""
+        """Restore :meth:`state_dict`; the dataset and the config must be the same, except
+        for ``outer_steps``, ``eval_every`` and ``eval_nets`` (a run may be extended)."""
         if payload.get("kind") != "distill":
             raise ValueError("not a distillation checkpoint")
-        if payload["config"] != self.config.to_dict() or payload["dataset"] != self.data.name:
+        def essential(c: dict[str, Any]) -> dict[str, Any]:  # a longer run may resume
+            return {k: v for k, v in c.items() if k not in _RESUMABLE}
+
+        if essential(payload["config"]) != essential(self.config.to_dict()) or \
+                payload["dataset"] != self.data.name:
             raise ValueError(f"the checkpoint was written by another run (dataset "
                              f"{payload['dataset']!r}, config {payload['config']}); use the "
                              "same settings to resume")
@@ -495,6 +500,10 @@ class Distiller:
         return evaluate(self.make_net, d.images, d.labels, self.test_x, self.test_y,
                         self.config.eval_recipe(d.lr), n_nets or self.config.eval_nets,
                         seed=10_000 + seed)
+
+
+#: settings that may differ between a checkpoint and the run resuming it
+_RESUMABLE = ("outer_steps", "eval_every", "eval_nets")
 
 
 def _mix(seed: int, step: int) -> int:
