@@ -163,7 +163,8 @@ def test_recompute_replays_the_augmented_inner_run_exactly(digits):
 
 
 def test_implicit_distillation_runs_without_warnings(digits, recwarn):
-    d = Distiller(digits, tiny_config(estimator="implicit", learn_lr=False))
+    d = Distiller(digits, tiny_config(estimator="implicit"))
+    assert d.config.learn_lr is False and "log_lr" not in d.hparams
     d.run()
     assert d.step_count == 2 and "solve_residual" in d.history[-1]
     assert not [w for w in recwarn if "converge" in str(w.message)]
@@ -195,7 +196,8 @@ def test_bad_settings_name_the_field(digits):
     for kw, match in [({"ipc": 0}, "ipc"), ({"estimator": "lvhba"}, "estimator"),
                       ({"inner_lr": -1.0}, "inner_lr"), ({"init": "zeros"}, "init"),
                       ({"estimator": "truncated", "estimator_settings": {"window": 0}},
-                       "window"), ({"max_lr": 0.0}, "max_lr")]:
+                       "window"), ({"max_lr": 0.0}, "max_lr"),
+                      ({"estimator": "implicit", "learn_lr": True}, "learn_lr")]:
         with pytest.raises(ValueError, match=match):
             DistillConfig(**kw)
     with pytest.raises(TypeError, match="ImageDataset"):

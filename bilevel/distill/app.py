@@ -76,7 +76,8 @@ def config_from_args(args: argparse.Namespace, dataset: str) -> DistillConfig:
     return DistillConfig(
         **kw, ipc=args.ipc, estimator=args.estimator, estimator_settings=settings,
         inner_steps=args.inner_steps, inner_optimizer=args.inner_optimizer,
-        learn_lr=not args.fixed_lr, learn_labels=not args.hard_labels, init=args.init,
+        learn_lr=False if args.fixed_lr else None, learn_labels=not args.hard_labels,
+        init=args.init,
         augment=Augment(shift=args.shift, flip=args.flip), outer_steps=args.outer_steps,
         image_lr=args.image_lr, eval_every=args.eval_every, eval_nets=args.eval_nets,
         seed=args.seed, device=args.device)

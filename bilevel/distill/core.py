@@ -52,7 +52,9 @@ class DistillConfig:
         init: ``"real"`` (random real images of each class) or ``"noise"`` (N(0, 1) in
             normalised pixel space).
         learn_labels: learn soft labels (logits, initialised to ``label_scale``·one-hot).
-        learn_lr: learn the inner learning rate (as its logarithm).
+        learn_lr: learn the inner learning rate (as its logarithm); default: yes, except
+            with ``estimator="implicit"``, whose hypergradient in the rate is zero (the
+            rate does not move the inner optimum), where asking for it is an error.
         inner_lr / inner_optimizer / inner_momentum / inner_steps: the inner training
             recipe, also used to evaluate the distilled set.
         estimator / estimator_settings: a name of :data:`DISTILL_ESTIMATORS` and keyword
@@ -79,7 +81,7 @@ class DistillConfig:
     hidden: tuple[int, ...] = (128,)
     init: str = "real"
     learn_labels: bool = True
-    learn_lr: bool = True
+    learn_lr: bool | None = None
     label_scale: float = 3.0
     inner_lr: float = 0.1
     inner_optimizer: str = "sgd"
@@ -135,6 +137,12 @@ class DistillConfig:
         need(isinstance(self.augment, Augment), f"augment must be an Augment, got "
                                                 f"{type(self.augment).__name__}")
         hg.make_estimator(self.estimator, **self.estimator_settings)  # checks the settings
+        if self.learn_lr is None:
+            object.__setattr__(self, "learn_lr", self.estimator != "implicit")
+        need(not (self.learn_lr and self.estimator == "implicit"),
+             "learn_lr=True does nothing with the implicit estimator (the inner learning "
+             "rate does not change the inner optimum, so its hypergradient is zero): set "
+             "learn_lr=False or use an unrolled/truncated estimator")
 
     @property
     def torch_dtype(self) -> torch.dtype:
