@@ -501,9 +501,10 @@ class Distiller:
                 meta={"dataset": self.data.name, "outer_steps": self.step_count,
                       "seconds": self.seconds, "image_shape": list(self.data.image_shape)})
 
-    def evaluate(self, n_nets: int | None = None, seed: int = 1) -> EvalResult:
+    def evaluate(self, n_nets: int | None = None, seed: int = 0) -> EvalResult:
         """Test accuracy of ``n_nets`` fresh networks trained on the current set by the
-        inner recipe (seeds disjoint from those used while distilling)."""
+        inner recipe (seeds disjoint from those used while distilling; the same networks
+        as :func:`~bilevel.distill.protocol` with the same ``seed``)."""
         d = self.distilled
         return evaluate(self.make_net, d.images, d.labels, self.test_x, self.test_y,
                         self.config.eval_recipe(d.lr), n_nets or self.config.eval_nets,

@@ -103,6 +103,7 @@ def save_grid(distilled: DistilledSet, path: str | Path,
     fig.suptitle(f"distilled: {ipc} image(s) per class")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -127,6 +128,7 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
     ax[1].set(xlabel="outer step", ylabel="test accuracy of fresh nets (%)")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
