@@ -9,12 +9,12 @@
 """
 
 from .augment import Augment
-from .core import DISTILL_ESTIMATORS, DistillConfig, DistilledSet, Distiller
+from .core import DISTILL_ESTIMATORS, DistillConfig, DistilledSet, Distiller, make_estimator
 from .evaluate import EvalResult, Recipe, evaluate, random_subset, train_networks
 from .report import Report, load_distilled, plot_curves, protocol, save_grid, summary, write_outputs
 
 __all__ = [
     "Augment", "DISTILL_ESTIMATORS", "DistillConfig", "DistilledSet", "Distiller", "EvalResult",
-    "Recipe", "Report", "evaluate", "load_distilled", "plot_curves", "protocol", "random_subset",
-    "save_grid", "summary", "train_networks", "write_outputs",
+    "Recipe", "Report", "evaluate", "load_distilled", "make_estimator", "plot_curves",
+    "protocol", "random_subset", "save_grid", "summary", "train_networks", "write_outputs",
 ]

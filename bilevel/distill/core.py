@@ -240,12 +240,34 @@ class DistilledSet:
                    config=extra["config"], meta=extra["meta"])
 
 
+def make_estimator(cfg: DistillConfig) -> hg.Estimator:
+    """The hypergradient estimator of ``cfg`` with the settings distillation needs."""
+    settings = dict(cfg.estimator_settings)
+    if cfg.estimator == "implicit":
+        # every outer step trains a new network: nothing to warm-start from, and a
+        # T-step inner run is not a converged solution, so do not warn about it
+        settings.setdefault("warm_start", False)
+        settings.setdefault("inner_tol", None)
+        settings.setdefault("solver", hg.ConjugateGradient(maxiter=20, tol=1e-3,
+                                                           damping=1e-3))
+    if cfg.estimator == "truncated":
+        settings.setdefault("window", max(1, cfg.inner_steps // 2))
+    if cfg.estimator == "random_window":
+        # a window ending early measures an undertrained network; with short windows
+        # those draws dominate and the run stalls (window T/2: 59 % vs 3T/4: 93 % on
+        # digits IPC 1, 120 outer steps)
+        settings.setdefault("window", max(1, (3 * cfg.inner_steps + 3) // 4))
+    if cfg.estimator in ("truncated", "random_window"):
+        settings.setdefault("seed", cfg.seed)
+    return hg.make_estimator(cfg.estimator, **settings)
+
+
 class Distiller:
     """Distil ``data.train_*`` into ``config.ipc`` images per class.
 
     Call :meth:`step` for one outer step or :meth:`run` for ``config.outer_steps``; the
-    result is :attr:`distilled`. ``eval_data`` (normally the test split) is used for the
-    accuracy curve when ``config.eval_every > 0``.
+    result is :attr:`distilled`. ``data.test_*`` gives the accuracy curve when
+    ``config.eval_every > 0``.
     """
 
     def __init__(self, data: ImageDataset, config: DistillConfig = DistillConfig()) -> None:
@@ -289,7 +311,7 @@ class Distiller:
                                                   dtype=dtype, requires_grad=True)
             groups.append({"params": [self.hparams["log_lr"]], "lr": cfg.lr_lr})
         self.optimizer = torch.optim.Adam(groups)
-        self.estimator = self._make_estimator()
+        self.estimator = make_estimator(cfg)
         self.estimator_state: hg.EstimatorState = {}
         self.net, _ = init_networks(self.make_net, [0], self.device, dtype)
         self.step_count = 0
@@ -300,27 +322,6 @@ class Distiller:
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-
-    def _make_estimator(self) -> hg.Estimator:
-        cfg = self.config
-        settings = dict(cfg.estimator_settings)
-        if cfg.estimator == "implicit":
-            # every outer step trains a new network: nothing to warm-start from, and a
-            # T-step inner run is not a converged solution, so do not warn about it
-            settings.setdefault("warm_start", False)
-            settings.setdefault("inner_tol", None)
-            settings.setdefault("solver", hg.ConjugateGradient(maxiter=20, tol=1e-3,
-                                                               damping=1e-3))
-        if cfg.estimator == "truncated":
-            settings.setdefault("window", max(1, cfg.inner_steps // 2))
-        if cfg.estimator == "random_window":
-            # a window ending early measures an undertrained network; with short windows
-            # those draws dominate and the run stalls (window T/2: 59 % vs 3T/4: 93 % on
-            # digits IPC 1, 120 outer steps)
-            settings.setdefault("window", max(1, (3 * cfg.inner_steps + 3) // 4))
-        if cfg.estimator in ("truncated", "random_window"):
-            settings.setdefault("seed", cfg.seed)
-        return hg.make_estimator(cfg.estimator, **settings)
 
     def targets(self, hparams: dict[str, torch.Tensor]) -> torch.Tensor:
         """Soft-label probabilities (or one-hot rows without learned labels)."""
@@ -532,4 +533,4 @@ def _bar(total: int, initial: int, progress: bool | None) -> Any:
     return tqdm(total=total, initial=initial, desc="distil", dynamic_ncols=True)
 
 
-__all__ = ["DISTILL_ESTIMATORS", "DistillConfig", "DistilledSet", "Distiller"]
+__all__ = ["DISTILL_ESTIMATORS", "DistillConfig", "DistilledSet", "Distiller", "make_estimator"]
