@@ -96,7 +96,10 @@ def test_vmapped_training_equals_training_each_network_alone():
     recipe = Recipe(steps=5, lr=0.1, optimizer="momentum", batch_size=8,
                     augment=Augment(shift=1))
     net, stacked = init_networks(make, [1, 2], dtype=torch.float64)
-    both = train_networks(net, stacked, x, y, recipe, seed=4)
+    both = train_networks(net, stacked, x, y, recipe, seed=4, batched=True)
+    looped = train_networks(net, stacked, x, y, recipe, seed=4, batched=False)
+    for k in both:
+        torch.testing.assert_close(both[k], looped[k], rtol=1e-10, atol=1e-12)
     for i, s in enumerate([1, 2]):
         _, alone = init_networks(make, [s], dtype=torch.float64)
         one = train_networks(net, alone, x, y, recipe, seed=4)
