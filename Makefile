@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all bench bench-distill lint clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/hypergrad.py --json benchmarks/results/cpu.json --threads 1
+
+bench-distill: $(STAMP)
+	$(PY) benchmarks/distill.py --json benchmarks/results/distill_cpu.json --threads 1
 
 lint: $(STAMP)
 	$(PY) -m ruff check hypergrad bilevel tests benchmarks examples
