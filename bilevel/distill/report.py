@@ -101,12 +101,7 @@ def save_grid(distilled: DistilledSet, path: str | Path,
                 ax.set_ylabel(class_names[c] if class_names else str(c), rotation=0,
                               labelpad=12, va="center")
     fig.suptitle(f"distilled: {ipc} image(s) per class")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
@@ -126,6 +121,12 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
         ax[1].errorbar(s, [100 * v for v in m], yerr=[100 * v for v in sd], marker="o",
                        capsize=3)
     ax[1].set(xlabel="outer step", ylabel="test accuracy of fresh nets (%)")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
