@@ -148,8 +148,7 @@ class TrackingProblem(hg.Problem):
     def step(self, params: Params, state: State, hparams: Params,
              t: int) -> tuple[Params, State]:
         assert self.track_step is not None
-        batch = self.step_batch(t) if self.step_batch is not None else self.inner_batch
-        return self.track_step(params, state, hparams, batch)
+        return self.track_step(params, state, hparams, self.batch_at(t))
 
 
 class _At(NamedTuple):
@@ -390,6 +389,12 @@ class ModuleProblem:
                         pre + "num_batches_tracked": count})
         return out
 
+    def _without_stats(self, params: Params) -> Params:
+        """``params`` less the tracked running statistics (``buffers="track"``)."""
+        if not self._tracked:
+            return params
+        return {k: v for k, v in params.items() if k not in self._tracked}
+
     def _grad_and_stats(self, params: Params, hparams: Params, batch: Any,
                         t: int | None) -> tuple[Params, Params]:
         """∇_params of the inner loss and the updated running statistics."""
@@ -404,8 +409,7 @@ class ModuleProblem:
                 self._seen = None
             return loss, self._updated_stats(stats, seen)
 
-        trainable = {k: v for k, v in params.items() if k not in stats}
-        g, new = grad(loss_and_stats, has_aux=True)(trainable)
+        g, new = grad(loss_and_stats, has_aux=True)(self._without_stats(params))
         g = {k: g[k] if k in g else torch.zeros_like(v) for k, v in params.items()}
         return g, new
 
@@ -428,8 +432,8 @@ class ModuleProblem:
         layers seeded by (seed, t)."""
         model = self._models[not outer]
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        if self._tracked and not outer:  # the inner model normalises by batch statistics
-            params = {k: v for k, v in params.items() if k not in self._tracked}
+        if not outer:  # the inner model normalises by batch statistics
+            params = self._without_stats(params)
         tensors = {**self._consts, **params}
         try:
             if self.seed is None:
@@ -477,9 +481,7 @@ class ModuleProblem:
         out = self._outputs(params, hparams, batch, False, t)
         loss = _scalar("inner_loss", self._inner_fn(out, batch, hparams))
         if self._penalty is not None:
-            if self._tracked:
-                params = {k: v for k, v in params.items() if k not in self._tracked}
-            loss = loss + _scalar("penalty", self._penalty(params, hparams))
+            loss = loss + _scalar("penalty", self._penalty(self._without_stats(params), hparams))
         return loss
 
     def outer_loss(self, params: Params, hparams: Params, batch: Any) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -128,8 +127,3 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bilevel distill", description=__doc__)
     add_arguments(p)
     return run(p.parse_args(argv))
-
-
-def summary_of(out: str | Path) -> dict:
-    """Read ``summary.json`` of a finished run."""
-    return json.loads((Path(out) / "summary.json").read_text())

@@ -218,17 +218,12 @@ class DistilledSet:
 
     def save(self, path: str | Path) -> Path:
         """Write to ``path`` (a ``.pt`` file, written atomically); :meth:`load` reads it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         blob = {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
                 "lr": torch.tensor(float(self.lr), dtype=torch.float64),
                 "mean": self.mean.detach().cpu(), "std": self.std.detach().cpu(),
                 "num_classes": torch.tensor(self.num_classes),
                 "json": json.dumps({"config": self.config, "meta": self.meta})}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(blob, tmp)
-        tmp.replace(path)
-        return path
+        return ckpt.atomic_save(blob, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DistilledSet:
@@ -378,7 +373,7 @@ class Distiller:
         result = self.estimator(problem, hp, w0, self.estimator_state)
         self.estimator_state = result.state
         grads = result.grad
-        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+        norm = result.diagnostics.hypergrad_norm
         scale = min(1.0, cfg.clip_norm / (norm + 1e-12)) if cfg.clip_norm else 1.0
         for k, v in self.hparams.items():
             v.grad = grads[k] * scale

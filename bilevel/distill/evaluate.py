@@ -1,8 +1,8 @@
-"""Train many freshly initialised networks at once (``torch.func.vmap``) and test them.
+"""Train many freshly initialised networks (at once by ``torch.func.vmap`` on CUDA) and test them.
 
-This is the evaluation protocol of dataset distillation: N networks, each initialised
-from its own seed, are trained on a (small) training set only and tested on real test
-data; accuracy is reported as mean ± std over the N networks.
+This is the evaluation protocol of dataset distillation: N networks, each with a seed of
+its own, are trained on a (small) training set only and tested on real test data;
+accuracy is reported as mean ± std over the N networks.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ summary.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def protocol(distiller: Distiller, distilled: DistilledSet | None = None, n_nets
     dist = evaluate(make, d.images.to(tx), d.labels.to(tx), vx, vy, cfg.eval_recipe(d.lr),
                     n_nets, seed=eval_seed)
     rx, ry = random_subset(tx, ty, d.ipc, d.num_classes, seed=seed + 1)
-    base = Recipe(**{**baseline.__dict__, "augment": cfg.augment})
+    base = replace(baseline, augment=cfg.augment)
     candidates = {
         f"inner recipe, lr {cfg.inner_lr:g}": evaluate(make, rx, ry, vx, vy,
                                                        cfg.eval_recipe(cfg.inner_lr), n_nets,
@@ -71,7 +71,7 @@ def protocol(distiller: Distiller, distilled: DistilledSet | None = None, n_nets
         f"{base.optimizer} {base.steps} steps, lr {base.lr:g}": evaluate(
             make, rx, ry, vx, vy, base, n_nets, seed=eval_seed)}
     name, rand = max(candidates.items(), key=lambda kv: kv[1].mean)
-    full_recipe = Recipe(**{**base.__dict__, "steps": full_steps, "batch_size": 256})
+    full_recipe = replace(base, steps=full_steps, batch_size=256)
     full = evaluate(make, tx, ty, vx, vy, full_recipe, 1, seed=eval_seed).mean
     return Report(dist, rand, full, name,
                   {"random_candidates": {k: [v.mean, v.std] for k, v in candidates.items()}})
