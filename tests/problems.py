@@ -2,13 +2,86 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 import hypergrad as hg
+from hypergrad.finite_difference import CentralDifference, central_differences
 
 DT = torch.float64
+
+# --- tolerances derived from the error they measure ------------------------------------
+#
+# EPS is float64's machine epsilon (2⁻⁵², the unit roundoff u is EPS/2). Two computations
+# that are equal in exact arithmetic but take different floating-point paths (forward vs
+# reverse mode, vmap vs a loop, another BLAS kernel) differ by their rounding errors. The
+# standard a-priori bound (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd
+# ed., §3.1) for a sum or dot product of n terms is γ_n = n·u/(1 − n·u) ≈ n·EPS/2 relative
+# to Σ|terms|; a chain of such operations adds them, and a solve multiplies by the
+# condition number. ``rounding(ops, cond)`` is that bound, 2·ops·cond·EPS (both paths'
+# errors, each at most ops·EPS/2 per unit of conditioning, and a factor 2 for the
+# cancellation Σ|terms| / |Σ terms| of well-scaled sums). Tests compare with a stated
+# multiple of it; the observed differences are far smaller (errors add like a random walk,
+# √ops rather than ops), so the bound holds on any CPU and BLAS while a real error (a wrong
+# sign, a missing term, a dropped step: relative size ≥ 1e-6 in these problems) is caught.
+EPS = torch.finfo(DT).eps
+
+
+def rounding(ops: int, cond: float = 1.0) -> float:
+    """Relative rounding bound 2·ops·cond·EPS of two paths through ``ops`` accumulated
+    floating-point operations with condition number ``cond`` (see above)."""
+    return 2.0 * ops * cond * EPS
+
+
+# --- finite differences with error bars ---------------------------------------------------
+#
+# A central difference has a truncation error (Taylor remainder ∝ s²) and a rounding
+# error (noise of the function / s). hypergrad.finite_difference estimates both per
+# difference; the helpers below judge an estimate against that error bar through a
+# hg.GradientCheck (``agrees``, ``verdict``, ``resolution``) instead of a bare relative
+# error with a hard-coded tolerance.
+
+
+def fd_check(estimate: torch.Tensor, fd: CentralDifference,
+             coords: Sequence[int] | None = None) -> hg.GradientCheck:
+    """``estimate`` (one entry per difference of ``fd``) judged against ``fd``'s error bars."""
+    return hg.GradientCheck.of(estimate, fd, coords)
+
+
+def with_estimate(check: hg.GradientCheck, estimate: torch.Tensor) -> hg.GradientCheck:
+    """The same finite differences judging another estimate of the same coordinates."""
+    g = estimate.detach().reshape(-1).cpu().to(DT)
+    rel_error = float((g - check.finite_difference).norm() / check.finite_difference.norm())
+    return dataclasses.replace(check, estimate=g, rel_error=rel_error)
+
+
+def fd_directional(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   v: torch.Tensor, step: float) -> CentralDifference:
+    """Central differences (fn(x + s v) − fn(x − s v)) / 2s of a vector-valued ``fn``, each
+    component with its own error bar: one :func:`central_differences` per component on
+    the same points, so ``fn`` is evaluated 11 times in all (cached)."""
+    cache: dict[bytes, torch.Tensor] = {}
+
+    def at(point: torch.Tensor) -> torch.Tensor:
+        key = point.detach().cpu().numpy().tobytes()
+        if key not in cache:
+            cache[key] = fn(point).detach().reshape(-1).cpu().to(DT)
+        return cache[key]
+
+    parts = [central_differences(lambda p, i=i: float(at(p)[i]), x, [v], step)
+             for i in range(at(x).numel())]
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return CentralDifference(cat("value"), cat("error"), cat("truncation"), cat("rounding"),
+                             cat("asymptotic"), max(p.noise for p in parts), step)
+
+
+def normwise_resolution(check: hg.GradientCheck) -> float:
+    """‖fd_error‖ / ‖fd‖: the smallest relative error, in norm, the differences can see
+    (for vectors with near-zero entries, whose per-entry resolution says little)."""
+    return float(check.fd_error.norm() / check.finite_difference.norm())
 
 
 @dataclass

@@ -119,6 +119,8 @@ def test_unrolled_jacobian_equals_closed_form_at_every_step(quadratic, case):
     closed, dx_star = _closed_form(eig, Q, b, *make_poly())
     scale = torch.maximum(closed.norm(dim=1), dx_star.norm().expand(T))
     err = (jac - closed).norm(dim=1) / scale
+    # 500 steps on 12 unknowns at κ = 100 round to ≤ rounding(500·12, 100) ≈ 2.7e-10 even in
+    # the worst case (observed 5e-15)
     assert float(err.max()) < 1e-9, (int(err.argmax()) + 1, float(err.max()))
     # the Jacobian error itself (not only the Jacobian) follows the closed form
     gap, gap_closed = (jac - dx_star).norm(dim=1), (closed - dx_star).norm(dim=1)

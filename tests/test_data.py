@@ -155,6 +155,8 @@ def test_load_idx_dataset(tmp_path: Path) -> None:
     assert ds.name == "tiny" and ds.num_classes == 10
     assert ds.train_x.shape == (20, 1, 5, 4) and ds.test_x.shape == (10, 1, 5, 4)
     assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
+    # float32 pixels against float64 k/255: one or two float32 roundings of values ≤ 1,
+    # ≤ ulp(1)/2 ≈ 6e-8 < 1e-7 on any IEEE-754 machine (here and below)
     np.testing.assert_allclose(ds.train_x[:, 0].numpy(), arrays["image_train"] / 255.0,
                                rtol=0, atol=1e-7)
     np.testing.assert_array_equal(ds.test_y.numpy(), arrays["label_test"])

@@ -16,6 +16,8 @@ from hypergrad.pytree import (
     tree_vdot,
 )
 
+from problems import rounding
+
 shapes = st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4)
 
 
@@ -44,8 +46,13 @@ def test_batched_operations_equal_per_column(shape_list, seed, k):
     axpy = tree_axpy(alpha, x, y, batched=True)
     for i in range(k):
         xi, yi = cols(x, i), cols(y, i)
-        assert torch.allclose(dots[i], tree_ravel(xi) @ tree_ravel(yi), rtol=1e-12, atol=1e-12)
-        assert torch.allclose(tree_norm(x, batched=True)[i], tree_ravel(xi).norm(), rtol=1e-12)
+        xf, yf = tree_ravel(xi), tree_ravel(yi)
+        # two summation orders of n products differ by ≤ 2γ_n Σ|x_j y_j| (Higham §3.1),
+        # which a cancelling dot product can make large relative to the dot itself;
+        # a sum of squares does not cancel: γ_n relative
+        bound = rounding(xf.numel())
+        assert torch.allclose(dots[i], xf @ yf, rtol=0, atol=bound * float((xf * yf).abs().sum()))
+        assert torch.allclose(tree_norm(x, batched=True)[i], xf.norm(), rtol=bound, atol=0)
         assert torch.allclose(tree_ravel(cols(axpy, i)), alpha[i] * tree_ravel(xi)
                               + tree_ravel(yi), rtol=1e-12, atol=1e-12)
     restacked = tree_stack([cols(x, i) for i in range(k)])
