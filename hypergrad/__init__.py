@@ -11,9 +11,14 @@ from .constrained import ConstrainedProblem
 from .errors import (
     BilevelInputError,
     ConvergenceWarning,
+    DivergenceError,
     HyperparameterError,
+    LinearSolveError,
     NonFiniteError,
     ObjectiveError,
+    OptimizerSettingError,
+    SecondOrderError,
+    SecondOrderWarning,
 )
 from .estimators import (
     ESTIMATORS,
@@ -37,6 +42,7 @@ from .linear_solve import GMRES, ConjugateGradient, Direct, FixedPoint, Neumann,
 from .optim import SGD, Adam, AdamW, Chebyshev, Momentum, Nesterov
 from .problem import Problem
 from .pytree import PyTree
+from .second_order import SecondOrderReport, check_second_order
 from .validation import check_problem
 
 __version__ = "0.1.0"
@@ -60,11 +66,13 @@ def hypergradient(problem: Problem | ConstrainedProblem, hparams: PyTree, params
 
 __all__ = [
     "Adam", "AdamW", "BilevelInputError", "Chebyshev", "ConjugateGradient",
-    "ConstrainedDiagnostics", "ConstrainedProblem", "ConvergenceWarning", "Diagnostics", "Direct",
-    "ESTIMATORS", "Estimator", "EstimatorState", "FixedPoint", "GMRES", "GradientCheck",
-    "Hypergradient", "HyperparameterError", "Implicit", "KKTImplicit", "LVHBA", "Linearization",
-    "Momentum", "Nesterov", "Neumann", "NonFiniteError", "ObjectiveError", "Problem", "PyTree",
-    "SABA", "SGD", "SOBA", "SolveResult", "Truncated", "Unrolled", "check_hypergradient",
-    "check_problem", "hvp", "hvp_batched", "hypergradient", "make_estimator", "mixed_vjp",
-    "soba_step_size",
+    "ConstrainedDiagnostics", "ConstrainedProblem", "ConvergenceWarning", "Diagnostics",
+    "Direct", "DivergenceError", "ESTIMATORS", "Estimator", "EstimatorState", "FixedPoint",
+    "GMRES", "GradientCheck", "Hypergradient", "HyperparameterError", "Implicit",
+    "KKTImplicit", "LVHBA", "LinearSolveError", "Linearization", "Momentum", "Nesterov",
+    "Neumann", "NonFiniteError", "ObjectiveError", "OptimizerSettingError", "Problem",
+    "PyTree", "SABA", "SGD", "SOBA", "SecondOrderError", "SecondOrderReport",
+    "SecondOrderWarning", "SolveResult", "Truncated", "Unrolled", "check_hypergradient",
+    "check_problem", "check_second_order", "hvp", "hvp_batched", "hypergradient",
+    "make_estimator", "mixed_vjp", "soba_step_size",
 ]

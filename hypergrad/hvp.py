@@ -65,7 +65,20 @@ def hvp_batched(f: Objective, params: PyTree, hparams: PyTree, batch: Any, vs: P
         one = lambda v: jvp(g, (params,), (v,))[1]  # noqa: E731
     else:
         one = lambda v: vjp(g, params)[1](v)[0]  # noqa: E731
-    return vmap(one, chunk_size=chunk_size)(vs) if batched else one(vs)
+    try:
+        return vmap(one, chunk_size=chunk_size)(vs) if batched else one(vs)
+    except (RuntimeError, NotImplementedError) as exc:
+        if mode != "jvp":
+            raise
+        raise _forward_error(f, hparams, params, batch, "hvp(mode='jvp')",
+                             "mode='reverse' or 'linearized'", exc) from exc
+
+
+def _forward_error(f: Objective, hparams: PyTree, params: PyTree, batch: Any, who: str,
+                   instead: str, exc: BaseException) -> BaseException:
+    from .second_order import forward_route_error  # imports Problem, which imports this
+
+    return forward_route_error(f, hparams, params, batch, who, instead, exc)
 
 
 class Linearization:
@@ -161,4 +174,10 @@ def mixed_vjp(f: Objective, params: PyTree, hparams: PyTree, batch: Any, v: PyTr
         def inner(lam: PyTree) -> torch.Tensor:
             return tree_vdot(grad(f)(params, lam, batch), v)
 
-    return grad(inner)(hparams)
+    try:
+        return grad(inner)(hparams)
+    except (RuntimeError, NotImplementedError) as exc:
+        if mode != "jvp":
+            raise
+        raise _forward_error(f, hparams, params, batch, "mixed_vjp(mode='jvp')",
+                             "mode='reverse'", exc) from exc

@@ -13,6 +13,7 @@ import torch
 import torch.utils._pytree as _pt
 
 from .errors import BilevelInputError, HyperparameterError, NonFiniteError, ObjectiveError
+from .optim import check_settings
 from .problem import Problem
 from .pytree import PyTree, tree_leaves, tree_requires_grad
 
@@ -82,14 +83,38 @@ def evaluate(name: str, fn: Any, params: PyTree, hparams: PyTree, batch: Any) ->
 
 
 def _setting_terms(problem: Problem, hparams: PyTree) -> list[torch.Tensor]:
+    """One scalar per tensor an optimizer setting computes from ``hparams`` (settings
+    such as Adam's ``betas`` may hold callables in a tuple)."""
     terms = []
     if dataclasses.is_dataclass(problem.optimizer):
         for f in dataclasses.fields(problem.optimizer):
             value = getattr(problem.optimizer, f.name)
-            if callable(value):
-                terms += [leaf.sum() for leaf in tree_leaves(value(hparams))
-                          if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+            for setting in value if isinstance(value, (tuple, list)) else [value]:
+                if callable(setting):
+                    terms += [leaf.sum() for leaf in tree_leaves(setting(hparams))
+                              if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
     return terms
+
+
+def _reads(terms: list[torch.Tensor], leaves: list[torch.Tensor]) -> list[bool]:
+    """Whether each of ``leaves`` is read by the sum of ``terms``."""
+    live = [t for t in terms if t.requires_grad]
+    if not live:
+        return [False] * len(leaves)
+    grads = torch.autograd.grad(sum(live), leaves, allow_unused=True)
+    return [g is not None for g in grads]
+
+
+def read_only_by_settings(problem: Problem, hparams: PyTree, params: PyTree) -> bool:
+    """True when neither objective reads any hyperparameter and the optimizer settings
+    read them all (a learned learning rate): then none of them moves the fixed point w*."""
+    lam = tree_requires_grad(hparams)
+    leaves = tree_leaves(lam)
+    with torch.enable_grad():
+        losses = [problem.inner_loss(params, lam, problem.full_batch()),
+                  problem.outer_loss(params, lam, problem.outer_batch)]
+        settings = _setting_terms(problem, lam)
+        return not any(_reads(losses, leaves)) and all(_reads(settings, leaves))
 
 
 def check_problem(problem: Problem, hparams: PyTree, params: PyTree) -> None:
@@ -98,7 +123,9 @@ def check_problem(problem: Problem, hparams: PyTree, params: PyTree) -> None:
     Hyperparameters and parameters must be pytrees of finite floating-point tensors on
     one device with one dtype (shared with the data); both objectives must return
     finite scalars; every hyperparameter must be read by the inner loss, the outer
-    loss or an optimizer setting (otherwise its hypergradient is identically zero).
+    loss or an optimizer setting (otherwise its hypergradient is identically zero);
+    the optimizer settings at these hyperparameters must be in range (a step size > 0, a
+    momentum in [0, 1), ...).
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be a hypergrad.Problem, got {type(problem).__name__}")
@@ -112,12 +139,10 @@ def check_problem(problem: Problem, hparams: PyTree, params: PyTree) -> None:
         terms = [evaluate("inner_loss", problem.inner_loss, params, lam, problem.full_batch()),
                  evaluate("outer_loss", problem.outer_loss, params, lam, problem.outer_batch)]
         terms += _setting_terms(problem, lam)
-        leaves = tree_leaves(lam)
-        live = [t for t in terms if t.requires_grad]
-        used = (torch.autograd.grad(sum(live), leaves, allow_unused=True) if live
-                else [None] * len(leaves))
-    for (path, _), g in zip(_named_leaves("hparams", hparams), used, strict=True):
-        if g is None:
+        used = _reads(terms, tree_leaves(lam))
+    for (path, _), read in zip(_named_leaves("hparams", hparams), used, strict=True):
+        if not read:
             raise HyperparameterError(
                 f"{path} is not read by inner_loss, outer_loss or the optimizer settings, so "
                 "its hypergradient is identically zero; remove it or use it")
+    check_settings(problem.optimizer, hparams)

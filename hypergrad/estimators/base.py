@@ -17,15 +17,28 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from torch.func import grad_and_value
 
-from ..errors import ConvergenceWarning, NonFiniteError, warn
+from ..errors import (
+    BilevelInputError,
+    ConvergenceWarning,
+    DivergenceError,
+    NonFiniteError,
+    SecondOrderError,
+    SecondOrderWarning,
+    warn,
+)
 from ..problem import Problem
 from ..pytree import PyTree, tree_leaves, tree_norm, tree_paths
+from ..second_order import ROUTE_NAMES, SecondOrderReport, check_second_order
 
 EstimatorState = dict[str, Any]
+#: what an estimator does with the second-order self-check: raise, warn, or skip it
+SelfCheck = Literal["error", "warn", "off"]
+SELF_CHECK_MODES = ("error", "warn", "off")
 
 
 @dataclass(frozen=True)
@@ -68,8 +81,11 @@ class Estimator(ABC):
     def __call__(self, problem: Problem, hparams: PyTree, params: PyTree,
                  state: EstimatorState | None = None) -> Hypergradient:
         start = time.perf_counter()
-        result = self.compute(problem, hparams, params, dict(state or {}))
-        _check_finite(result.grad, self.name)
+        state = dict(state or {})
+        if getattr(self, "self_check", "off") != "off" and isinstance(problem, Problem):
+            state = self.verify_second_order(problem, hparams, params, state)
+        result = self.compute(problem, hparams, params, state)
+        _check_finite(result, self.name)
         d = result.diagnostics
         if d.solve_converged is False:
             warn(
@@ -77,8 +93,7 @@ class Estimator(ABC):
                 f"{d.solve_residual:.2e} after {d.solve_iterations} iterations; raise "
                 "maxiter or tol", ConvergenceWarning)
         if self.warn_zero and all(bool((g == 0).all()) for g in tree_leaves(result.grad)):
-            warn(f"{self.name}: the hypergradient is exactly zero: the outer loss does not "
-                 "depend on the hyperparameters through this estimate", RuntimeWarning)
+            warn(self.zero_message(problem, hparams, result.params), RuntimeWarning)
         seconds = time.perf_counter() - start
         return replace(result, diagnostics=replace(
             d, seconds=seconds, hypergrad_norm=float(tree_norm(result.grad))))
@@ -88,13 +103,174 @@ class Estimator(ABC):
                 state: EstimatorState) -> Hypergradient:
         """Estimate the hypergradient; subclasses implement this."""
 
+    def zero_message(self, problem: Problem, hparams: PyTree, params: PyTree) -> str:
+        """The warning for an exactly zero estimate; subclasses say why where they know."""
+        return (f"{self.name}: the hypergradient is exactly zero: the outer loss does not "
+                "depend on the hyperparameters through this estimate")
 
-def _check_finite(tree: PyTree, who: str) -> None:
-    for path, leaf in zip(tree_paths(tree), tree_leaves(tree), strict=True):
+    # --- the second-order self-check (see hypergrad.second_order) ---------------------
+
+    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
+        """The routes by which this estimator differentiates ∇_w f a second time
+        (``"reverse"``, ``"forward"``, ``"reverse_forward"``); empty: none."""
+        return frozenset()
+
+    def route_options(self) -> list[tuple[frozenset[str], str]]:
+        """Settings of this estimator and the routes each takes, to suggest one that works."""
+        return []
+
+    def second_order_batch(self, problem: Problem) -> Any:
+        """The inner batch the self-check evaluates f on (that of the optimality
+        conditions by default)."""
+        return problem.full_batch()
+
+    def verify_second_order(self, problem: Problem, hparams: PyTree, params: PyTree,
+                            state: EstimatorState) -> EstimatorState:
+        """Run the (cached) self-check on the inner loss and act on the routes this
+        estimator uses: raise :class:`SecondOrderError` (or warn, with
+        ``self_check="warn"``) when one is wrong or unsupported. Returns ``state``."""
+        routes = self.second_order_routes(state)
+        if not routes:
+            return state
+        report = check_second_order(problem.inner_loss, hparams, params,
+                                    self.second_order_batch(problem))
+        if not report.usable(routes):
+            self.second_order_failure(report, routes)
+        return state
+
+    def second_order_failure(self, report: SecondOrderReport, routes: frozenset[str]) -> None:
+        """Raise (or warn about) the routes of ``routes`` that the report rejects."""
+        message = second_order_message(self, report, routes)
+        if getattr(self, "self_check", "error") == "warn":
+            warn(message, SecondOrderWarning)
+        else:
+            raise SecondOrderError(message)
+
+
+def check_self_check(owner: str, value: object) -> None:
+    """Validate an estimator's ``self_check`` setting."""
+    if value not in SELF_CHECK_MODES:
+        raise BilevelInputError(f"{owner}.self_check must be one of {SELF_CHECK_MODES}, "
+                                f"got {value!r}")
+
+
+def second_order_message(est: Estimator, report: SecondOrderReport,
+                         routes: frozenset[str]) -> str:
+    """Which routes failed, the likely operator, and what to use instead."""
+    bad = [r for r in sorted(routes) if report.status(r) not in ("ok", "unverified")]
+    verbs = {"wrong": "come out wrong by", "unsupported": "cannot be taken by",
+             "disputed": "disagree with another route, unresolved by central differences, "
+                         "by"}
+    parts = [f"{est.name}: the second derivatives of the inner loss "
+             + "; ".join(f"{verbs[report.status(r)]} {ROUTE_NAMES[r]}" for r in bad)
+             + ", which this estimator uses. On a random probe, uᵀ(∂∇_w f/∂(w, λ))v is:\n"
+             + report.summary()]
+    if any(report.status(r) == "unsupported" for r in bad):
+        op = report.unsupported_operator
+        errors = {report.routes[r].error for r in bad if report.routes[r].error}
+        parts.append(("The operator without a forward-mode rule is " + op + ". "
+                      if op else "An operator has no forward-mode rule. ")
+                     + "PyTorch said: " + " | ".join(sorted(errors))[:300])
+    if report.suspects:
+        parts.append("Likely cause: " + "; ".join(report.suspects) + ".")
+    elif any(report.status(r) in ("wrong", "disputed") for r in bad):
+        parts.append("Likely cause: an operator whose backward is not itself differentiable "
+                     "(a custom autograd.Function with @once_differentiable) or a fused "
+                     "kernel with a wrong double backward.")
+    working = [how for needs, how in est.route_options() if report.usable(needs)
+               and not needs <= routes]
+    if working:
+        parts.append(f"Use {' or '.join(working)}, which works here, or write the operator "
+                     "with basic differentiable torch ops.")
+    else:
+        parts.append("No other setting of this estimator avoids it: replace the operator "
+                     "(write it with basic differentiable torch ops).")
+    parts.append(f"(To skip this check: {type(est).__name__}(..., self_check='off'); "
+                 "self_check='warn' warns instead.)")
+    return "\n".join(parts)
+
+
+def _check_finite(result: Hypergradient, who: str) -> None:
+    """NaN or inf in the hypergradient or in the inner solution, blamed on a diverged
+    inner run when the inner solution has them too."""
+    diverged = nonfinite_leaf(result.params, "params")
+    steps = result.diagnostics.inner_steps
+    for path, leaf in zip(tree_paths(result.grad), tree_leaves(result.grad), strict=True):
         if not bool(torch.isfinite(leaf).all()):
+            if diverged is not None:
+                raise DivergenceError(f"{who}: the hypergradient{path} contains NaN or inf "
+                                      f"because {_diverged(who, diverged, steps)}")
             raise NonFiniteError(f"{who}: the hypergradient{path} contains NaN or inf; "
                                  "lower the step sizes (the inner learning rate, or "
                                  "alpha/eta of LV-HBA) or check the losses")
+    if diverged is not None:
+        raise DivergenceError(f"{who}: {_diverged(who, diverged, steps)}")
+
+
+#: an inner run diverged if its final loss exceeds both GROWTH × |initial loss| and FLOOR
+GROWTH, FLOOR = 1e10, 1e10
+
+
+def nonfinite_leaf(tree: PyTree, name: str) -> str | None:
+    """The name of the first leaf of ``tree`` with NaN or inf, or None (one host sync)."""
+    leaves = [a for a in tree_leaves(tree) if isinstance(a, torch.Tensor)]
+    if not leaves or bool(torch.stack([torch.isfinite(a).all() for a in leaves]).all()):
+        return None
+    for path, leaf in zip(tree_paths(tree), tree_leaves(tree), strict=True):
+        if isinstance(leaf, torch.Tensor) and not bool(torch.isfinite(leaf).all()):
+            return name + path
+    return None
+
+
+#: the inner step sizes of estimators without an inner optimizer
+_STEP_SIZES = {"soba": "rho", "saba": "rho", "lvhba": "alpha and eta"}
+
+
+def _lower_step(who: str) -> str:
+    """What to do about a diverged inner run."""
+    if who in _STEP_SIZES:
+        return f"lower {_STEP_SIZES[who]}"
+    return "lower the inner step size (lr): gradient descent diverges once lr > 2/λ_max(∇²_w f)"
+
+
+def _diverged(who: str, leaf: str, steps: int) -> str:
+    return (f"the inner run diverged: {leaf} contains NaN or inf after {steps} inner steps; "
+            + _lower_step(who))
+
+
+def check_inner_params(who: str, params: PyTree, steps: int) -> None:
+    """Raise :class:`DivergenceError` naming the first leaf of the inner solution with NaN
+    or inf, before any work is done at it."""
+    leaf = nonfinite_leaf(params, "params")
+    if leaf is not None:
+        raise DivergenceError(f"{who}: {_diverged(who, leaf, steps)}" if steps else
+                              f"{who}: {leaf} contains NaN or inf (inner_steps=0 takes it "
+                              "as the inner solution)")
+
+
+def check_growth(who: str, start: float, end: float, steps: int) -> None:
+    """Raise :class:`DivergenceError` when the inner loss grew from ``start`` to ``end``
+    by more than GROWTH times (and beyond FLOOR): a step size too large for the inner
+    problem, even if nothing overflowed yet. A healthy run never trips it."""
+    if end > GROWTH * abs(start) and end > FLOOR:
+        raise DivergenceError(
+            f"{who}: the inner run diverged: the inner loss went from {start:.3e} to "
+            f"{end:.3e} over {steps} inner steps; " + _lower_step(who))
+
+
+def inner_loss_value(problem: Problem, params: PyTree, hparams: PyTree) -> float:
+    """f(params, hparams, full batch) without keeping a graph."""
+    with torch.no_grad():
+        return float(problem.inner_loss(params, hparams, problem.full_batch()))
+
+
+def inner_fit(problem: Problem, params: PyTree, hparams: PyTree) -> tuple[float, float]:
+    """(f, ‖∇_w f‖) at ``params`` on the full batch: one gradient evaluation, one host
+    sync, no graph kept."""
+    with torch.no_grad():
+        g, f = grad_and_value(problem.inner_loss)(params, hparams, problem.full_batch())
+        f, gnorm = torch.stack((f.detach(), tree_norm(g).to(f.dtype))).tolist()
+    return f, gnorm
 
 
 def inner_grad_norm(problem: Problem, params: PyTree, hparams: PyTree) -> float:

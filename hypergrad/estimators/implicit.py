@@ -21,7 +21,7 @@ of percent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -30,10 +30,23 @@ from torch.func import grad, vjp
 from ..errors import ConvergenceWarning, warn
 from ..hvp import HVP_MODES, HVPMode, Linearization, mixed_vjp
 from ..linear_solve import GMRES, ConjugateGradient, LinearSolver, SolveResult
-from ..optim import State
+from ..optim import State, check_settings
 from ..problem import Problem
 from ..pytree import PyTree, tree_detach, tree_map2, tree_zeros_like
-from .base import Diagnostics, Estimator, EstimatorState, Hypergradient, inner_grad_norm
+from ..second_order import check_second_order
+from ..validation import read_only_by_settings
+from .base import (
+    Diagnostics,
+    Estimator,
+    EstimatorState,
+    Hypergradient,
+    SelfCheck,
+    check_growth,
+    check_inner_params,
+    check_self_check,
+    inner_fit,
+    inner_loss_value,
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,11 @@ class Implicit(Estimator):
         inner_tol: warn when ‖∇_w f(w*)‖ exceeds it (``None``: never).
         warm_start: start the linear solve from the previous solution and the inner
             optimizer from its previous state, both kept in ``state``.
+        self_check: ``"error"`` (default), ``"warn"`` or ``"off"``: the second-order
+            self-check on the first call for an inner loss (:mod:`hypergrad.second_order`).
+            With ``hvp="auto"`` it also rules out a form whose products are wrong or
+            unsupported: a model without forward-mode rules gets ``"linearized"``, one
+            whose double backward is wrong ``"jvp"``.
     """
 
     name: ClassVar[str] = "implicit"
@@ -60,8 +78,10 @@ class Implicit(Estimator):
     inner_steps: int | None = None
     inner_tol: float | None = 1e-4
     warm_start: bool = True
+    self_check: SelfCheck = field(default="error", kw_only=True)
 
     def __post_init__(self) -> None:
+        check_self_check("Implicit", self.self_check)
         if self.hvp not in HVP_MODES:
             raise ValueError(f"Implicit.hvp must be one of {HVP_MODES}, got {self.hvp!r}")
         solver = self.linear_solver
@@ -80,18 +100,41 @@ class Implicit(Estimator):
             return self.solver
         return GMRES() if self.fixed_point else ConjugateGradient()
 
+    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
+        if self.fixed_point:
+            return hvp_routes("reverse")
+        return hvp_routes(state.get("hvp_mode", self.hvp))
+
+    def route_options(self) -> list[tuple[frozenset[str], str]]:
+        if self.fixed_point:
+            return []
+        return [(hvp_routes("linearized"), "Implicit(hvp='linearized')"),
+                (hvp_routes("jvp"), "Implicit(hvp='jvp')")]
+
+    def verify_second_order(self, problem: Problem, hparams: PyTree, params: PyTree,
+                            state: EstimatorState) -> EstimatorState:
+        """With ``hvp="auto"`` keep only the forms whose routes the self-check accepts
+        (the choice is kept in ``state["hvp_mode"]`` when one form is ruled out)."""
+        if self.fixed_point or self.hvp != "auto" or "hvp_mode" in state:
+            return super().verify_second_order(problem, hparams, params, state)
+        report = check_second_order(problem.inner_loss, hparams, params,
+                                    self.second_order_batch(problem))
+        usable = [m for m in ("linearized", "jvp") if report.usable(hvp_routes(m))]
+        if not usable:
+            self.second_order_failure(report, hvp_routes("linearized") | hvp_routes("jvp"))
+        elif len(usable) == 1:
+            if report.status("reverse") in ("wrong", "disputed"):
+                warn("implicit: Hessian-vector products by double backward are wrong for "
+                     "this inner loss (an operator whose backward is not differentiable); "
+                     "hvp='auto' uses forward-over-reverse ('jvp'), which agrees with "
+                     "central differences", RuntimeWarning)
+            return {**state, "hvp_mode": usable[0]}
+        return state
+
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
         hparams = tree_detach(hparams)
-        w, opt_state = problem.solve_inner(
-            params, hparams, self.inner_steps,
-            state.get("inner_state") if self.warm_start else None)
-        gnorm = inner_grad_norm(problem, w, hparams)
-        if self.inner_tol is not None and gnorm > self.inner_tol:
-            warn(
-                f"implicit: the inner problem is not converged (‖∇_w f‖ = {gnorm:.2e} > "
-                f"inner_tol = {self.inner_tol:.0e}); the hypergradient may be badly wrong. "
-                "Run more inner steps or use an unrolled estimator", ConvergenceWarning)
+        w, opt_state, gnorm = self._solve_inner(problem, hparams, params, state)
         loss, (gF_w, gF_lam) = _outer_grads(problem, w, hparams)
         x0 = state.get("v") if self.warm_start else None
         new_state = dict(state)
@@ -108,6 +151,38 @@ class Implicit(Estimator):
             self.name, float(loss), gnorm, steps, solve_iterations=result.iterations,
             solve_residual=result.residual, solve_converged=result.converged,
             solve_residuals=result.residuals))
+
+    def _solve_inner(self, problem: Problem, hparams: PyTree, params: PyTree,
+                     state: EstimatorState) -> tuple[PyTree, State, float]:
+        """w* by the graph-free inner steps, checked for divergence (NaN or inf, or a
+        loss grown by orders of magnitude), and ‖∇_w f(w*)‖."""
+        steps = problem.steps if self.inner_steps is None else self.inner_steps
+        check_settings(problem.optimizer, hparams)
+        start = inner_loss_value(problem, params, hparams) if steps else 0.0
+        w, opt_state = problem.solve_inner(
+            params, hparams, self.inner_steps,
+            state.get("inner_state") if self.warm_start else None)
+        check_inner_params(self.name, w, steps)
+        end, gnorm = inner_fit(problem, w, hparams)
+        if steps:
+            check_growth(self.name, start, end, steps)
+        if self.inner_tol is not None and gnorm > self.inner_tol:
+            warn(
+                f"implicit: the inner problem is not converged (‖∇_w f‖ = {gnorm:.2e} > "
+                f"inner_tol = {self.inner_tol:.0e}); the hypergradient may be badly wrong. "
+                "Run more inner steps or use an unrolled estimator", ConvergenceWarning)
+        return w, opt_state, gnorm
+
+    def zero_message(self, problem: Problem, hparams: PyTree, params: PyTree) -> str:
+        """Zero because only optimizer settings read the hyperparameters, or as usual."""
+        if not read_only_by_settings(problem, hparams, params):
+            return super().zero_message(problem, hparams, params)
+        return (f"{self.name}: the hypergradient is exactly zero because the hyperparameters "
+                "are read only by optimizer settings (learning rate, momentum, ...), which "
+                "have no effect at the fixed point w* (where ∇_w f(w*) = 0 whatever the "
+                "step), so implicit differentiation gives zero for them. Use an unrolled "
+                "estimator (Unrolled or Truncated), which differentiates through the inner "
+                "steps")
 
     def _stationary(self, problem: Problem, w: PyTree, lam: PyTree, gF_w: PyTree,
                     gF_lam: PyTree, x0: PyTree | None, hvp_mode: HVPMode,
@@ -142,6 +217,17 @@ class Implicit(Estimator):
 
         result = self.linear_solver(matvec, rhs, x0=x0)
         return tree_map2(torch.add, gF_lam, pullback(result.x)[1]), result
+
+
+def hvp_routes(mode: str) -> frozenset[str]:
+    """The second-derivative routes of an HVP form: double backward for ``"reverse"`` and
+    ``"linearized"`` (products and the mixed term); ``"jvp"`` takes products by
+    forward-over-reverse and the mixed term by reverse-over-forward."""
+    if mode == "jvp":
+        return frozenset({"forward", "reverse_forward"})
+    if mode == "auto":
+        return frozenset()
+    return frozenset({"reverse"})
 
 
 def _outer_grads(problem: Problem, w: PyTree, lam: PyTree) -> tuple[torch.Tensor, Any]:

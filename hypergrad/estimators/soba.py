@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -47,7 +47,14 @@ from ..pytree import (
     tree_vdot,
     tree_zeros_like,
 )
-from .base import Diagnostics, Estimator, EstimatorState, Hypergradient
+from .base import (
+    Diagnostics,
+    Estimator,
+    EstimatorState,
+    Hypergradient,
+    SelfCheck,
+    check_self_check,
+)
 
 SobaHVP = Literal["reverse", "jvp"]
 
@@ -106,6 +113,25 @@ def _check_hvp(owner: str, mode: str) -> None:
         raise ValueError(f"{owner}.hvp must be 'reverse' or 'jvp', got {mode!r}")
 
 
+class _SingleLoopRoutes:
+    """The second-order routes of SOBA and SABA: ⟨∇_z g, v⟩ differentiated in (z, x) by
+    double backward (``hvp="reverse"``) or reverse-over-forward (``hvp="jvp"``), checked
+    on the first inner sample."""
+
+    hvp: SobaHVP
+
+    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
+        return frozenset({"reverse"} if self.hvp == "reverse" else {"reverse_forward"})
+
+    def route_options(self) -> list[tuple[frozenset[str], str]]:
+        owner = type(self).__name__
+        return [(frozenset({"reverse"}), f"{owner}(hvp='reverse')"),
+                (frozenset({"reverse_forward"}), f"{owner}(hvp='jvp')")]
+
+    def second_order_batch(self, problem: Problem) -> Any:
+        return problem.batch_at(0)
+
+
 def _diagnostics(name: str, loss: torch.Tensor, d_z: PyTree, d_v: PyTree,
                  f_z: PyTree) -> Diagnostics:
     """``solve_residual`` = ‖D_v‖ / ‖∇_z f‖: the relative residual of H v = −∇_z f."""
@@ -115,7 +141,7 @@ def _diagnostics(name: str, loss: torch.Tensor, d_z: PyTree, d_v: PyTree,
 
 
 @dataclass(frozen=True)
-class SOBA(Estimator):
+class SOBA(_SingleLoopRoutes, Estimator):
     """Stochastic single-loop bilevel estimator (one inner step, one v step per call).
 
     At outer step ``t = state["t"]`` (0 first) the inner minibatch is
@@ -128,6 +154,8 @@ class SOBA(Estimator):
         decay: use ρ_t = ρ / √(t + 1) (default); ``False`` keeps ρ constant. Apply
             :func:`soba_step_size` to the outer step likewise.
         hvp: ``"reverse"`` (one pass, double backward) or ``"jvp"`` (forward mode).
+        self_check: ``"error"`` (default), ``"warn"`` or ``"off"``: the second-order
+            self-check on the first call for an inner loss (:mod:`hypergrad.second_order`).
 
     State: ``"v"`` (default zeros like ``params``) and ``"t"`` (default 0).
     """
@@ -136,8 +164,10 @@ class SOBA(Estimator):
     rho: float = 0.1
     decay: bool = True
     hvp: SobaHVP = "reverse"
+    self_check: SelfCheck = field(default="error", kw_only=True)
 
     def __post_init__(self) -> None:
+        check_self_check("SOBA", self.self_check)
         _positive("SOBA", "rho", self.rho)
         _check_hvp("SOBA", self.hvp)
         if not isinstance(self.decay, bool):
@@ -163,7 +193,7 @@ class SOBA(Estimator):
 
 
 @dataclass(frozen=True)
-class SABA(Estimator):
+class SABA(_SingleLoopRoutes, Estimator):
     """SOBA with SAGA variance reduction over finite sums, at constant step sizes.
 
     The inner loss is g = (1/n) Σ_i g_i over ``n_inner`` samples and the outer loss
@@ -194,6 +224,7 @@ class SABA(Estimator):
         inplace: update the memory tables in place (O(|I|·d) per call instead of copying
             O(n·d)); the ``state`` passed in is then consumed and must not be reused.
         hvp: ``"reverse"`` or ``"jvp"``, as in :class:`SOBA`.
+        self_check: the second-order self-check, as in :class:`SOBA`.
 
     State: ``"v"``, ``"t"``, ``"memory"`` and ``"mean"`` (each ``{"inner": (…),
     "outer": (…)}``, tables stacked along a leading sample dimension).
@@ -211,10 +242,12 @@ class SABA(Estimator):
     full_init: bool = True
     inplace: bool = False
     hvp: SobaHVP = "reverse"
+    self_check: SelfCheck = field(default="error", kw_only=True)
 
     def __post_init__(self) -> None:
-        for field in ("n_inner", "n_outer", "batch_size"):
-            _positive("SABA", field, getattr(self, field), integer=True)
+        check_self_check("SABA", self.self_check)
+        for name in ("n_inner", "n_outer", "batch_size"):
+            _positive("SABA", name, getattr(self, name), integer=True)
         if self.outer_batch_size is not None:
             _positive("SABA", "outer_batch_size", self.outer_batch_size, integer=True)
             if self.outer_batch_size > self.n_outer:

@@ -9,15 +9,26 @@ so that the window slides over the whole trajectory across outer steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 
+from ..optim import check_settings
 from ..problem import Problem
 from ..pytree import PyTree, tree_detach
-from .base import Diagnostics, Estimator, EstimatorState, Hypergradient, inner_grad_norm
-from .unrolled import Unrolled, differentiate
+from .base import (
+    Diagnostics,
+    Estimator,
+    EstimatorState,
+    Hypergradient,
+    SelfCheck,
+    check_growth,
+    check_self_check,
+    inner_fit,
+    inner_loss_value,
+)
+from .unrolled import Unrolled, differentiate, unrolled_routes
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,7 @@ class Truncated(Estimator):
         seed: seed of the window draws.
         mode, recompute, segment: how the window itself is differentiated (see
             :class:`Unrolled`).
+        self_check: the second-order self-check, as in :class:`Unrolled`.
     """
 
     name: ClassVar[str] = "truncated"
@@ -40,8 +52,10 @@ class Truncated(Estimator):
     mode: Literal["reverse", "forward"] = "reverse"
     recompute: bool = False
     segment: int | None = None
+    self_check: SelfCheck = field(default="error", kw_only=True)
 
     def __post_init__(self) -> None:
+        check_self_check("Truncated", self.self_check)
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"Truncated.window must be a positive int, got {self.window!r}")
 
@@ -53,16 +67,27 @@ class Truncated(Estimator):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draws)
         return int(torch.randint(0, slack + 1, (), generator=gen))
 
+    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
+        return unrolled_routes(self.mode)
+
+    def route_options(self) -> list[tuple[frozenset[str], str]]:
+        return [(unrolled_routes("reverse"), "Truncated(mode='reverse')"),
+                (unrolled_routes("forward"), "Truncated(mode='forward')")]
+
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
         draws = int(state.get("draws", 0))
         n0 = self.window_start(problem.steps, draws)
         stop = min(n0 + self.window, problem.steps)
         params = tree_detach(params)
+        check_settings(problem.optimizer, hparams)
+        start = inner_loss_value(problem, params, hparams)
         opt_state = problem.optimizer.init(params)
         params, opt_state = problem.run(params, opt_state, hparams, 0, n0, graph=False)
         inner = Unrolled(mode=self.mode, recompute=self.recompute, segment=self.segment)
         grad, w, loss = differentiate(inner, problem, hparams, params, opt_state, n0, stop)
+        end, gnorm = inner_fit(problem, w, hparams)
+        check_growth(self.name, start, end, stop)
         new_state = {**state, "draws": draws + 1} if self.random else state
         return Hypergradient(grad, w, new_state, Diagnostics(
-            self.name, float(loss), inner_grad_norm(problem, w, hparams), stop))
+            self.name, float(loss), gnorm, stop))

@@ -14,13 +14,13 @@ exact gradient of λ ↦ F(w_T(λ), λ) for the T-step map.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 from torch.func import jvp, vmap
 
-from ..optim import State
+from ..optim import State, check_settings
 from ..problem import Problem
 from ..pytree import (
     PyTree,
@@ -32,7 +32,17 @@ from ..pytree import (
     tree_unflatten,
     tree_unravel,
 )
-from .base import Diagnostics, Estimator, EstimatorState, Hypergradient, inner_grad_norm
+from .base import (
+    Diagnostics,
+    Estimator,
+    EstimatorState,
+    Hypergradient,
+    SelfCheck,
+    check_growth,
+    check_self_check,
+    inner_fit,
+    inner_loss_value,
+)
 
 
 def _float_leaves(tree: PyTree) -> list[torch.Tensor]:
@@ -111,7 +121,9 @@ def unroll_forward(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
 
     flat = tree_ravel(lam)
     basis = tree_unravel(torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device), lam)
-    directional = vmap(lambda e: jvp(h, (lam,), (e,), has_aux=True), chunk_size=chunk_size)
+    # one function, many directions: random ops (seeded Dropout) draw the same for each
+    directional = vmap(lambda e: jvp(h, (lam,), (e,), has_aux=True), chunk_size=chunk_size,
+                       randomness="same")
     loss, dloss, p = directional(basis)
     grad = tree_unravel(dloss, lam)
     return grad, tree_map_first(p), loss[0]
@@ -136,6 +148,8 @@ class Unrolled(Estimator):
         recompute: store only every ``segment``-th state and recompute in backward.
         segment: steps per stored state with ``recompute``; default ⌈√T⌉.
         chunk_size: forward mode: hyperparameter coordinates per vmap chunk.
+        self_check: ``"error"`` (default), ``"warn"`` or ``"off"``: the second-order
+            self-check on the first call for an inner loss (:mod:`hypergrad.second_order`).
     """
 
     name: ClassVar[str] = "unrolled"
@@ -143,8 +157,10 @@ class Unrolled(Estimator):
     recompute: bool = False
     segment: int | None = None
     chunk_size: int | None = None
+    self_check: SelfCheck = field(default="error", kw_only=True)
 
     def __post_init__(self) -> None:
+        check_self_check("Unrolled", self.self_check)
         if self.mode not in ("reverse", "forward"):
             raise ValueError(f"Unrolled.mode must be 'reverse' or 'forward', got {self.mode!r}")
         if self.segment is not None and self.segment < 1:
@@ -153,13 +169,30 @@ class Unrolled(Estimator):
             raise ValueError("Unrolled: recompute applies to reverse mode only "
                              "(forward mode already uses memory independent of T)")
 
+    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
+        return unrolled_routes(self.mode)
+
+    def route_options(self) -> list[tuple[frozenset[str], str]]:
+        return [(unrolled_routes("reverse"), "Unrolled(mode='reverse')"),
+                (unrolled_routes("forward"), "Unrolled(mode='forward')")]
+
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
+        check_settings(problem.optimizer, hparams)
+        start = inner_loss_value(problem, params, hparams)
         opt_state = problem.optimizer.init(tree_detach(params))
         grad, w, loss = differentiate(self, problem, hparams, params, opt_state,
                                       0, problem.steps)
+        end, gnorm = inner_fit(problem, w, hparams)
+        check_growth(self.name, start, end, problem.steps)
         return Hypergradient(grad, w, state, Diagnostics(
-            self.name, float(loss), inner_grad_norm(problem, w, hparams), problem.steps))
+            self.name, float(loss), gnorm, problem.steps))
+
+
+def unrolled_routes(mode: str) -> frozenset[str]:
+    """Reverse-mode unrolling takes double backward through each step's gradient; forward
+    mode, forward-over-reverse."""
+    return frozenset({"reverse"} if mode == "reverse" else {"forward"})
 
 
 def differentiate(est: Unrolled, problem: Problem, hparams: PyTree, params: PyTree,

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import ConvergenceWarning, LinearSolveError, warn
 from ..pytree import PyTree, tree_axpy, tree_vdot
 from .base import MatVec, SolveResult
 from .system import _lift, _System, check_common
@@ -20,6 +21,12 @@ class ConjugateGradient:
     α = ⟨r, z⟩ / ⟨p, A p⟩, x ← x + α p, r ← r − α A p, p ← z' + (⟨r', z'⟩ / ⟨r, z⟩) p,
     and the A-norm error falls at least like 2 ((√κ − 1) / (√κ + 1))^k. One product per
     iteration; the residuals reported are the recursive ones.
+
+    A step α that is not finite (pᵀAp = 0: A singular or indefinite) raises
+    :class:`~hypergrad.errors.LinearSolveError`. A curvature pᵀAp < 0 is not an error by
+    itself (CG often still converges on an invertible indefinite system, such as the
+    Hessian at a saddle of a network's loss); it is named in a ConvergenceWarning if the
+    solve then stops short of ``tol``.
     """
 
     tol: float = 1e-10
@@ -37,17 +44,66 @@ class ConjugateGradient:
         precond = _lift(self.preconditioner, batched) or (lambda r: r)
         x, r = system.start(x0)
         rel = system.relative(r)
-        active, history = rel > self.tol, [float(rel.max())]
+        active, history, indefinite = rel > self.tol, [float(rel.max())], None
         z = precond(r)
         p, rz = z, tree_vdot(r, z, batched=True)
         while active.any() and len(history) <= self.maxiter:
             ap = system.apply(p)
-            step = torch.where(active, rz / tree_vdot(p, ap, batched=True), 0)
+            curvature = tree_vdot(p, ap, batched=True)
+            step = torch.where(active, rz / curvature, 0)
+            broken, negative = active & ~step.isfinite(), active & ~((curvature > 0) & (rz > 0))
             x, r = tree_axpy(step, p, x, batched=True), tree_axpy(-step, ap, r, batched=True)
             rel = system.relative(r)
             active = active & (rel > self.tol)
-            history.append(float(rel.max()))
+            worst, failed, met = torch.stack(  # one host sync per iteration, as ever
+                (rel.max(), broken.any().to(rel.dtype), negative.any().to(rel.dtype))).tolist()
+            if failed:
+                raise _breakdown(system, len(history), broken, curvature)
+            if met and indefinite is None:
+                indefinite = _nonpositive(system, len(history), negative, curvature, rz)
+            history.append(worst)
             z = precond(r)
             rz, rz_old = tree_vdot(r, z, batched=True), rz
             p = tree_axpy(torch.where(active, rz / rz_old, 0), p, z, batched=True)
-        return system.result(x, len(history) - 1, history, self.tol)
+        result = system.result(x, len(history) - 1, history, self.tol)
+        if indefinite is not None and not result.converged:
+            warn(f"ConjugateGradient stopped at relative residual {result.residual:.2e} after "
+                 f"{result.iterations} iterations and met {indefinite}", ConvergenceWarning)
+        return result
+
+
+_ADVICE = ("Add damping (ConjugateGradient(damping=...)) or use a solver for general systems "
+           "(GMRES, Direct)")
+
+
+def _column(system: _System, mask: torch.Tensor) -> tuple[int, str]:
+    """The first column in ``mask``, and how to name it in a message."""
+    col = int(mask.nonzero()[0, 0])
+    return col, f" (column {col})" if system.batched else ""
+
+
+def _breakdown(system: _System, iteration: int, broken: torch.Tensor,
+               curvature: torch.Tensor) -> LinearSolveError:
+    """The error for a step α = ⟨r, M⁻¹r⟩ / pᵀAp that is not finite: pᵀAp = 0, A singular."""
+    col, where = _column(system, broken)
+    damped = "(A + damping·I)" if system.damping else "A"
+    return LinearSolveError(
+        f"ConjugateGradient broke down at iteration {iteration}{where}: the curvature "
+        f"pᵀ{damped}p = {float(curvature[col]):.3e} gives no finite step, so the system is "
+        "singular or not positive definite (CG needs a symmetric positive-definite matrix). "
+        + _ADVICE)
+
+
+def _nonpositive(system: _System, iteration: int, negative: torch.Tensor,
+                 curvature: torch.Tensor, rz: torch.Tensor) -> str:
+    """What a step of the wrong sign met (CG may still converge on an indefinite system;
+    this is reported only if it does not)."""
+    col, where = _column(system, negative)
+    pap, rz = float(curvature[col]), float(rz[col])
+    if pap > 0:
+        return (f"⟨r, M⁻¹r⟩ = {rz:.3e} ≤ 0 at iteration {iteration}{where}: the "
+                "preconditioner is not positive definite; fix it or drop it")
+    damped = "(A + damping·I)" if system.damping else "A"
+    return (f"the curvature pᵀ{damped}p = {pap:.3e} ≤ 0 at iteration {iteration}{where}: the "
+            "system is singular or not positive definite, which CG does not handle, so more "
+            "iterations may not help. " + _ADVICE)

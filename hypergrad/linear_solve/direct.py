@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import vmap
 
-from ..errors import NonFiniteError
+from ..errors import LinearSolveError, NonFiniteError
 from ..pytree import PyTree, tree_leaves, tree_map, tree_stack, tree_unravel, tree_zeros_like
 from .base import MatVec, SolveResult
 from .system import _System, check
@@ -26,7 +26,8 @@ class Direct:
     Costs n products and O(n³) work, so n (the number of scalars per right-hand side)
     is capped by ``max_size``. ``symmetric=True`` uses a Cholesky factorisation (with an
     LU fallback when A is not positive definite). ``x0`` is ignored; ``converged`` says
-    whether the relative residual of the dense solve is below ``tol``.
+    whether the relative residual of the dense solve is below ``tol``. A singular matrix
+    raises :class:`~hypergrad.errors.LinearSolveError` (add ``damping``).
     """
 
     damping: float = 0.0
@@ -59,9 +60,10 @@ class Direct:
         eye, like = torch.eye(n, dtype=B.dtype, device=B.device), tree_map(lambda a: a[0], system.b)
         A = self._materialise(matvec, eye, like, batched) + self.damping * eye
         X = self._solve(A, B)
-        residual = torch.linalg.vector_norm(B - A @ X, dim=0) / system.bscale
-        x = tree_unravel(X.T, like)
-        return system.result(x, n, [1.0, float(residual.max())], self.tol)
+        residual = float((torch.linalg.vector_norm(B - A @ X, dim=0) / system.bscale).max())
+        if not math.isfinite(residual):  # singular to working precision without a LinAlgError
+            raise self._singular(n, "the solution contains NaN or inf")
+        return system.result(tree_unravel(X.T, like), n, [1.0, residual], self.tol)
 
     def _materialise(self, matvec: MatVec, eye: torch.Tensor, like: PyTree,
                      batched: bool) -> torch.Tensor:
@@ -84,4 +86,14 @@ class Direct:
             L, info = torch.linalg.cholesky_ex(A)
             if info == 0:
                 return torch.cholesky_solve(B, L)
-        return torch.linalg.solve(A, B)
+        try:
+            return torch.linalg.solve(A, B)
+        except torch.linalg.LinAlgError as exc:
+            raise self._singular(A.shape[0], "a zero pivot in its LU factorisation") from exc
+
+    def _singular(self, n: int, found: str) -> LinearSolveError:
+        matrix = f"A + damping·I (damping = {self.damping:g})" if self.damping else "A"
+        return LinearSolveError(
+            f"Direct: the {n}×{n} matrix {matrix} is singular ({found}), so the system has "
+            "no unique solution. Add damping (Direct(damping=...), e.g. 1e-6 × the scale of "
+            "A) or regularise the inner problem so that its Hessian is positive definite")

@@ -6,9 +6,13 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..errors import LinearSolveError
 from ..pytree import PyTree, tree_axpy, tree_sub
 from .base import MatVec, SolveResult
 from .system import _System, check, check_common
+
+#: growth of the residual over its start beyond which a fixed-point iteration has diverged
+DIVERGED = 1e10
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,9 @@ class FixedPoint:
     The error contracts by I − αA at every step, so along an eigenvector of an SPD A with
     eigenvalue μ it falls like (1 − αμ)^k (α = 1/L with L ≥ λ_max is safe). It also
     converges for non-symmetric A whenever the spectral radius of I − αA is below 1.
-    Each iteration takes one product, which also gives the exact residual.
+    Each iteration takes one product, which also gives the exact residual. A residual
+    grown ``DIVERGED`` (1e10) times over its start raises
+    :class:`~hypergrad.errors.LinearSolveError`: the iteration does not contract.
     """
 
     alpha: float = 1.0
@@ -45,7 +51,18 @@ class FixedPoint:
             rel = system.relative(r).where(active, rel)
             active = active & (rel > self.tol)
             history.append(float(rel.max()))
+            if not history[-1] <= DIVERGED * history[0]:
+                raise self._diverged(system.name, history)
         return system.result(x, len(history) - 1, history, self.tol)
+
+    def _diverged(self, name: str, history: list[float]) -> LinearSolveError:
+        damped = "(A + damping·I)" if self.damping else "A"
+        return LinearSolveError(
+            f"{name} diverged: the relative residual grew from {history[0]:.2e} to "
+            f"{history[-1]:.2e} in {len(history) - 1} iterations, so the spectral radius of "
+            f"I − alpha·{damped} is not below 1 (alpha = {self.alpha:g}). Lower alpha "
+            "(below 2/λ_max(A)); if A is singular or indefinite, add damping or use GMRES "
+            "or Direct")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import NonFiniteError
+from ..errors import LinearSolveError, NonFiniteError
 from ..pytree import (
     PyTree,
     tree_all_finite,
@@ -92,6 +92,11 @@ class _System:
         """(A + damping·I) x."""
         y = self.matvec(x)
         if not tree_all_finite(y):
+            if not tree_all_finite(x):  # the solver fed it NaN: blame the solve, not A
+                raise LinearSolveError(
+                    f"{self.name}: the solve broke down: the vector multiplied by A already "
+                    "contains NaN or inf (check the preconditioner; if A is singular or not "
+                    "positive definite, add damping or use Direct)")
             raise NonFiniteError(f"{self.name}: the matrix-vector product returned NaN or inf")
         return tree_axpy(self.damping, x, y) if self.damping else y
 

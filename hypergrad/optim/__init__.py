@@ -1,10 +1,10 @@
 """Differentiable inner optimizers as pure ``init`` / ``step`` pairs on pytrees."""
 
 from .adam import Adam, AdamW
-from .base import InnerOptimizer, Setting, State
+from .base import InnerOptimizer, Range, Setting, State, check_settings
 from .chebyshev import Chebyshev
 from .momentum import Momentum, Nesterov
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "Chebyshev", "InnerOptimizer", "Momentum", "Nesterov",
-           "Setting", "State"]
+__all__ = ["SGD", "Adam", "AdamW", "Chebyshev", "InnerOptimizer", "Momentum", "Nesterov", "Range",
+           "Setting", "State", "check_settings"]

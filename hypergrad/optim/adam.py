@@ -8,7 +8,19 @@ from typing import ClassVar
 import torch
 
 from ..pytree import PyTree, tree_flatten, tree_unflatten, tree_zeros_like
-from .base import Setting, State, leafwise, nonzero, resolve
+from .base import (
+    BETA,
+    EPS,
+    STEP_SIZE,
+    WEIGHT_DECAY,
+    Range,
+    Setting,
+    State,
+    check_settings,
+    leafwise,
+    nonzero,
+    resolve,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,11 @@ class Adam:
     carried: tuple[str, ...] = ("m",)
     stationary: bool = True
     decoupled: ClassVar[bool] = False
+    limits: ClassVar[dict[str, Range]] = {"lr": STEP_SIZE, "betas": BETA, "eps": EPS,
+                                          "weight_decay": WEIGHT_DECAY}
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
     def init(self, params: PyTree) -> State:
         return {"m": tree_zeros_like(params), "v": tree_zeros_like(params), "t": 0}

@@ -17,15 +17,24 @@ A setting (learning rate, momentum, weight decay) is a number, a tensor, or a
 callable ``hparams -> tensor`` so that it can be a hyperparameter that receives a
 gradient, e.g. ``SGD(lr=lambda h: h["log_lr"].exp())``. A setting may also resolve
 to a pytree with the structure of the parameters, giving one value per leaf.
+
+An optimizer may declare the valid range of each setting in a class attribute
+``limits`` (field name -> :class:`Range`) and pairs that must be ordered in ``ordered``
+(Chebyshev's mu < L): :func:`check_settings` refuses numbers out of range at
+construction, and the estimators check callables and tensors once per call, at the
+hyperparameters given (never inside the inner steps).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..errors import OptimizerSettingError
 from ..pytree import PyTree, tree_flatten, tree_structure, tree_unflatten
 
 Setting = float | torch.Tensor | Callable[[PyTree], Any]
@@ -41,6 +50,105 @@ class InnerOptimizer(Protocol):
 
     def step(self, params: PyTree, grads: PyTree, state: State,
              hparams: PyTree) -> tuple[PyTree, State]: ...
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a setting: finite, above ``low`` (or equal if ``closed``) and
+    below ``high``; ``why`` says what goes wrong outside."""
+
+    low: float
+    high: float = math.inf
+    closed: bool = False
+    why: str = ""
+
+    def holds(self, x: Any) -> Any:
+        return (x >= self.low if self.closed else x > self.low) & (x < self.high)
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"finite and {'>=' if self.closed else '>'} {self.low:g}"
+        return f"in {'[' if self.closed else '('}{self.low:g}, {self.high:g})"
+
+
+STEP_SIZE = Range(0.0, why="a step size <= 0 does not descend")
+WEIGHT_DECAY = Range(0.0, closed=True, why="a negative one pushes the weights away from 0")
+MOMENTUM = Range(0.0, 1.0, closed=True, why="a momentum >= 1 never forgets and diverges")
+BETA = Range(0.0, 1.0, closed=True, why="a moving average needs a weight in [0, 1)")
+EPS = Range(0.0, why="it keeps the step finite where the second moment is 0")
+CURVATURE = Range(0.0, why="μ and L bound the Hessian's eigenvalues, μI ⪯ H ⪯ LI")
+
+
+def check_settings(optimizer: Any, hparams: PyTree | None = None) -> None:
+    """Refuse settings outside their ``optimizer.limits`` (a step size <= 0, a momentum
+    >= 1, ...) and a violated ``optimizer.ordered`` pair (Chebyshev's mu < L).
+
+    Without ``hparams`` (at construction) only plain numbers are checked; with them,
+    callables are resolved and tensors read as well: once per estimator call, one host
+    sync per tensor setting, never in the inner steps.
+    """
+    name = type(optimizer).__name__
+    for field, limit in getattr(optimizer, "limits", {}).items():
+        for path, value in _values(getattr(optimizer, field), hparams, field):
+            ok = limit.holds(value)
+            if not _all(ok):
+                raise OptimizerSettingError(
+                    f"{name}: {path} must be {limit} ({limit.why}), got {_bad(value, ok)}")
+    for low, high in getattr(optimizer, "ordered", ()):
+        lows = list(_values(getattr(optimizer, low), hparams, low))
+        highs = list(_values(getattr(optimizer, high), hparams, high))
+        for (lpath, lv), (hpath, hv) in _broadcast(lows, highs):
+            if not _all(lv < hv):
+                raise OptimizerSettingError(f"{name}: {lpath} must be < {hpath}, got {lpath} = "
+                                            f"{_show(lv)} and {hpath} = {_show(hv)}")
+
+
+def _values(setting: Any, hparams: PyTree | None, path: str) -> Iterator[tuple[str, Any]]:
+    """(path, number or tensor) for each leaf of a setting, ``lr(hparams)`` for a callable
+    ``lr``; callables and tensors are skipped without ``hparams``."""
+    if callable(setting):
+        if hparams is not None:
+            with torch.no_grad():
+                value = setting(hparams)
+            yield from _values(value, hparams, f"{path}(hparams)")
+    elif isinstance(setting, (tuple, list)):
+        for i, v in enumerate(setting):
+            yield from _values(v, hparams, f"{path}[{i}]")
+    elif isinstance(setting, dict):
+        for k, v in setting.items():
+            yield from _values(v, hparams, f"{path}[{k!r}]")
+    elif isinstance(setting, torch.Tensor):
+        if hparams is not None:
+            yield path, setting.detach()
+    elif isinstance(setting, (int, float)):
+        yield path, setting
+
+
+def _broadcast(a: list, b: list) -> list[tuple]:
+    """Pairs of per-leaf values, a single value paired with every leaf of the other."""
+    if not a or not b:
+        return []  # a callable not resolved yet
+    return list(zip(a * len(b) if len(a) == 1 else a, b * len(a) if len(b) == 1 else b,
+                    strict=False))
+
+
+def _all(ok: Any) -> bool:
+    return bool(ok.all()) if isinstance(ok, torch.Tensor) else bool(ok)
+
+
+def _bad(value: Any, ok: Any) -> str:
+    """The value, or for a tensor its first entry that fails."""
+    if not isinstance(value, torch.Tensor):
+        return f"{value!r}"
+    if value.dim() == 0:
+        return f"{value.item()!r}"
+    return f"{value[~ok][0].item()!r} (an entry of a tensor of shape {tuple(value.shape)})"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return f"a tensor in [{value.min().item():g}, {value.max().item():g}]"
+    return f"{value.item() if isinstance(value, torch.Tensor) else value!r}"
 
 
 def resolve(setting: Setting, hparams: PyTree) -> Any:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..pytree import PyTree, tree_flatten, tree_unflatten
-from .base import Setting, State, leafwise, resolve
+from .base import CURVATURE, Range, Setting, State, check_settings, leafwise, resolve
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,11 @@ class Chebyshev:
     L: Setting
     carried: tuple[str, ...] = ()
     stationary: bool = False
+    limits: ClassVar[dict[str, Range]] = {"mu": CURVATURE, "L": CURVATURE}
+    ordered: ClassVar[tuple[tuple[str, str], ...]] = (("mu", "L"),)
 
     def __post_init__(self) -> None:
-        num = (int, float)
-        if isinstance(self.mu, num) and isinstance(self.L, num) and not 0 <= self.mu < self.L:
-            raise ValueError(f"Chebyshev needs 0 <= mu < L; got mu={self.mu}, L={self.L}")
+        check_settings(self)
 
     def init(self, params: PyTree) -> State:
         return {"prev": params, "t": 0}

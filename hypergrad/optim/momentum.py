@@ -6,7 +6,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..pytree import PyTree, tree_flatten, tree_unflatten, tree_zeros_like
-from .base import Setting, State, leafwise, nonzero, resolve
+from .base import (
+    MOMENTUM,
+    STEP_SIZE,
+    WEIGHT_DECAY,
+    Range,
+    Setting,
+    State,
+    check_settings,
+    leafwise,
+    nonzero,
+    resolve,
+)
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,11 @@ class Momentum:
     carried: tuple[str, ...] = ("m",)
     stationary: bool = True
     nesterov: ClassVar[bool] = False
+    limits: ClassVar[dict[str, Range]] = {"lr": STEP_SIZE, "momentum": MOMENTUM,
+                                          "weight_decay": WEIGHT_DECAY}
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
     def init(self, params: PyTree) -> State:
         return {"m": tree_zeros_like(params)}

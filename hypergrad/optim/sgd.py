@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..pytree import PyTree, tree_flatten, tree_unflatten
-from .base import Setting, State, leafwise, nonzero, resolve
+from .base import (
+    STEP_SIZE,
+    WEIGHT_DECAY,
+    Range,
+    Setting,
+    State,
+    check_settings,
+    leafwise,
+    nonzero,
+    resolve,
+)
 
 
 @dataclass(frozen=True)
@@ -16,6 +27,10 @@ class SGD:
     weight_decay: Setting = 0.0
     carried: tuple[str, ...] = ()
     stationary: bool = True
+    limits: ClassVar[dict[str, Range]] = {"lr": STEP_SIZE, "weight_decay": WEIGHT_DECAY}
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
     def init(self, params: PyTree) -> State:
         return {}
