@@ -55,10 +55,25 @@ the outer loss (``outer_train=False``). Random layers (Dropout) are reproducible
 number derived from ``(seed, t)`` (the global RNG is restored afterwards), so unrolled
 recomputation replays identical masks and the inner loss is one deterministic function
 per step (implicit estimators use ``t = -1`` for a single batch, the last step's batch and
-mask for an iterable). The default
-Hessian-vector products linearise the model once outside ``vmap``, so Dropout works with
-``Implicit``; code that calls the model inside ``vmap`` gets an error advising
-``train=False`` (random layers off in the inner loss) or an unrolled estimator.
+mask for an iterable). Forward-mode unrolling vmaps its JVPs with ``randomness="same"``
+(one function, many directions), so it replays the same masks as reverse mode. The
+default Hessian-vector products linearise the model once outside ``vmap``, so Dropout
+works with ``Implicit``; other code that calls the model inside a ``vmap`` that refuses
+random ops gets an error naming the caller of that ``vmap`` and what works instead.
+
+The private copies are structural: each submodule is a new object sharing the original's
+tensors and attribute values but owning its containers (parameter, buffer, submodule and
+hook dicts), so nothing is deep-copied (legacy ``nn.utils.weight_norm`` modules work)
+and nothing set on a copy reaches the user's module. In them PyTorch's fused weight norm
+(``torch._weight_norm``, behind ``nn.utils.weight_norm`` and
+``nn.utils.parametrizations.weight_norm``), whose double backward is wrong and which has
+no forward-mode rule, is computed with plain ops, so hypergradients through weight-normed
+layers are exact; parameter names do not change. Other layers calling the fused op get a
+``RuntimeWarning`` naming them. At construction the inner model runs once on the first
+inner batch with the parameters substituted: a parameter that ``forward`` reads from
+somewhere ``functional_call`` cannot substitute (a Python list, another attribute) would
+train on the stale tensor, and raises :class:`~hypergrad.errors.BilevelInputError` naming
+it.
 
 User-written inner loops: :meth:`ModuleProblem.step` is one differentiable step
 (reverse-mode unrolling through your own loop); :meth:`ModuleProblem.inner_loop` records
@@ -77,10 +92,11 @@ read completely; the outer loss is then the mean of the per-batch outer losses.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
+import sys
 import types
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -88,10 +104,20 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from torch.func import functional_call, grad
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.utils._pytree import tree_leaves
 
 import hypergrad as hg
 from hypergrad.errors import BilevelInputError, HyperparameterError, ObjectiveError
 from hypergrad.optim import SGD, InnerOptimizer, State
+
+from .private_copy import (
+    FusedWeightNormCalls,
+    deepcopy_module,
+    plain_weight_norms,
+    structural_copy,
+    vmap_caller,
+)
 
 ModuleLoss = Callable[[Any, Any, dict[str, torch.Tensor]], torch.Tensor]
 Params = dict[str, torch.Tensor]
@@ -327,13 +353,15 @@ class ModuleProblem:
         self._devices = [d.index or 0 for d in devices if d.type == "cuda"]
         optimizer = SGD() if optimizer is None else optimizer
         self.problem = self._build(inner_data, outer_data, optimizer, steps)
+        self._probe()
 
     # --- model -----------------------------------------------------------------------
 
     def _private_copy(self, train: bool, inner: bool) -> nn.Module:
-        """A copy sharing every tensor with the user's module, with its own modes."""
-        shared = {id(t): t for t in list(self.module.parameters()) + list(self.module.buffers())}
-        model = copy.deepcopy(self.module, memo=shared)
+        """A copy sharing every tensor with the user's module, with its own modes, and
+        PyTorch's fused weight norm replaced by plain ops (see :mod:`bilevel.private_copy`)."""
+        model = structural_copy(self.module)
+        plain_weight_norms(model)
         model.train(train)
         tracked = dict(self._track_layers)
         for name, m in model.named_modules():
@@ -351,6 +379,58 @@ class ModuleProblem:
                 if name in tracked:  # native eval batch_norm refuses differentiable stats
                     m.forward = types.MethodType(_batchnorm_eval, m)
         return model
+
+    def _probe(self) -> None:
+        """Run the inner model once on the first inner batch and check what ``functional_call``
+        cannot see.
+
+        The trainable parameters are substituted by copies, so the output must not depend
+        on the module's own registered parameter tensors: a gradient reaching one of them
+        (from the output dotted with a seeded random cotangent) means ``forward`` reads it
+        from somewhere else (a Python list, another attribute) and would train on the stale
+        tensor; that raises :class:`BilevelInputError`. Layers still calling PyTorch's fused
+        weight norm (wrong double backward) get a ``RuntimeWarning``. One forward and one
+        backward; the global RNG is left as it was. A forward that fails here is left to
+        fail, with its own message, where the model is first used."""
+        originals = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        sample = self.problem.step_batch(0)
+        hparams = {k: v.detach() for k, v in self.hparams.items()}
+        calls = FusedWeightNormCalls(self._models[True])
+        with torch.random.fork_rng(devices=self._devices), torch.enable_grad():
+            try:
+                with calls:
+                    out = self._outputs(self.params, hparams, sample.batch, False, sample.t)
+            except Exception:  # noqa: BLE001 - raised again, explained, at first use
+                return
+            leaves = [x for x in tree_leaves(out) if isinstance(x, torch.Tensor)
+                      and (x.is_floating_point() or x.is_complex()) and x.requires_grad]
+            gen = torch.Generator().manual_seed(0)
+            cotangents = [torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+                          for x in leaves]
+            grads = (torch.autograd.grad(leaves, list(originals.values()), cotangents,
+                                         allow_unused=True)
+                     if leaves else [None] * len(originals))
+        stale = [n for n, g in zip(originals, grads, strict=True) if g is not None]
+        if stale:
+            raise BilevelInputError(
+                f"{type(self.module).__name__}.forward reads the parameter(s) {stale} from "
+                "somewhere other than their registered slot (a Python list or another "
+                "attribute holding the same tensor): functional_call substitutes registered "
+                "parameters only, so the inner steps would train on the stale tensor and the "
+                "hypergradient would be wrong. Read each through its module attribute "
+                "(self.<name>) or register its container (nn.ParameterList/ParameterDict, "
+                "nn.ModuleList)")
+        if calls.layers:
+            frame, level = sys._getframe(1), 2
+            while frame is not None and frame.f_code.co_filename == __file__:
+                frame, level = frame.f_back, level + 1
+            warnings.warn(
+                f"layer(s) {calls.layers} call PyTorch's fused weight norm (torch._weight_norm"
+                "), whose double backward is wrong and which has no forward-mode rule: "
+                "hypergradients through it are off. bilevel computes nn.utils.weight_norm and "
+                "nn.utils.parametrizations.weight_norm with plain ops, but not this call; "
+                "write it as g * v / v.norm(...) (or use those utilities)", RuntimeWarning,
+                stacklevel=level)
 
     def _capture_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -454,10 +534,14 @@ class ModuleProblem:
             msg = str(exc)
             if "randomness" in msg:
                 raise BilevelInputError(
-                    "the model calls a random op (e.g. Dropout) inside vmap (randomness="
-                    "'error'); pass "
-                    "train=False (random layers off in the inner loss) or use an unrolled "
-                    f"estimator ({msg.splitlines()[0]})") from exc
+                    "the model calls a random op (e.g. Dropout) inside torch.func.vmap "
+                    f"called from {vmap_caller()}, which refuses random ops (randomness="
+                    "'error'). Random layers work with Unrolled and Truncated (reverse or "
+                    "forward mode) and with Implicit's default Hessian-vector products "
+                    "(hvp='auto'/'linearized' linearise the model outside vmap); "
+                    "otherwise pass train=False (random layers off in the inner loss) or, for "
+                    "a vmap over directions of one function, give it randomness='same' "
+                    f"({msg.splitlines()[0]})") from exc
             if "in-place" not in msg and "inplace" not in msg:
                 raise
             owners = sorted({n.rpartition(".")[0] or "<root>" for n in self._consts})
@@ -522,13 +606,17 @@ class ModuleProblem:
         """A new copy of the user's module holding ``params`` (detached; with
         ``buffers="track"`` also the tracked running statistics); the user's module itself
         is left as it is."""
-        model = copy.deepcopy(self.module)
+        model = deepcopy_module(self.module)
         named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         with torch.no_grad():
             for k, v in params.items():
                 if not named[k].is_floating_point():
                     v = v.round()
                 named[k].copy_(v)
+            for m in model.modules():  # legacy weight norm: the weight from the new g, v
+                for hook in m._forward_pre_hooks.values():
+                    if isinstance(hook, WeightNorm):
+                        setattr(m, hook.name, hook.compute_weight(m))
         return model
 
     def hypergradient(self, estimator: str | hg.Estimator = "implicit",
