@@ -98,6 +98,7 @@ def test_vmapped_training_equals_training_each_network_alone():
     net, stacked = init_networks(make, [1, 2], dtype=torch.float64)
     both = train_networks(net, stacked, x, y, recipe, seed=4, batched=True)
     looped = train_networks(net, stacked, x, y, recipe, seed=4, batched=False)
+    # vmap vs a loop over 5 small steps: a few ulp of weights ≲ 1 (observed ≤ 1.1e-16)
     for k in both:
         torch.testing.assert_close(both[k], looped[k], rtol=1e-10, atol=1e-12)
     for i, s in enumerate([1, 2]):
@@ -148,9 +149,16 @@ def test_distillation_hypergradient_matches_finite_differences(digits, estimator
     problem, w0 = d.problem(0)
     hp = {k: v.detach() for k, v in d.hparams.items()}
     assert list(hp) == ["images", "labels", "log_lr"]  # flat: 64 pixels, 10 logits, 1
+    # eps = 1e-4 balances the two errors of the differences: the noise of h is at its
+    # floor (σ ≈ EPS·|h| ≈ 5e-16, rounding ≈ 3σ/(√2 eps) ≈ 1e-11) and the truncation
+    # estimate is below it (< 1e-12), so the bar resolves ~3e-7 of each derivative.
     check = hg.check_hypergradient(problem, hp, w0, d.estimator, coords=[3, 35, 64, 69, 74],
-                                   eps=1e-6)
-    assert check.rel_error < 1e-6, check
+                                   eps=1e-4)
+    assert check.agrees, check.verdict
+    # any error above 1e-4 of a derivative (a wrong sign is 200 %) would be seen: every
+    # probed derivative is resolved to 1e-4 (observed ≤ 3.5e-7, the largest gap ≤ 0.22 of
+    # the bar, on AVX-512, AVX2, scalar kernels and MKL_CBWR=COMPATIBLE)
+    assert check.resolution < 1e-4, check.verdict
     assert check.finite_difference.abs().min() > 1e-6  # every probed coordinate matters
 
 
@@ -161,6 +169,7 @@ def test_recompute_replays_the_augmented_inner_run_exactly(digits):
     hp = {k: v.detach() for k, v in d.hparams.items()}
     a = hg.Unrolled()(problem, hp, w0).grad
     b = hg.Unrolled(recompute=True, segment=2)(problem, hp, w0).grad
+    # the replayed steps are bit-identical; only the backward sums regroup (observed ≤ 7e-18)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-14)
 
@@ -218,7 +227,13 @@ def test_bad_settings_name_the_field(digits):
 
 @pytest.mark.parametrize("estimator", ["unrolled", "truncated", "random_window"])
 def test_distilled_beats_random_subset_at_ipc1(digits, estimator):
-    cfg = DistillConfig(ipc=1, inner_steps=20, outer_steps=120, estimator=estimator)
+    # The learned inner lr climbs to its cap. At the default cap (1.0) with 20 inner steps
+    # the outer loop reaches the edge of stability after ~100 steps and becomes chaotic:
+    # the outcome then depends on the rounding of the CPU kernels (random_window: 0.95
+    # with AVX-512, 0.57 with ATEN_CPU_CAPABILITY=default). At 0.5 every estimator gets
+    # 0.93 under AVX-512 and scalar kernels alike (docs/distillation.md).
+    cfg = DistillConfig(ipc=1, inner_steps=20, outer_steps=120, estimator=estimator,
+                        max_lr=0.5)
     d = Distiller(digits, cfg)
     d.run()
     report = protocol(d, n_nets=5, full_steps=300)
