@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import BilevelInputError
+from .errors import BilevelInputError, HyperparameterError
 from .estimators import Estimator, make_estimator
 from .finite_difference import CentralDifference, central_differences
 from .problem import Problem
 from .pytree import PyTree, tree_ravel, tree_unravel
+from .validation import check_tree
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,10 @@ class GradientCheck:
         if g.numel() != fd.value.numel():
             raise BilevelInputError(f"estimate has {g.numel()} entries but the differences "
                                     f"have {fd.value.numel()}")
-        coords = list(range(g.numel())) if coords is None else [int(i) for i in coords]
+        coords = list(range(g.numel())) if coords is None else list(coords)
+        if len(coords) != g.numel():
+            raise BilevelInputError(f"coords labels {len(coords)} entries but the estimate "
+                                    f"has {g.numel()}")
         rel = float((g - fd.value).norm() / fd.value.norm().clamp_min(1e-300))
         return cls(coords, g, fd.value, rel, fd.error, fd.truncation, fd.rounding,
                    fd.asymptotic, fd.noise, fd.step)
@@ -76,50 +80,66 @@ class GradientCheck:
 
     @property
     def conclusive(self) -> bool:
-        """The error bars can be trusted: the differences are in their s² regime at every
-        coordinate (see ``asymptotic``)."""
-        return bool(self.asymptotic.all())
+        """The error bars can be trusted and are fine enough to judge: the differences are
+        in their s² regime at every coordinate (see ``asymptotic``) and ``resolution`` is
+        below 1."""
+        return bool(self.asymptotic.all()) and self.resolution < 1
 
     @property
     def agrees(self) -> bool:
         """The estimate lies within the finite differences' error bar at every coordinate,
-        and the bars can be trusted."""
+        and the check is conclusive."""
         return self.conclusive and self.error_ratio <= 1.0
 
     @property
     def resolution(self) -> float:
-        """max_i fd_error_i / |fd_i|: the smallest relative discrepancy the check can see.
-        At 1 or more the differences cannot tell a derivative from zero or its sign."""
-        scale = self.finite_difference.abs().clamp_min(torch.finfo(torch.float64).tiny)
-        return float((self.fd_error / scale).max())
+        """max_i fd_error_i / max_j |fd_j|: the smallest discrepancy, relative to the
+        largest derivative probed, that the check can see. At 1 or more the differences
+        cannot tell the derivatives from zero."""
+        largest = float(self.finite_difference.abs().max())
+        if largest == 0.0:
+            return math.inf
+        return float(self.fd_error.max()) / largest
 
     @property
     def verdict(self) -> str:
-        """"agrees within the FD error" or "disagrees by k times the FD error", with the
-        worst coordinate and how finely the differences resolve the derivative."""
+        """"agrees within the FD error", "disagrees by k times the FD error" or
+        "inconclusive: …", with the worst coordinate and how finely the differences
+        resolve the derivatives."""
         gap = (self.estimate - self.finite_difference).abs()
         worst = int((gap / self.fd_error.clamp_min(torch.finfo(torch.float64).tiny)).argmax())
         detail = (f"coordinate {self.coords[worst]}: estimate {float(self.estimate[worst]):.6e}, "
                   f"finite difference {float(self.finite_difference[worst]):.6e} ± "
                   f"{float(self.fd_error[worst]):.1e}")
-        resolution = (f"the differences resolve {self.resolution:.1e} relative"
-                      if self.resolution < 1 else
-                      "inconclusive: the FD error exceeds the derivative; change eps")
-        if not self.conclusive:
+        if not bool(self.asymptotic.all()):
             bad = [c for c, ok in zip(self.coords, self.asymptotic.tolist(), strict=True)
                    if not ok]
             return (f"inconclusive: at coordinates {bad} the differences at eps, 2·eps and "
                     "4·eps do not shrink like eps² (eps is too large for h, or a kink lies "
                     f"within it): lower eps (largest gap {self.error_ratio:.3g} × the "
                     f"error bar; {detail})")
-        if self.agrees:
-            return (f"agrees within the FD error (largest gap {self.error_ratio:.2f} × the "
-                    f"error bar; {detail}; {resolution})")
-        return (f"disagrees by {self.error_ratio:.3g} times the FD error ({detail}; "
-                f"{resolution})")
+        if self.error_ratio > 1.0:
+            return (f"disagrees by {self.error_ratio:.3g} times the FD error ({detail}; "
+                    f"the differences resolve {self.resolution:.1e} of the largest "
+                    "derivative)")
+        if self.resolution >= 1:
+            return (f"inconclusive: the FD error ({float(self.fd_error.max()):.1e}) exceeds "
+                    "the derivatives, so agreement means nothing; change eps (largest gap "
+                    f"{self.error_ratio:.2f} × the error bar; {detail})")
+        return (f"agrees within the FD error (largest gap {self.error_ratio:.2f} × the "
+                f"error bar; {detail}; the differences resolve {self.resolution:.1e} of "
+                "the largest derivative)")
 
     def __str__(self) -> str:
         return f"GradientCheck({self.verdict})"
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def check_hypergradient(problem: Problem, hparams: PyTree, params: PyTree,
@@ -144,19 +164,33 @@ def check_hypergradient(problem: Problem, hparams: PyTree, params: PyTree,
 
     Raises:
         TypeError: ``problem`` is not a :class:`Problem`.
-        BilevelInputError: ``eps`` not positive and finite, ``coords`` empty or out of range.
+        HyperparameterError: ``hparams`` is not a pytree of floating tensors.
+        BilevelInputError: ``eps`` not a positive finite number, ``coords`` not int indices
+            in range (or a count from 1 to the number of scalars), ``seed`` not an int,
+            ``inner_solution`` not callable.
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be a hypergrad.Problem, got {type(problem).__name__}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    if not (_is_number(eps) and math.isfinite(eps) and eps > 0):
         raise BilevelInputError(f"eps must be a positive finite step, got {eps!r}")
+    if inner_solution is not None and not callable(inner_solution):
+        raise BilevelInputError("inner_solution must be None or a callable hparams -> params, "
+                                f"got {type(inner_solution).__name__}")
+    if not _is_int(seed):
+        raise BilevelInputError(f"seed must be an int, got {seed!r}")
+    check_tree("hparams", hparams, HyperparameterError)
     est = make_estimator(estimator)
     flat = tree_ravel(hparams).detach()
-    if isinstance(coords, int):
-        if coords < 1:
-            raise BilevelInputError(f"coords must be >= 1 coordinates to draw, got {coords}")
+    if _is_int(coords):
+        if not 1 <= coords <= flat.numel():
+            raise BilevelInputError(f"coords asks for {coords} coordinates drawn at random; "
+                                    f"the hyperparameters have {flat.numel()} scalars")
         gen = torch.Generator().manual_seed(seed)
         coords = torch.randperm(flat.numel(), generator=gen)[:coords].tolist()
+    if isinstance(coords, (str, bytes)) or not isinstance(coords, Sequence) or \
+            not all(_is_int(i) for i in coords):
+        raise BilevelInputError(f"coords must be a list of int flat indices or an int count, "
+                                f"got {coords!r}")
     coords = [int(i) for i in coords]
     if not coords:
         raise BilevelInputError("coords is empty: give flat indices into the hyperparameters")

@@ -87,7 +87,13 @@ def estimate_noise(values: Sequence[float], floor: float = 0.0) -> float:
     Raises:
         ValueError: fewer than 4 values, or a value that is not finite.
     """
-    f = torch.tensor(list(values), dtype=torch.float64)
+    if not (isinstance(floor, (int, float)) and not isinstance(floor, bool)
+            and math.isfinite(floor) and floor >= 0):
+        raise ValueError(f"floor must be a finite number >= 0, got {floor!r}")
+    try:
+        f = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"estimate_noise needs a sequence of numbers, got {values!r}") from exc
     if f.numel() < 4:
         raise ValueError(f"estimate_noise needs at least 4 values, got {f.numel()}")
     if not bool(torch.isfinite(f).all()):
@@ -135,17 +141,29 @@ def central_differences(h: Callable[[torch.Tensor], float], x: torch.Tensor,
         ValueError: ``step`` not positive and finite, no direction, a direction of
             another shape, or a non-finite value of h.
     """
-    if not (isinstance(step, (int, float)) and math.isfinite(step) and step > 0):
+    if not (isinstance(step, (int, float)) and not isinstance(step, bool)
+            and math.isfinite(step) and step > 0):
         raise ValueError(f"step must be a positive finite number, got {step!r}")
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        raise ValueError(f"x must be a floating-point tensor, got "
+                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if isinstance(directions, torch.Tensor) or not isinstance(directions, Sequence):
+        raise ValueError("directions must be a list of tensors shaped like x (for a matrix "
+                         "of directions, pass list(matrix))")
     if not directions:
         raise ValueError("central_differences needs at least one direction")
     for d in directions:
-        if d.shape != x.shape:
-            raise ValueError(f"every direction must have the shape of x {tuple(x.shape)}, "
-                             f"got {tuple(d.shape)}")
+        if not isinstance(d, torch.Tensor) or d.shape != x.shape:
+            shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+            raise ValueError(f"every direction must be a tensor of the shape of x "
+                             f"{tuple(x.shape)}, got {shape}")
 
     def value(point: torch.Tensor) -> float:
-        out = float(h(point))
+        raw = h(point)
+        if isinstance(raw, torch.Tensor) and raw.numel() != 1:
+            raise ValueError(f"h must return a scalar, got a tensor of shape "
+                             f"{tuple(raw.shape)}")
+        out = float(raw)
         if not math.isfinite(out):
             raise ValueError(f"the function is {out} at a point {step:g} away from x; "
                              "use a smaller step")

@@ -1,36 +1,40 @@
 """A self-check of the second derivatives an estimator takes, once per inner objective.
 
 Unrolled reverse mode, implicit solves and SOBA differentiate the inner gradient
-G(w, λ) = ∇_w f(w, λ) a second time. Some operators break that *without an error*:
-``torch.func`` treats the second derivative of a custom ``autograd.Function`` whose
-backward is not differentiable (``@once_differentiable``) as zero, and PyTorch's fused
-weight norm (``torch._weight_norm``) has a wrong double backward. Other operators have
-no forward-mode rule and fail with an unrelated message ("ZeroTensors are immutable").
+G(w, λ) = ∇_w f(w, λ) a second time. PyTorch gets some of those derivatives wrong
+*without an error*: ``torch.func`` treats the second derivative of a custom
+``autograd.Function`` whose backward is not differentiable (``@once_differentiable``) as
+zero, the fused weight norm (``torch._weight_norm``) has a wrong double backward, and
+reverse-over-forward through ``layer_norm`` / ``batch_norm`` is wrong (torch 2.13).
+Other operators have no rule for a route and fail with an unrelated message
+("ZeroTensors are immutable").
 
-:func:`check_second_order` takes one product uᵀ J v of the Jacobian J = ∂G/∂(w, λ) on
-seeded random probes u (like w) and v = (v_w, v_λ) along each route by which an
-estimator may form it,
+:func:`check_second_order` forms two numbers on seeded random unit probes u (like w),
+v_w (like w) and v_λ (like λ): the Hessian block uᵀ (∂²f/∂w²) v_w and the mixed block
+uᵀ (∂²f/∂λ∂w) v_λ, along each route by which an estimator may form them,
 
 - ``"reverse"``: double backward, the VJP of G (unrolled reverse mode, ``hvp="reverse"``
   and ``"linearized"``, fixed-point implicit, SOBA ``hvp="reverse"``);
-- ``"forward"``: forward-over-reverse, the JVP of G (forward-mode unrolling,
-  ``hvp="jvp"``);
-- ``"reverse_forward"``: reverse-over-forward, the gradient of the JVP of f (the mixed
-  product of ``hvp="jvp"``, SOBA ``hvp="jvp"``),
+- ``"forward"``: forward-over-reverse, the JVP of G (forward-mode unrolling, the
+  products of ``hvp="jvp"``);
+- ``"reverse_forward"``: reverse-over-forward, the gradient of a JVP of f (the mixed
+  term of ``hvp="jvp"``, SOBA ``hvp="jvp"``),
 
-and compares them. When they agree to rounding, all are right. When they disagree, or
-only one route works, the arbiter is a central difference of the *first* derivative,
+and judges each (route, block) against central differences of the *first* derivative,
 uᵀ(G(x + s v) − G(x − s v)) / 2s, which no second-derivative bug can touch, with its
-error bar (:mod:`hypergrad.finite_difference`). A route outside that error bar is
-``"wrong"``; one that raises is ``"unsupported"``. Kinks (ReLU) can fool a difference
-that straddles them, so a route is only called wrong when it disagrees at three steps
-s, s/10 and s/100.
+error bar (:mod:`hypergrad.finite_difference`). A route outside the bar at each of the
+steps s, s/10, s/100 whose differences are in their s² regime is ``"wrong"`` (a kink
+inside one step cannot fool it); where the differences cannot judge (float32 noise,
+kinks at every step), two routes that agree outvote a third. A route that raises is
+``"unsupported"``. The check runs at the given point moved by 1 % of each tensor's
+scale, so that a point where a second derivative happens to vanish (an all-zero start)
+does not hide a wrong one.
 
 Estimators run the check on their first call for an inner objective (the result is
-cached per objective: its code and the objects its closure holds) and raise
-:class:`~hypergrad.errors.SecondOrderError` when a route they use is wrong or
-unsupported, naming the likely operator and a route that agrees; ``self_check="warn"``
-warns instead, ``self_check="off"`` skips the check.
+cached per objective: its code, the objects its closure holds and the globals it reads)
+and raise :class:`~hypergrad.errors.SecondOrderError` when a (route, block) they use is
+wrong or unsupported, naming the likely operator and a setting that works;
+``self_check="warn"`` warns instead, ``self_check="off"`` skips the check.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -58,32 +63,53 @@ ROUTE_NAMES = {
     "forward": "forward-over-reverse (JVP of the gradient)",
     "reverse_forward": "reverse-over-forward (gradient of a JVP)",
 }
-#: relative agreement expected between two correct AD routes, per dtype (rounding of
-#: a bilinear form of ~n terms is ~√n ε; these leave a wide margin and still catch a
-#: second derivative that is wrong by 1e-6 (float64) or 1e-2 (float32) of the scale)
-#: (half precision is not judged: its routes are "unverified")
+BLOCKS = ("hessian", "mixed")
+BLOCK_NAMES = {"hessian": "∂²f/∂w²", "mixed": "∂²f/∂λ∂w"}
+#: a (route, block) pair: how an estimator forms one block of the second derivatives
+Use = tuple[str, str]
+#: statuses from best to worst
+STATUSES = ("ok", "unverified", "disputed", "unsupported", "wrong")
+#: relative agreement expected between two correct AD routes, per dtype (rounding of a
+#: bilinear form of ~n terms is ~√n ε; these leave a wide margin and still catch a
+#: second derivative that is wrong by 1e-6 (float64) or 1e-2 (float32) of its block's
+#: scale). Half precision is not judged: its routes are "unverified".
 AD_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
-#: a single route counts as verified when the differences resolve this fraction of the scale
+#: the differences verify a lone route when their error bar is below this fraction of
+#: the block's scale
 RESOLVED = 1e-2
+#: the check's point: each tensor moved by this fraction of its RMS (absolute for zeros)
+JITTER = 1e-2
 CACHE_SIZE = 64
 _SEED = 20_240_611
 
 
+def uses(route: str, blocks: Iterable[str] = BLOCKS) -> frozenset[Use]:
+    """The (route, block) pairs of one route for the given blocks (default: both)."""
+    return frozenset((route, b) for b in blocks)
+
+
 @dataclass(frozen=True)
 class RouteResult:
-    """One route's uᵀ J v (``None`` when the route raised) and its verdict.
+    """One route's values uᵀ(∂²f)v per block (``None`` where the route raised) and its
+    verdict per block.
 
-    ``status`` is ``"ok"`` (agrees with the other routes or with the differences),
-    ``"wrong"`` (outside the differences' error bar), ``"unsupported"`` (raised; the
-    message is in ``error``), ``"unverified"`` (the only route, and the differences too
-    coarse to judge it) or ``"disputed"`` (disagrees with another route and the
-    differences cannot tell which is right).
+    ``status[block]`` is ``"ok"`` (agrees with the central differences, or with the
+    other routes where the differences cannot judge), ``"wrong"`` (outside the
+    differences' error bar, or outvoted by two agreeing routes), ``"unsupported"``
+    (raised; the message is in ``error``), ``"unverified"`` (the only route, and the
+    differences cannot judge) or ``"disputed"`` (disagrees with another route and nothing
+    can tell which is right).
     """
 
     route: str
-    value: float | None
-    status: str
+    value: dict[str, float | None]
+    status: dict[str, str]
     error: str | None = None
+
+    @property
+    def worst(self) -> str:
+        """The worst status over the blocks."""
+        return max(self.status.values(), key=STATUSES.index)
 
 
 @dataclass(frozen=True)
@@ -93,40 +119,54 @@ class SecondOrderReport:
     Attributes:
         routes: ``route -> RouteResult`` for ``"reverse"``, ``"forward"``,
             ``"reverse_forward"``.
-        scale: max(‖Jᵀu‖, ‖Jv‖) with ‖u‖ = ‖v‖ = 1, the size agreement is measured against.
-        finite_difference, fd_error: the arbiter uᵀ J v by central differences of the
-            gradient and its error bar (``None`` when the routes agreed without it).
-        suspects: operators of f that commonly break second derivatives (custom
-            autograd Functions, fused kernels), found in its autograd graph.
-        unsupported_operator: the operator without a forward-mode rule, when found.
+        scale: per block, max over routes of ‖Jᵀu‖ or ‖Jv‖ (unit probes): the size that
+            agreement is measured against.
+        finite_difference, fd_error: per block, the central differences of the gradient
+            (the last usable step) and their error bar (``None`` where no step was usable).
+        suspects: operators of f that commonly break second derivatives, found in its
+            autograd graph, and operators found to break a failing route.
+        unsupported_operator: the operator that stopped a forward-mode route, when found.
         seconds: wall time of the check.
     """
 
     routes: dict[str, RouteResult]
-    scale: float
-    finite_difference: float | None = None
-    fd_error: float | None = None
+    scale: dict[str, float]
+    finite_difference: dict[str, float | None] = field(default_factory=dict)
+    fd_error: dict[str, float | None] = field(default_factory=dict)
     suspects: list[str] = field(default_factory=list)
     unsupported_operator: str | None = None
     seconds: float = 0.0
 
-    def status(self, route: str) -> str:
-        return self.routes[route].status
+    def status(self, route: str, block: str | None = None) -> str:
+        """The status of ``route`` in ``block`` (default: its worst over both blocks).
 
-    def usable(self, routes: Iterable[str]) -> bool:
-        """Every route in ``routes`` is ``"ok"`` or ``"unverified"``."""
-        return all(self.status(r) in ("ok", "unverified") for r in routes)
+        Raises:
+            ValueError: an unknown route or block.
+        """
+        if route not in self.routes:
+            raise ValueError(f"unknown route {route!r}; the routes are {ROUTES}")
+        if block is None:
+            return self.routes[route].worst
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; the blocks are {BLOCKS}")
+        return self.routes[route].status[block]
+
+    def usable(self, pairs: Iterable[Use]) -> bool:
+        """Every (route, block) in ``pairs`` is ``"ok"`` or ``"unverified"``."""
+        return all(self.status(r, b) in ("ok", "unverified") for r, b in pairs)
 
     def summary(self) -> str:
-        """One line per route: its value and verdict, then the differences."""
+        """One line per route and block: its value and verdict, then the differences."""
         lines = []
-        for r in ROUTES:
-            res = self.routes[r]
-            value = "raised" if res.value is None else f"{res.value:.9e}"
-            lines.append(f"  {ROUTE_NAMES[r]}: {value} ({res.status})")
-        if self.finite_difference is not None:
-            lines.append(f"  central differences of the gradient: {self.finite_difference:.9e}"
-                         f" ± {self.fd_error:.1e}")
+        for b in BLOCKS:
+            lines.append(f"  block {BLOCK_NAMES[b]}:")
+            for r in ROUTES:
+                res = self.routes[r]
+                value = "raised" if res.value[b] is None else f"{res.value[b]:.9e}"
+                lines.append(f"    {ROUTE_NAMES[r]}: {value} ({res.status[b]})")
+            fd, err = self.finite_difference.get(b), self.fd_error.get(b)
+            if fd is not None and err is not None:
+                lines.append(f"    central differences of the gradient: {fd:.9e} ± {err:.1e}")
         return "\n".join(lines)
 
 
@@ -137,12 +177,23 @@ def _floating(tree: PyTree) -> bool:
     return all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in tree_leaves(tree))
 
 
-def _unit_probe(tree: PyTree, gen: torch.Generator) -> PyTree:
-    """A seeded random direction like ``tree`` with unit norm (zeros for an empty tree)."""
-    out = tree_map(lambda a: torch.randn(a.shape, generator=gen, dtype=torch.float64)
-                   .to(device=a.device, dtype=a.dtype), tree)
-    norm = float(tree_norm(out)) if tree_leaves(out) else 0.0
-    return tree_map(lambda a: a / norm, out) if norm > 0 else out
+def _normal_like(tree: PyTree, gen: torch.Generator) -> PyTree:
+    return tree_map(lambda a: torch.randn(a.shape, generator=gen, dtype=torch.float64)
+                    .to(device=a.device, dtype=a.dtype), tree)
+
+
+def _unit(tree: PyTree) -> PyTree:
+    norm = _norm(tree)
+    return tree_map(lambda a: a / norm, tree) if norm > 0 else tree
+
+
+def _jittered(tree: PyTree, gen: torch.Generator) -> PyTree:
+    """Each tensor moved by JITTER × its RMS (JITTER where it is all zeros)."""
+    def move(a: torch.Tensor) -> torch.Tensor:
+        rms = float(a.detach().double().pow(2).mean().sqrt()) if a.numel() else 0.0
+        noise = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+        return a + (JITTER * (rms if rms > 0 else 1.0) * noise).to(a.device, a.dtype)
+    return tree_map(move, tree)
 
 
 def _dot(x: PyTree, y: PyTree) -> float:
@@ -158,7 +209,8 @@ def _norm(*trees: PyTree) -> float:
 
 class _Seeded:
     """Every evaluation under one fixed RNG seed (global RNG restored): a random layer
-    draws the same mask along every route and at every point of the differences."""
+    draws the same mask along every route and at every point of the differences. Also
+    silences torch's internal deprecation warning of its first forward-mode call."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
@@ -166,31 +218,54 @@ class _Seeded:
     def __enter__(self) -> None:
         self._fork = torch.random.fork_rng(devices=self.devices)
         self._fork.__enter__()
+        self._quiet = warnings.catch_warnings()
+        self._quiet.__enter__()
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*",
+                                category=DeprecationWarning)
         torch.manual_seed(_SEED)
 
     def __exit__(self, *exc: Any) -> None:
+        self._quiet.__exit__(*exc)
         self._fork.__exit__(*exc)
 
 
-def _route_value(route: str, f: Callable, w: PyTree, lam: PyTree, batch: Any, u: PyTree,
-                 vw: PyTree, vl: PyTree) -> tuple[float, float]:
-    """uᵀ J v along ``route`` and the norm of the vector it formed (Jᵀu or Jv)."""
-    def G(w_: PyTree, lam_: PyTree) -> PyTree:
-        return grad(f)(w_, lam_, batch)
+@dataclass
+class _Probe:
+    """The point and probe directions of one check, and the objective's gradient map."""
 
-    if route == "reverse":
-        _, pullback = vjp(G, w, lam)
-        gw, gl = pullback(u)
-        return _dot(gw, vw) + _dot(gl, vl), _norm(gw, gl)
-    if route == "forward":
-        _, jv = jvp(G, (w, lam), (vw, vl))
-        return _dot(u, jv), _norm(jv)
+    f: Callable
+    w: PyTree
+    lam: PyTree
+    batch: Any
+    u: PyTree
+    vw: PyTree
+    vl: PyTree
+    seeded: _Seeded
 
-    def psi(w_: PyTree, lam_: PyTree) -> torch.Tensor:
-        return jvp(lambda x: f(x, lam_, batch), (w_,), (u,))[1]
+    def G(self, w: PyTree, lam: PyTree) -> PyTree:
+        return grad(self.f)(w, lam, self.batch)
 
-    gw, gl = grad(psi, argnums=(0, 1))(w, lam)
-    return _dot(gw, vw) + _dot(gl, vl), _norm(gw, gl)
+    def route(self, route: str) -> tuple[dict[str, float], dict[str, float]]:
+        """uᵀ(∂²f)v per block along ``route``, and the norm of the vector each formed."""
+        if route == "forward":  # two JVPs, each under the same seed as every evaluation
+            zeros_w = tree_map(torch.zeros_like, self.w)
+            zeros_l = tree_map(torch.zeros_like, self.lam)
+            with self.seeded:
+                hv = jvp(self.G, (self.w, self.lam), (self.vw, zeros_l))[1]
+            with self.seeded:
+                jv = jvp(self.G, (self.w, self.lam), (zeros_w, self.vl))[1]
+            return ({"hessian": _dot(self.u, hv), "mixed": _dot(self.u, jv)},
+                    {"hessian": _norm(hv), "mixed": _norm(jv)})
+        with self.seeded:
+            if route == "reverse":
+                _, pullback = vjp(self.G, self.w, self.lam)
+                hu, ju = pullback(self.u)
+            else:
+                def psi(w_: PyTree, lam_: PyTree) -> torch.Tensor:
+                    return jvp(lambda x: self.f(x, lam_, self.batch), (w_,), (self.u,))[1]
+                hu, ju = grad(psi, argnums=(0, 1))(self.w, self.lam)
+        return ({"hessian": _dot(hu, self.vw), "mixed": _dot(ju, self.vl)},
+                {"hessian": _norm(hu), "mixed": _norm(ju)})
 
 
 # --- the check ------------------------------------------------------------------------
@@ -203,18 +278,19 @@ def check_second_order(problem: Problem | Callable[[PyTree, PyTree, Any], torch.
 
     ``problem`` is a :class:`~hypergrad.Problem` (its ``inner_loss`` on its
     ``full_batch()``, unless ``batch`` is given) or an objective ``f(params, hparams,
-    batch)``. Forms uᵀ (∂∇_w f / ∂(w, λ)) v at (``params``, ``hparams``) by double
-    backward, forward-over-reverse and reverse-over-forward on seeded unit probes, and
-    arbitrates disagreements (or a lone route) by central differences of the gradient
-    with an error bar; see the module docstring. Costs about ten gradient evaluations
-    when the routes agree, up to ~60 more when the differences must decide (13 gradients
-    per step, at up to three steps). With ``cache`` the
-    report is kept per objective (its code and the objects its closure holds; the last
-    64) and returned again on the next call.
+    batch)``. Forms the Hessian and mixed blocks uᵀ(∂²f)v near (``params``, ``hparams``)
+    by double backward, forward-over-reverse and reverse-over-forward on seeded unit
+    probes, and judges them by central differences of the gradient with an error bar;
+    see the module docstring. Costs about 30 gradient evaluations once (up to ~70 when
+    a route disagrees with the differences). With ``cache`` the report is kept per
+    objective (its code, the objects its closure holds and the globals it reads; the
+    last 64) and returned again on the next call.
 
     Raises:
         BilevelInputError: ``params`` or ``hparams`` are not pytrees of floating tensors,
             or ``problem`` is neither a Problem nor callable.
+        Exception: whatever f or its gradient raises at the point (as the estimator
+            would).
     """
     if isinstance(problem, Problem):
         f = problem.inner_loss
@@ -247,8 +323,8 @@ def clear_cache() -> None:
 _CACHE: OrderedDict[tuple, tuple[Callable, SecondOrderReport]] = OrderedDict()
 
 
-def _objective_key(f: Callable) -> tuple | None:
-    """Objectives with the same code and the same closure objects share a report."""
+def _objective_key(f: Callable) -> tuple:
+    """Objectives with the same code, closure objects and read globals share a report."""
     fn, owner = getattr(f, "__func__", f), getattr(f, "__self__", None)
     code = getattr(fn, "__code__", None)
     if code is None:
@@ -259,138 +335,186 @@ def _objective_key(f: Callable) -> tuple | None:
             cells.append(id(cell.cell_contents))
         except ValueError:  # an empty cell
             cells.append(None)
-    return ("function", code, id(owner), tuple(cells))
+    scope = getattr(fn, "__globals__", {})
+    read = tuple((n, id(scope[n])) for n in code.co_names if n in scope)
+    return ("function", code, id(owner), tuple(cells), read)
 
 
 def _run_check(f: Callable, params: PyTree, hparams: PyTree, batch: Any) -> SecondOrderReport:
     start = time.perf_counter()
-    w = tree_map(lambda a: a.detach(), params)
-    lam = tree_map(lambda a: a.detach(), hparams)
-    leaves = tree_leaves(w) + tree_leaves(lam)
-    dtype = tree_leaves(w)[0].dtype
-    tol = AD_TOLERANCE.get(dtype, math.inf)
     gen = torch.Generator().manual_seed(_SEED)
-    u, vw, vl = _unit_probe(w, gen), _unit_probe(w, gen), _unit_probe(lam, gen)
-    if tree_leaves(lam):
-        vw, vl = tree_map(lambda a: a / math.sqrt(2), vw), tree_map(lambda a: a / math.sqrt(2), vl)
-    seeded = _Seeded(leaves)
+    w0 = tree_map(lambda a: a.detach(), params)
+    lam0 = tree_map(lambda a: a.detach(), hparams)
+    seeded = _Seeded(tree_leaves(w0) + tree_leaves(lam0))
     with seeded:  # an objective whose gradient fails fails as it would in the estimator
-        grad(f)(w, lam, batch)
-    values: dict[str, float | None] = {}
+        grad(f)(w0, lam0, batch)
+    w, lam = _jittered(w0, gen), _jittered(lam0, gen)
+    if not _finite_gradient(f, w, lam, batch, seeded):  # the move left f's domain
+        w, lam = w0, lam0
+    probe = _Probe(f, w, lam, batch, _unit(_normal_like(w, gen)), _unit(_normal_like(w, gen)),
+                   _unit(_normal_like(lam, gen)), seeded)
+    values: dict[str, dict[str, float] | None] = {}
     errors: dict[str, str] = {}
-    scale = 0.0
+    scale = dict.fromkeys(BLOCKS, 0.0)
     for route in ROUTES:
         try:
-            with seeded:
-                values[route], norm = _route_value(route, f, w, lam, batch, u, vw, vl)
-            scale = max(scale, norm)
+            values[route], norms = probe.route(route)
         except (RuntimeError, NotImplementedError) as exc:
             values[route], errors[route] = None, f"{type(exc).__name__}: {exc}"
-    done = {r: v for r, v in values.items() if v is not None and math.isfinite(v)}
-    for r, v in values.items():
-        if v is not None and not math.isfinite(v):
-            values[r], errors[r] = None, "the product is NaN or inf"
-    status = {r: "unsupported" for r in ROUTES if r not in done}
-    slack = tol * scale
-    fd_value = fd_error = None
-    agree = len(done) >= 2 and max(done.values()) - min(done.values()) <= slack
-    if dtype not in AD_TOLERANCE:  # half precision: rounding swamps what could be judged
-        status.update({r: "unverified" for r in done})
-    elif agree:
-        status.update({r: "ok" for r in done})
-    elif done:
-        fd_value, fd_error, gaps = _arbitrate(f, w, lam, batch, u, vw, vl, done, slack, seeded)
+            continue
+        if not all(math.isfinite(v) for v in values[route].values()):
+            values[route], errors[route] = None, "the product is NaN or inf"
+            continue
+        scale = {b: max(scale[b], norms[b]) for b in BLOCKS}
+    done = {r: v for r, v in values.items() if v is not None}
+    dtype = tree_leaves(w)[0].dtype
+    status: dict[str, dict[str, str]] = {r: dict.fromkeys(BLOCKS, "unsupported") for r in ROUTES}
+    fd_value: dict[str, float | None] = dict.fromkeys(BLOCKS)
+    fd_error: dict[str, float | None] = dict.fromkeys(BLOCKS)
+    if done and dtype not in AD_TOLERANCE:
         for r in done:
-            if gaps[r] > 0:
-                status[r] = "wrong"
-            elif len(done) == 1:
-                status[r] = "ok" if fd_error <= RESOLVED * scale else "unverified"
-            else:
-                status[r] = "ok"
-        disagreeing = [r for r in done if status[r] == "ok"]
-        if len(disagreeing) >= 2 and max(done[r] for r in disagreeing) - \
-                min(done[r] for r in disagreeing) > slack:
-            status.update({r: "disputed" for r in disagreeing})
-    suspects = _suspects(f, w, lam, batch, seeded) if len(done) < len(ROUTES) or \
-        any(s != "ok" for s in status.values()) else []
+            status[r] = dict.fromkeys(BLOCKS, "unverified")
+    elif done:
+        slack = {b: AD_TOLERANCE[dtype] * scale[b] for b in BLOCKS}
+        steps = _differences(probe, done, slack)
+        for b in BLOCKS:
+            if steps[b]:
+                fd_value[b], fd_error[b] = steps[b][-1]
+            judged = {r: done[r][b] for r in done}
+            verdict = _judge(judged, steps[b], slack[b], RESOLVED * scale[b])
+            for r, s in verdict.items():
+                status[r][b] = s
+    suspects = []
+    if any(s != "ok" for st in status.values() for s in st.values()):
+        suspects = _suspects(probe)
+        for r in ROUTES:
+            if any(status[r][b] == "wrong" for b in BLOCKS):
+                op = _culprit(probe, r, "wrong")
+                if op is not None:
+                    suspects.append(f"{op}, whose {ROUTE_NAMES[r]} is wrong in PyTorch")
     unsupported_op = None
-    if any(status.get(r) == "unsupported" for r in ("forward", "reverse_forward")):
-        unsupported_op = _forward_culprit(f, w, lam, batch, seeded,
-                                          errors.get("forward", "") + errors.get(
-                                              "reverse_forward", ""))
-    routes = {r: RouteResult(r, values[r], status[r], errors.get(r)) for r in ROUTES}
-    return SecondOrderReport(routes, scale, fd_value, fd_error, suspects, unsupported_op,
-                             time.perf_counter() - start)
+    forward_errors = errors.get("forward", "") + errors.get("reverse_forward", "")
+    if forward_errors:
+        unsupported_op = _forward_culprit(probe, forward_errors)
+    routes = {r: RouteResult(r, dict(values[r]) if values[r] else dict.fromkeys(BLOCKS),
+                             status[r], errors.get(r)) for r in ROUTES}
+    return SecondOrderReport(routes, scale, fd_value, fd_error, list(dict.fromkeys(suspects)),
+                             unsupported_op, time.perf_counter() - start)
 
 
-def _arbitrate(f: Callable, w: PyTree, lam: PyTree, batch: Any, u: PyTree, vw: PyTree,
-               vl: PyTree, done: dict[str, float], slack: float,
-               seeded: _Seeded) -> tuple[float, float, dict[str, float]]:
-    """Central differences of uᵀG along v at steps s, s/10, s/100 (stopping once every
-    route agrees with one of them; a step whose differences are not in their s² regime
-    counts for nothing). Returns the last usable (value, error bar), (nan, inf) if no
-    step was usable, and, per route, its smallest excess over the error bar (0 where it
-    agreed at some step)."""
-    ref = tree_leaves(w)[0]
-    x0 = torch.zeros(1, dtype=ref.dtype)
-    size = max(1.0, _norm(w, lam))
-    step = torch.finfo(ref.dtype).eps ** (1 / 3) * size
-    w_leaves, w_spec = tree_flatten(w)
-    l_leaves, l_spec = tree_flatten(lam)
-    vw_leaves, vl_leaves = tree_leaves(vw), tree_leaves(vl)
+def _finite_gradient(f: Callable, w: PyTree, lam: PyTree, batch: Any, seeded: _Seeded) -> bool:
+    try:
+        with seeded, torch.no_grad():
+            g = grad(f)(w, lam, batch)
+    except Exception:  # noqa: BLE001 - any failure at the moved point: use the given one
+        return False
+    return all(bool(torch.isfinite(a).all()) for a in tree_leaves(g))
+
+
+def _judge(values: dict[str, float], steps: list[tuple[float, float]], slack: float,
+           resolved: float) -> dict[str, str]:
+    """The status of each route in one block.
+
+    ``steps`` holds the (value, error bar) of the differences at each usable step. A
+    route is wrong when two steps agree with each other (a kink makes them disagree) and
+    the route with neither; it is right when it agrees with a step whose bar is below
+    ``resolved``. The rest are judged by agreement within ``slack``: with a route already
+    found right, else by majority (two agreeing routes outvote a third; a lone route is
+    unverified; a tie is disputed)."""
+    def agrees(x: float, step: tuple[float, float]) -> bool:
+        return abs(x - step[0]) <= step[1] + slack
+
+    pairs = [(a, b) for i, a in enumerate(steps) for b in steps[i + 1:]
+             if abs(a[0] - b[0]) <= a[1] + b[1]]
+    out = {r: "wrong" for r, x in values.items()
+           if any(not agrees(x, a) and not agrees(x, b) for a, b in pairs)}
+    out.update({r: "ok" for r, x in values.items() if r not in out and
+                any(agrees(x, st) and st[1] <= resolved for st in steps)})
+    right = [r for r, s in out.items() if s == "ok"]
+    rest = {r: v for r, v in values.items() if r not in out}
+    for r, v in list(rest.items()):
+        if any(abs(values[k] - v) <= slack for k in right):
+            out[r] = "ok"
+            del rest[r]
+    if right:  # the differences vouch for other routes: disagreeing ones are wrong
+        out.update(dict.fromkeys(rest, "wrong"))
+        return out
+    groups: list[list[str]] = []
+    for r, v in rest.items():
+        for g in groups:
+            if abs(rest[g[0]] - v) <= slack:
+                g.append(r)
+                break
+        else:
+            groups.append([r])
+    groups.sort(key=len, reverse=True)
+    if len(groups) == 1:
+        out.update(dict.fromkeys(groups[0], "ok" if len(groups[0]) > 1 else "unverified"))
+    elif groups and len(groups[0]) > len(groups[1]):
+        out.update(dict.fromkeys(groups[0], "ok"))
+        out.update({r: "wrong" for g in groups[1:] for r in g})
+    else:
+        out.update({r: "disputed" for g in groups for r in g})
+    return out
+
+
+def _differences(probe: _Probe, done: dict[str, dict[str, float]], slack: dict[str, float]
+                 ) -> dict[str, list[tuple[float, float]]]:
+    """Central differences of uᵀG along (v_w, 0) and (0, v_λ) at steps s, s/10, s/100,
+    stopping once every route agrees with one of them. Returns per block the (value,
+    error bar) of each usable step (one whose differences are in their s² regime)."""
+    ref = tree_leaves(probe.w)[0]
+    step = torch.finfo(ref.dtype).eps ** (1 / 3) * max(1.0, _norm(probe.w), _norm(probe.lam))
+    w_leaves, w_spec = tree_flatten(probe.w)
+    l_leaves, l_spec = tree_flatten(probe.lam)
+    vw_leaves, vl_leaves = tree_leaves(probe.vw), tree_leaves(probe.vl)
 
     def phi(x: torch.Tensor) -> float:
-        s = float(x[0])
-        wp = tree_unflatten([a + s * d for a, d in zip(w_leaves, vw_leaves, strict=True)], w_spec)
-        lp = tree_unflatten([a + s * d for a, d in zip(l_leaves, vl_leaves, strict=True)], l_spec)
-        with seeded, torch.no_grad():
-            return _dot(u, grad(f)(wp, lp, batch))
+        sw, sl = float(x[0]), float(x[1])
+        wp = tree_unflatten([a + sw * d for a, d in zip(w_leaves, vw_leaves, strict=True)],
+                            w_spec)
+        lp = tree_unflatten([a + sl * d for a, d in zip(l_leaves, vl_leaves, strict=True)],
+                            l_spec)
+        with probe.seeded, torch.no_grad():
+            return _dot(probe.u, probe.G(wp, lp))
 
-    excess = {r: math.inf for r in done}
-    value = error = math.inf
+    x0 = torch.zeros(2, dtype=ref.dtype)
+    directions = list(torch.eye(2, dtype=ref.dtype))
+    steps: dict[str, list[tuple[float, float]]] = {b: [] for b in BLOCKS}
     for k in range(3):
-        fd = central_differences(phi, x0, [torch.ones(1, dtype=ref.dtype)], step / 10 ** k)
-        if not bool(fd.asymptotic[0]):  # a kink within the step: no evidence either way
-            continue
-        value, error = float(fd.value[0]), float(fd.error[0])
-        for r, v in done.items():
-            excess[r] = min(excess[r], max(0.0, abs(v - value) - error - slack))
-        if all(e == 0 for e in excess.values()):
+        fd = central_differences(phi, x0, directions, step / 10 ** k)
+        for i, b in enumerate(BLOCKS):
+            if bool(fd.asymptotic[i]):  # else a kink within the step: no evidence
+                steps[b].append((float(fd.value[i]), float(fd.error[i])))
+        if all(any(abs(v[b] - x) <= e + slack[b] for x, e in steps[b])
+               for b in BLOCKS for v in done.values()):
             break
-    if math.isinf(error):  # no step was usable: nothing is called wrong, nothing verified
-        return math.nan, math.inf, dict.fromkeys(done, 0.0)
-    return value, error, excess
+    return steps
 
 
 # --- naming the operator ---------------------------------------------------------------
 
-#: autograd nodes of fused kernels whose double backward is wrong or missing
+#: autograd nodes of fused kernels whose second derivatives are wrong or missing
 _FUSED = {
     "WeightNormInterfaceBackward": (
         "the fused weight norm torch._weight_norm (torch.nn.utils.parametrizations."
         "weight_norm or torch.nn.utils.weight_norm): PyTorch's double backward of it is "
         "wrong; compute g * v / v.norm() with basic ops (bilevel.wrap does this for "
         "wrapped modules)"),
-    "ScaledDotProductFlashAttentionBackward": (
-        "flash attention (scaled_dot_product_attention): use the math kernel, "
-        "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"),
-    "ScaledDotProductEfficientAttentionBackward": (
-        "memory-efficient attention (scaled_dot_product_attention): use the math kernel, "
-        "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"),
-    "ScaledDotProductCudnnAttentionBackward": (
-        "cuDNN attention (scaled_dot_product_attention): use the math kernel, "
+    "ScaledDotProduct": (
+        "a fused attention kernel of scaled_dot_product_attention (flash, memory-efficient "
+        "or cuDNN), which has no double backward: use the math kernel, "
         "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"),
 }
 
 
-def _graph_nodes(f: Callable, w: PyTree, lam: PyTree, batch: Any,
-                 seeded: _Seeded) -> list[Any]:
+def _graph_nodes(probe: _Probe) -> list[Any]:
     """The autograd nodes of one eager evaluation of f (empty if that fails)."""
-    w_ = tree_map(lambda a: a.detach().requires_grad_(), w)
-    l_ = tree_map(lambda a: a.detach().requires_grad_(), lam)
+    w_ = tree_map(lambda a: a.detach().requires_grad_(), probe.w)
+    l_ = tree_map(lambda a: a.detach().requires_grad_(), probe.lam)
     try:
-        with seeded, torch.enable_grad():
-            out = f(w_, l_, batch)
+        with probe.seeded, torch.enable_grad():
+            out = probe.f(w_, l_, probe.batch)
     except Exception:  # noqa: BLE001 - diagnosis only: a failure here names nothing
         return []
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
@@ -413,10 +537,10 @@ def _is_once_differentiable(fn: Callable) -> bool:
         code.co_filename.replace("\\", "/").endswith("torch/autograd/function.py")
 
 
-def _suspects(f: Callable, w: PyTree, lam: PyTree, batch: Any, seeded: _Seeded) -> list[str]:
+def _suspects(probe: _Probe) -> list[str]:
     """Operators in f's graph that commonly break second derivatives, described."""
     found: dict[str, str] = {}
-    for node in _graph_nodes(f, w, lam, batch, seeded):
+    for node in _graph_nodes(probe):
         cls = getattr(node, "_forward_cls", None)
         if cls is not None:
             name = getattr(cls, "__qualname__", cls.__name__)
@@ -427,18 +551,18 @@ def _suspects(f: Callable, w: PyTree, lam: PyTree, batch: Any, seeded: _Seeded) 
             if getattr(cls, "jvp", None) is torch.autograd.Function.jvp:
                 notes.append("it defines no jvp, so it has no forward mode")
             if not notes:
-                notes.append("its backward must itself be differentiable for second "
-                             "derivatives")
+                notes.append("its backward and jvp must themselves be differentiable, and "
+                             "right, for second derivatives")
             found[name] = f"the custom autograd.Function {name} ({'; '.join(notes)})"
             continue
-        kind = type(node).__name__
+        kind = type(node).__name__.lstrip("_")
         for prefix, text in _FUSED.items():
-            if kind.lstrip("_").startswith(prefix):
+            if kind.startswith(prefix):
                 found[prefix] = text
     return list(found.values())
 
 
-_FORWAD_AD_MESSAGE = re.compile(r"forward AD with (\S+) that does not support it")
+_FORWARD_AD_MESSAGE = re.compile(r"forward AD with (\S+) that does not support it")
 
 
 class _Recorder(TorchFunctionMode):
@@ -463,39 +587,51 @@ def _func_name(func: Callable) -> str:
     return f"{module}.{name}" if not name.startswith("Tensor.") else name
 
 
-def _forward_culprit(f: Callable, w: PyTree, lam: PyTree, batch: Any, seeded: _Seeded,
-                     message: str) -> str | None:
-    """The operator of f without forward-over-reverse support: from PyTorch's message
-    when it names one, else by trying each torch call of f on its own."""
-    match = _FORWAD_AD_MESSAGE.search(message)
+def _recorded_calls(probe: _Probe) -> list[tuple[str, Callable, tuple, dict]]:
+    """(name, func, args, kwargs) of the first call of each distinct torch function in one
+    eager evaluation of f (at most 200)."""
+    w_ = tree_map(lambda a: a.detach().requires_grad_(), probe.w)
+    l_ = tree_map(lambda a: a.detach().requires_grad_(), probe.lam)
+    recorder = _Recorder()
+    try:
+        with probe.seeded, torch.enable_grad(), recorder:
+            probe.f(w_, l_, probe.batch)
+    except Exception:  # noqa: BLE001 - diagnosis only
+        return []
+    out: dict[str, tuple[str, Callable, tuple, dict]] = {}
+    for func, args, kwargs in recorder.calls:
+        name = _func_name(func)
+        if name not in out and len(out) < 200:
+            out[name] = (name, func, args, kwargs)
+    return list(out.values())
+
+
+def _forward_culprit(probe: _Probe, message: str) -> str | None:
+    """The operator of f without a forward-mode rule: from PyTorch's message when it
+    names one, else a custom Function without jvp, else by trying each call of f."""
+    match = _FORWARD_AD_MESSAGE.search(message)
     if match:
         return match.group(1)
-    for node in _graph_nodes(f, w, lam, batch, seeded):
+    for node in _graph_nodes(probe):
         cls = getattr(node, "_forward_cls", None)
         if cls is not None and getattr(cls, "jvp", None) is torch.autograd.Function.jvp:
             return f"the custom autograd.Function {cls.__qualname__} (it defines no jvp)"
-    w_ = tree_map(lambda a: a.detach().requires_grad_(), w)
-    l_ = tree_map(lambda a: a.detach().requires_grad_(), lam)
-    recorder = _Recorder()
-    try:
-        with seeded, torch.enable_grad(), recorder:
-            f(w_, l_, batch)
-    except Exception:  # noqa: BLE001 - diagnosis only
-        return None
-    tried: set[str] = set()
-    for func, args, kwargs in recorder.calls:
-        name = _func_name(func)
-        if name in tried or len(tried) > 200:
-            continue
-        tried.add(name)
-        if not _forward_over_reverse_fails(func, args, kwargs):
-            continue
-        return name
+    return _culprit(probe, "forward", "unsupported")
+
+
+def _culprit(probe: _Probe, route: str, kind: str) -> str | None:
+    """The first torch call of f whose second derivatives, taken on its own, are
+    ``kind`` (``"unsupported"``: the route raises; ``"wrong"``: the route disagrees with
+    central differences of the call's gradient) along ``route``."""
+    for name, func, args, kwargs in _recorded_calls(probe):
+        if _op_fails(func, args, kwargs, route, kind):
+            return name
     return None
 
 
-def _forward_over_reverse_fails(func: Callable, args: tuple, kwargs: dict) -> bool:
-    """Whether forward-over-reverse through this one call raises."""
+def _op_fails(func: Callable, args: tuple, kwargs: dict, route: str, kind: str) -> bool:
+    """Whether ``route`` raises (``kind="unsupported"``) or is wrong (``"wrong"``) for the
+    scalar ⟨c, func(args)⟩ in its floating inputs, on seeded probes."""
     leaves, spec = tree_flatten((args, kwargs))
     slots = [i for i, x in enumerate(leaves)
              if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
@@ -508,26 +644,52 @@ def _forward_over_reverse_fails(func: Callable, args: tuple, kwargs: dict) -> bo
         return False
     if not isinstance(out, torch.Tensor) or not out.is_floating_point():
         return False
-    primals = tuple(leaves[i].detach() for i in slots)
-    cot = torch.ones_like(out)
+    gen = torch.Generator().manual_seed(_SEED)
+    c = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    xs = tuple(leaves[i].detach() for i in slots)
+    a = tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)
+              for x in xs)
+    b = tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)
+              for x in xs)
 
-    def call(*xs: torch.Tensor) -> torch.Tensor:
+    def scalar(*ys: torch.Tensor) -> torch.Tensor:
         new = list(leaves)
-        for i, x in zip(slots, xs, strict=True):
-            new[i] = x
-        a, k = tree_unflatten(new, spec)
-        return func(*a, **k)
+        for i, y in zip(slots, ys, strict=True):
+            new[i] = y
+        p, k = tree_unflatten(new, spec)
+        return (func(*p, **k) * c).sum()
 
-    def pulled(*xs: torch.Tensor) -> tuple:
-        return vjp(call, *xs)[1](cot)
+    gradient = grad(scalar, argnums=tuple(range(len(xs))))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            if route == "reverse":
+                value = _dot(vjp(gradient, *xs)[1](a), b)
+            elif route == "forward":
+                value = _dot(a, jvp(gradient, xs, b)[1])
+            else:
+                psi = lambda *ys: jvp(scalar, ys, a)[1]  # noqa: E731
+                value = _dot(grad(psi, argnums=tuple(range(len(xs))))(*xs), b)
+    except (RuntimeError, NotImplementedError):
+        return kind == "unsupported"
+    except Exception:  # noqa: BLE001 - anything else says nothing about the route
+        return False
+    if kind == "unsupported" or not math.isfinite(value):
+        return False
+    x0 = torch.zeros(1, dtype=xs[0].dtype)
+
+    def h(t: torch.Tensor) -> float:
+        s = float(t[0])
+        with torch.no_grad():
+            return _dot(a, gradient(*(x + s * d for x, d in zip(xs, b, strict=True))))
 
     try:
-        jvp(pulled, primals, tuple(torch.ones_like(p) for p in primals))
-    except (RuntimeError, NotImplementedError):
-        return True
-    except Exception:  # noqa: BLE001 - anything else is not a missing forward rule
+        fd = central_differences(h, x0, [torch.ones(1, dtype=x0.dtype)],
+                                 torch.finfo(x0.dtype).eps ** (1 / 3) * max(1.0, _norm(xs)))
+    except (ValueError, RuntimeError):
         return False
-    return False
+    return bool(fd.asymptotic[0]) and abs(value - float(fd.value[0])) > 2 * float(fd.error[0]) \
+        + AD_TOLERANCE.get(x0.dtype, 1.0) * abs(float(fd.value[0]))
 
 
 def forward_route_error(f: Callable, hparams: PyTree, params: PyTree, batch: Any, who: str,
@@ -549,5 +711,5 @@ def forward_route_error(f: Callable, hparams: PyTree, params: PyTree, batch: Any
         "operator with basic differentiable torch ops")
 
 
-__all__ = ["ROUTES", "ROUTE_NAMES", "RouteResult", "SecondOrderReport", "check_second_order",
-           "clear_cache"]
+__all__ = ["BLOCKS", "ROUTES", "ROUTE_NAMES", "RouteResult", "SecondOrderReport", "Use",
+           "check_second_order", "clear_cache", "uses"]

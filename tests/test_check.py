@@ -126,6 +126,21 @@ def test_central_differences_reject_bad_arguments():
         central_differences(cubic, X, [torch.ones(2, dtype=DT)], 1e-3)
     with pytest.raises(ValueError, match="smaller step"):
         central_differences(lambda x: float(torch.log(x[0])), X, BASIS, 1.0)
+    with pytest.raises(ValueError, match="step"):
+        central_differences(cubic, X, BASIS, True)
+    with pytest.raises(ValueError, match="list of tensors"):
+        central_differences(cubic, X, torch.stack(BASIS), 1e-3)
+    with pytest.raises(ValueError, match="tensor of the shape of x"):
+        central_differences(cubic, X, [[1.0, 0.0, 0.0]], 1e-3)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        central_differences(cubic, torch.ones(3, dtype=torch.int64), BASIS, 1e-3)
+    with pytest.raises(ValueError, match="h must return a scalar"):
+        central_differences(lambda x: x * 2, X, BASIS, 1e-3)
+    for floor in (-1.0, math.nan):
+        with pytest.raises(ValueError, match="floor"):
+            estimate_noise([1.0, 2.0, 3.0, 4.0], floor=floor)
+    with pytest.raises(ValueError, match="sequence of numbers"):
+        estimate_noise("abcd")
 
 
 # --- check_hypergradient on Ridge (closed-form w*(λ)) ------------------------------------
@@ -149,8 +164,8 @@ ALL = list(range(8))
 
 def check(r: Ridge, estimator, problem=None, **kw) -> hg.GradientCheck:
     return hg.check_hypergradient(problem or r.problem(), r.hparams(), {"w": r.w_star()},
-                                  estimator, coords=ALL, inner_solution=closed_form(r),
-                                  **{"eps": 1e-4, **kw})
+                                  estimator, inner_solution=closed_form(r),
+                                  **{"eps": 1e-4, "coords": ALL, **kw})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,10 +240,15 @@ def test_coordinates_drawn_at_random_are_seeded(ridge):
 
 
 def test_an_inconclusive_check_says_so(ridge):
-    """A step so small that rounding swamps the derivative (σ/s ≈ 1e-2 ≫ |∇h| ≈ 1e-3):
-    the verdict says the differences cannot tell, instead of judging the sign."""
+    """A step so small that rounding swamps the derivatives (σ/s ≈ 2e-2 ≫ |∇h| ≤ 4e-3 on
+    coordinates 0-3): the verdict says the differences cannot tell, and a wrong sign is
+    neither passed nor judged."""
+    out = check(ridge, Wrong(EXACT, "sign"), eps=1e-14, coords=[0, 1, 2, 3])
+    assert out.resolution >= 1 and not out.conclusive and not out.agrees
+    assert out.verdict.startswith("inconclusive"), out.verdict
+    # with coordinate 6 (|∇h| ≈ 0.28) among them, the same step sees the wrong sign there
     out = check(ridge, Wrong(EXACT, "sign"), eps=1e-14)
-    assert out.resolution >= 1 and "inconclusive" in out.verdict, out.verdict
+    assert out.resolution < 1 and out.verdict.startswith("disagrees"), out.verdict
 
 
 @pytest.mark.parametrize("eps", [1.0, 3.0])
@@ -249,9 +269,27 @@ def test_check_rejects_bad_arguments(ridge):
             hg.check_hypergradient(p, hp, w, EXACT, eps=eps)
     with pytest.raises(hg.BilevelInputError, match="empty"):
         hg.check_hypergradient(p, hp, w, EXACT, coords=[])
-    with pytest.raises(hg.BilevelInputError, match=r"coords must be >= 1"):
-        hg.check_hypergradient(p, hp, w, EXACT, coords=0)
+    for count in (0, 9):
+        with pytest.raises(hg.BilevelInputError, match=rf"coords asks for {count} .*8 scalars"):
+            hg.check_hypergradient(p, hp, w, EXACT, coords=count)
     with pytest.raises(hg.BilevelInputError, match=r"\[8, -1\] are out of range.*8 scalars"):
         hg.check_hypergradient(p, hp, w, EXACT, coords=[0, 8, -1])
+    for coords in (True, [1.7], "0", [True]):
+        with pytest.raises(hg.BilevelInputError, match="coords must be a list of int"):
+            hg.check_hypergradient(p, hp, w, EXACT, coords=coords)
+    with pytest.raises(hg.BilevelInputError, match="eps"):
+        hg.check_hypergradient(p, hp, w, EXACT, eps=True)
+    with pytest.raises(hg.BilevelInputError, match="seed must be an int"):
+        hg.check_hypergradient(p, hp, w, EXACT, coords=2, seed="a")
+    with pytest.raises(hg.BilevelInputError, match="inner_solution must be"):
+        hg.check_hypergradient(p, hp, w, EXACT, inner_solution=3)
+    with pytest.raises(hg.HyperparameterError, match="floating-point"):
+        hg.check_hypergradient(p, {"lam": torch.zeros(8, dtype=torch.int64)}, w, EXACT)
     with pytest.raises(TypeError, match="hypergrad.Problem"):
         hg.check_hypergradient("ridge", hp, w, EXACT)
+    fd = central_differences(lambda x: float((x ** 2).sum()), torch.ones(2, dtype=DT),
+                             list(torch.eye(2, dtype=DT)), 1e-3)
+    with pytest.raises(hg.BilevelInputError, match="coords labels 1 entries"):
+        hg.GradientCheck.of(torch.tensor([2.0, 2.0], dtype=DT), fd, coords=[7])
+    with pytest.raises(hg.BilevelInputError, match="estimate has 3 entries"):
+        hg.GradientCheck.of(torch.zeros(3, dtype=DT), fd)

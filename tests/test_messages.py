@@ -74,12 +74,37 @@ def test_cg_on_an_indefinite_system_is_judged_by_its_residual():
         warnings.simplefilter("error")
         out = hg.ConjugateGradient()(diag(1.0, -2.0), ones())  # pᵀAp = −1 < 0, then exact
     torch.testing.assert_close(out.x, torch.tensor([1.0, -0.5], dtype=DT))
-    with pytest.warns(hg.ConvergenceWarning, match=(
-            r"ConjugateGradient stopped at relative residual .* after 1 iterations and met the "
-            r"curvature pᵀAp = -1\.000e\+00 ≤ 0 at iteration 1: the system is singular or not "
-            r"positive definite.*ConjugateGradient\(damping=\.\.\.\)")):
-        out = hg.ConjugateGradient(maxiter=1)(diag(1.0, -2.0), ones())
+    out = hg.ConjugateGradient(maxiter=1)(diag(1.0, -2.0), ones())
     assert not out.converged
+    assert re.search(r"^CG met the curvature pᵀAp = -1\.000e\+00 ≤ 0 at iteration 1: the "
+                     r"system is singular or not positive definite.*ConjugateGradient\("
+                     r"damping=\.\.\.\)", out.note), out.note
+
+
+def test_an_estimator_warns_once_with_the_solver_note():
+    """Implicit on an indefinite Hessian that CG does not solve: one ConvergenceWarning,
+    which gives CG's finding instead of 'raise maxiter or tol'."""
+    inner = lambda p, h, b: 0.5 * (p["w"] * h["d"] * p["w"]).sum()  # noqa: E731
+    outer = lambda p, h, b: (p["w"] - 1).pow(2).sum()  # noqa: E731
+    problem = hg.Problem(inner, outer, steps=0)
+    est = hg.Implicit(solver=hg.ConjugateGradient(maxiter=1), inner_steps=0, inner_tol=None)
+    with pytest.warns(hg.ConvergenceWarning) as record:
+        est(problem, {"d": torch.tensor([1.0, -2.0], dtype=DT)},
+            {"w": torch.tensor([0.5, 0.3], dtype=DT)})
+    messages = [str(w.message) for w in record if w.category is hg.ConvergenceWarning]
+    assert len(messages) == 1, messages
+    assert "CG met the curvature" in messages[0] and "raise maxiter" not in messages[0]
+
+
+@pytest.mark.parametrize("maxiter", [20, 100])
+def test_cg_on_a_singular_inconsistent_system_says_it_diverged(maxiter):
+    """A = diag(1, 0, 2, 0.5, 1) with b outside its range: the iterates grow without bound.
+    CG must say so, not return a huge answer nor blame a preconditioner."""
+    A = diag(1.0, 0.0, 2.0, 0.5, 1.0)
+    b = torch.tensor([0.3, 0.2, 0.1, 0.4, 0.5], dtype=DT)
+    with pytest.raises(hg.LinearSolveError, match=r"ConjugateGradient diverged: the relative "
+                                                  r"residual grew .*singular.*damping"):
+        hg.ConjugateGradient(maxiter=maxiter)(A, b)
 
 
 def test_cg_on_a_singular_hessian_from_an_estimator():
@@ -94,11 +119,11 @@ def test_cg_on_a_singular_hessian_from_an_estimator():
 
 
 def test_cg_blames_a_bad_preconditioner():
-    with pytest.warns(hg.ConvergenceWarning, match=re.escape(
-            "met ⟨r, M⁻¹r⟩ = -3.000e+00 ≤ 0 at iteration 1: the preconditioner is not positive")):
-        flip = torch.tensor([1.0, -1.0], dtype=DT)  # M⁻¹ = diag(1, −1): indefinite
-        hg.ConjugateGradient(preconditioner=lambda r: flip * r, maxiter=1)(
-            diag(2.0, 1.0), torch.tensor([1.0, 2.0], dtype=DT))
+    flip = torch.tensor([1.0, -1.0], dtype=DT)  # M⁻¹ = diag(1, −1): indefinite
+    out = hg.ConjugateGradient(preconditioner=lambda r: flip * r, maxiter=1)(
+        diag(2.0, 1.0), torch.tensor([1.0, 2.0], dtype=DT))
+    assert "met ⟨r, M⁻¹r⟩ = -3.000e+00 ≤ 0 at iteration 1: the preconditioner is not " \
+        "positive" in out.note, out.note
     with pytest.raises(hg.LinearSolveError, match="already contains NaN or inf.*preconditioner"):
         hg.ConjugateGradient(preconditioner=lambda r: r * float("nan"))(diag(2.0, 2.0), ones())
 

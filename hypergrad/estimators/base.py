@@ -33,7 +33,13 @@ from ..errors import (
 )
 from ..problem import Problem
 from ..pytree import PyTree, tree_leaves, tree_norm, tree_paths
-from ..second_order import ROUTE_NAMES, SecondOrderReport, check_second_order
+from ..second_order import (
+    BLOCK_NAMES,
+    ROUTE_NAMES,
+    SecondOrderReport,
+    Use,
+    check_second_order,
+)
 
 EstimatorState = dict[str, Any]
 #: what an estimator does with the second-order self-check: raise, warn, or skip it
@@ -59,6 +65,7 @@ class Diagnostics:
     solve_converged: bool | None = None
     solve_residuals: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    solve_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,10 +95,10 @@ class Estimator(ABC):
         _check_finite(result, self.name)
         d = result.diagnostics
         if d.solve_converged is False:
-            warn(
-                f"{self.name}: the linear solve stopped at relative residual "
-                f"{d.solve_residual:.2e} after {d.solve_iterations} iterations; raise "
-                "maxiter or tol", ConvergenceWarning)
+            advice = d.solve_note or "raise maxiter or tol"
+            warn(f"{self.name}: the linear solve stopped at relative residual "
+                 f"{d.solve_residual:.2e} after {d.solve_iterations} iterations; {advice}",
+                 ConvergenceWarning)
         if self.warn_zero and all(bool((g == 0).all()) for g in tree_leaves(result.grad)):
             warn(self.zero_message(problem, hparams, result.params), RuntimeWarning)
         seconds = time.perf_counter() - start
@@ -110,13 +117,14 @@ class Estimator(ABC):
 
     # --- the second-order self-check (see hypergrad.second_order) ---------------------
 
-    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
-        """The routes by which this estimator differentiates ∇_w f a second time
-        (``"reverse"``, ``"forward"``, ``"reverse_forward"``); empty: none."""
+    def second_order_routes(self, state: EstimatorState) -> frozenset[Use]:
+        """The (route, block) pairs by which this estimator forms second derivatives of
+        the inner loss: routes ``"reverse"``, ``"forward"``, ``"reverse_forward"``, blocks
+        ``"hessian"`` (∂²f/∂w²) and ``"mixed"`` (∂²f/∂λ∂w); empty: none."""
         return frozenset()
 
-    def route_options(self) -> list[tuple[frozenset[str], str]]:
-        """Settings of this estimator and the routes each takes, to suggest one that works."""
+    def route_options(self) -> list[tuple[frozenset[Use], str]]:
+        """Settings of this estimator and the pairs each uses, to suggest one that works."""
         return []
 
     def second_order_batch(self, problem: Problem) -> Any:
@@ -138,7 +146,7 @@ class Estimator(ABC):
             self.second_order_failure(report, routes)
         return state
 
-    def second_order_failure(self, report: SecondOrderReport, routes: frozenset[str]) -> None:
+    def second_order_failure(self, report: SecondOrderReport, routes: frozenset[Use]) -> None:
         """Raise (or warn about) the routes of ``routes`` that the report rejects."""
         message = second_order_message(self, report, routes)
         if getattr(self, "self_check", "error") == "warn":
@@ -155,28 +163,34 @@ def check_self_check(owner: str, value: object) -> None:
 
 
 def second_order_message(est: Estimator, report: SecondOrderReport,
-                         routes: frozenset[str]) -> str:
-    """Which routes failed, the likely operator, and what to use instead."""
-    bad = [r for r in sorted(routes) if report.status(r) not in ("ok", "unverified")]
+                         routes: frozenset[Use]) -> str:
+    """Which (route, block) pairs failed, the likely operator, and what to use instead."""
+    bad = sorted((r, b) for r, b in routes if report.status(r, b) not in ("ok", "unverified"))
     verbs = {"wrong": "come out wrong by", "unsupported": "cannot be taken by",
-             "disputed": "disagree with another route, unresolved by central differences, "
-                         "by"}
+             "disputed": "disagree between routes, unresolved by central differences, by"}
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for r, b in bad:
+        grouped.setdefault((report.status(r, b), r), []).append(BLOCK_NAMES[b])
     parts = [f"{est.name}: the second derivatives of the inner loss "
-             + "; ".join(f"{verbs[report.status(r)]} {ROUTE_NAMES[r]}" for r in bad)
-             + ", which this estimator uses. On a random probe, uᵀ(∂∇_w f/∂(w, λ))v is:\n"
+             + "; ".join(f"{verbs[status]} {ROUTE_NAMES[r]} in block{'s' * (len(blocks) > 1)} "
+                         + " and ".join(blocks) for (status, r), blocks in grouped.items())
+             + ", which this estimator uses. On random probes, uᵀ(∂²f)v is:\n"
              + report.summary()]
-    if any(report.status(r) == "unsupported" for r in bad):
+    failed = {r for r, b in bad}
+    raised = sorted({report.routes[r].error for r in failed
+                     if report.status(r) == "unsupported" and report.routes[r].error})
+    if raised:
         op = report.unsupported_operator
-        errors = {report.routes[r].error for r in bad if report.routes[r].error}
-        parts.append(("The operator without a forward-mode rule is " + op + ". "
-                      if op else "An operator has no forward-mode rule. ")
-                     + "PyTorch said: " + " | ".join(sorted(errors))[:300])
+        forward = failed & {"forward", "reverse_forward"}
+        named = (f"The operator without a forward-mode rule is {op}. "
+                 if op and forward else "")
+        parts.append(named + "PyTorch said: " + " | ".join(raised)[:400])
     if report.suspects:
         parts.append("Likely cause: " + "; ".join(report.suspects) + ".")
-    elif any(report.status(r) in ("wrong", "disputed") for r in bad):
-        parts.append("Likely cause: an operator whose backward is not itself differentiable "
-                     "(a custom autograd.Function with @once_differentiable) or a fused "
-                     "kernel with a wrong double backward.")
+    elif any(report.status(r, b) in ("wrong", "disputed") for r, b in bad):
+        parts.append("Likely cause: an operator whose backward (or jvp) is not itself "
+                     "differentiable, e.g. a custom autograd.Function with "
+                     "@once_differentiable, or a kernel with wrong second derivatives.")
     working = [how for needs, how in est.route_options() if report.usable(needs)
                and not needs <= routes]
     if working:

@@ -33,7 +33,7 @@ from ..linear_solve import GMRES, ConjugateGradient, LinearSolver, SolveResult
 from ..optim import State, check_settings
 from ..problem import Problem
 from ..pytree import PyTree, tree_detach, tree_map2, tree_zeros_like
-from ..second_order import check_second_order
+from ..second_order import BLOCKS, Use, check_second_order, uses
 from ..validation import read_only_by_settings
 from .base import (
     Diagnostics,
@@ -100,12 +100,12 @@ class Implicit(Estimator):
             return self.solver
         return GMRES() if self.fixed_point else ConjugateGradient()
 
-    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
+    def second_order_routes(self, state: EstimatorState) -> frozenset[Use]:
         if self.fixed_point:
             return hvp_routes("reverse")
         return hvp_routes(state.get("hvp_mode", self.hvp))
 
-    def route_options(self) -> list[tuple[frozenset[str], str]]:
+    def route_options(self) -> list[tuple[frozenset[Use], str]]:
         if self.fixed_point:
             return []
         return [(hvp_routes("linearized"), "Implicit(hvp='linearized')"),
@@ -123,7 +123,7 @@ class Implicit(Estimator):
         if not usable:
             self.second_order_failure(report, hvp_routes("linearized") | hvp_routes("jvp"))
         elif len(usable) == 1:
-            if report.status("reverse") in ("wrong", "disputed"):
+            if any(report.status("reverse", b) in ("wrong", "disputed") for b in BLOCKS):
                 warn("implicit: Hessian-vector products by double backward are wrong for "
                      "this inner loss (an operator whose backward is not differentiable); "
                      "hvp='auto' uses forward-over-reverse ('jvp'), which agrees with "
@@ -150,7 +150,7 @@ class Implicit(Estimator):
         return Hypergradient(grad_, w, new_state, Diagnostics(
             self.name, float(loss), gnorm, steps, solve_iterations=result.iterations,
             solve_residual=result.residual, solve_converged=result.converged,
-            solve_residuals=result.residuals))
+            solve_residuals=result.residuals, solve_note=result.note))
 
     def _solve_inner(self, problem: Problem, hparams: PyTree, params: PyTree,
                      state: EstimatorState) -> tuple[PyTree, State, float]:
@@ -219,15 +219,15 @@ class Implicit(Estimator):
         return tree_map2(torch.add, gF_lam, pullback(result.x)[1]), result
 
 
-def hvp_routes(mode: str) -> frozenset[str]:
-    """The second-derivative routes of an HVP form: double backward for ``"reverse"`` and
-    ``"linearized"`` (products and the mixed term); ``"jvp"`` takes products by
-    forward-over-reverse and the mixed term by reverse-over-forward."""
+def hvp_routes(mode: str) -> frozenset[Use]:
+    """The (route, block) pairs of an HVP form: double backward for ``"reverse"`` and
+    ``"linearized"`` (products and the mixed term); ``"jvp"`` takes the products (Hessian
+    block) by forward-over-reverse and the mixed term by reverse-over-forward."""
     if mode == "jvp":
-        return frozenset({"forward", "reverse_forward"})
+        return frozenset({("forward", "hessian"), ("reverse_forward", "mixed")})
     if mode == "auto":
         return frozenset()
-    return frozenset({"reverse"})
+    return uses("reverse")
 
 
 def _outer_grads(problem: Problem, w: PyTree, lam: PyTree) -> tuple[torch.Tensor, Any]:

@@ -109,7 +109,7 @@ class KKTImplicit(Estimator):
         diagnostics = ConstrainedDiagnostics(
             self.name, float(F(y, x)), stationarity, 0, solve_iterations=result.iterations,
             solve_residual=result.residual, solve_converged=result.converged,
-            solve_residuals=result.residuals,
+            solve_residuals=result.residuals, solve_note=result.note,
             max_violation=float(g_val.clamp_min(0).max()) if g_val.numel() else 0.0,
             multipliers=mu.tolist())
         new_state = {**state, "multipliers": mu, "active": active.tolist()}

@@ -47,6 +47,8 @@ from ..pytree import (
     tree_vdot,
     tree_zeros_like,
 )
+from ..second_order import Use, uses
+from ..validation import read_only_by_settings
 from .base import (
     Diagnostics,
     Estimator,
@@ -120,16 +122,26 @@ class _SingleLoopRoutes:
 
     hvp: SobaHVP
 
-    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
-        return frozenset({"reverse"} if self.hvp == "reverse" else {"reverse_forward"})
+    def second_order_routes(self, state: EstimatorState) -> frozenset[Use]:
+        return uses("reverse" if self.hvp == "reverse" else "reverse_forward")
 
-    def route_options(self) -> list[tuple[frozenset[str], str]]:
+    def route_options(self) -> list[tuple[frozenset[Use], str]]:
         owner = type(self).__name__
-        return [(frozenset({"reverse"}), f"{owner}(hvp='reverse')"),
-                (frozenset({"reverse_forward"}), f"{owner}(hvp='jvp')")]
+        return [(uses("reverse"), f"{owner}(hvp='reverse')"),
+                (uses("reverse_forward"), f"{owner}(hvp='jvp')")]
 
     def second_order_batch(self, problem: Problem) -> Any:
         return problem.batch_at(0)
+
+    def zero_message(self, problem: Problem, hparams: PyTree, params: PyTree) -> str:
+        """Zero because only ``problem.optimizer``'s settings read the hyperparameters."""
+        if not read_only_by_settings(problem, hparams, params):
+            return Estimator.zero_message(self, problem, hparams, params)
+        return (f"{self.name}: the hypergradient is exactly zero because the hyperparameters "
+                "are read only by problem.optimizer's settings (learning rate, momentum, "
+                f"...), which {type(self).__name__} does not use: it takes its own steps of "
+                "size rho. Use an unrolled estimator (Unrolled or Truncated) to tune "
+                "optimizer settings")
 
 
 def _diagnostics(name: str, loss: torch.Tensor, d_z: PyTree, d_v: PyTree,

@@ -17,6 +17,7 @@ import torch
 from ..optim import check_settings
 from ..problem import Problem
 from ..pytree import PyTree, tree_detach
+from ..second_order import Use
 from .base import (
     Diagnostics,
     Estimator,
@@ -67,10 +68,10 @@ class Truncated(Estimator):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draws)
         return int(torch.randint(0, slack + 1, (), generator=gen))
 
-    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
+    def second_order_routes(self, state: EstimatorState) -> frozenset[Use]:
         return unrolled_routes(self.mode)
 
-    def route_options(self) -> list[tuple[frozenset[str], str]]:
+    def route_options(self) -> list[tuple[frozenset[Use], str]]:
         return [(unrolled_routes("reverse"), "Truncated(mode='reverse')"),
                 (unrolled_routes("forward"), "Truncated(mode='forward')")]
 

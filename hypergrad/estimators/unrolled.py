@@ -32,6 +32,7 @@ from ..pytree import (
     tree_unflatten,
     tree_unravel,
 )
+from ..second_order import Use, uses
 from .base import (
     Diagnostics,
     Estimator,
@@ -169,10 +170,10 @@ class Unrolled(Estimator):
             raise ValueError("Unrolled: recompute applies to reverse mode only "
                              "(forward mode already uses memory independent of T)")
 
-    def second_order_routes(self, state: EstimatorState) -> frozenset[str]:
+    def second_order_routes(self, state: EstimatorState) -> frozenset[Use]:
         return unrolled_routes(self.mode)
 
-    def route_options(self) -> list[tuple[frozenset[str], str]]:
+    def route_options(self) -> list[tuple[frozenset[Use], str]]:
         return [(unrolled_routes("reverse"), "Unrolled(mode='reverse')"),
                 (unrolled_routes("forward"), "Unrolled(mode='forward')")]
 
@@ -189,10 +190,10 @@ class Unrolled(Estimator):
             self.name, float(loss), gnorm, problem.steps))
 
 
-def unrolled_routes(mode: str) -> frozenset[str]:
-    """Reverse-mode unrolling takes double backward through each step's gradient; forward
-    mode, forward-over-reverse."""
-    return frozenset({"reverse"} if mode == "reverse" else {"forward"})
+def unrolled_routes(mode: str) -> frozenset[Use]:
+    """Reverse-mode unrolling takes double backward through each step's gradient (both
+    blocks); forward mode, forward-over-reverse."""
+    return uses("reverse" if mode == "reverse" else "forward")
 
 
 def differentiate(est: Unrolled, problem: Problem, hparams: PyTree, params: PyTree,

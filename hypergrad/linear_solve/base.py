@@ -31,6 +31,9 @@ class SolveResult:
     residual: float
     converged: bool
     residuals: list[float] = field(default_factory=list)
+    #: what the solver met on the way (e.g. CG's negative curvature), for the warning
+    #: when it did not converge
+    note: str | None = None
 
 
 @runtime_checkable

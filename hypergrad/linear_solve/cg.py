@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
-from ..errors import ConvergenceWarning, LinearSolveError, warn
+from ..errors import LinearSolveError
 from ..pytree import PyTree, tree_axpy, tree_vdot
 from .base import MatVec, SolveResult
 from .system import _lift, _System, check_common
@@ -25,8 +25,11 @@ class ConjugateGradient:
     A step α that is not finite (pᵀAp = 0: A singular or indefinite) raises
     :class:`~hypergrad.errors.LinearSolveError`. A curvature pᵀAp < 0 is not an error by
     itself (CG often still converges on an invertible indefinite system, such as the
-    Hessian at a saddle of a network's loss); it is named in a ConvergenceWarning if the
-    solve then stops short of ``tol``.
+    Hessian at a saddle of a network's loss); it is named in ``result.note`` (and so in the
+    estimator's ConvergenceWarning) if the solve then stops short of ``tol``. A residual
+    grown ``DIVERGED`` (1e10) times over its start raises ``LinearSolveError`` (a singular
+    system whose right-hand side is outside its range makes the iterates grow without
+    bound).
     """
 
     tol: float = 1e-10
@@ -62,14 +65,29 @@ class ConjugateGradient:
             if met and indefinite is None:
                 indefinite = _nonpositive(system, len(history), negative, curvature, rz)
             history.append(worst)
+            if not worst <= DIVERGED * history[0]:
+                raise _diverged(history, indefinite)
             z = precond(r)
             rz, rz_old = tree_vdot(r, z, batched=True), rz
             p = tree_axpy(torch.where(active, rz / rz_old, 0), p, z, batched=True)
         result = system.result(x, len(history) - 1, history, self.tol)
         if indefinite is not None and not result.converged:
-            warn(f"ConjugateGradient stopped at relative residual {result.residual:.2e} after "
-                 f"{result.iterations} iterations and met {indefinite}", ConvergenceWarning)
+            result = replace(result, note=f"CG met {indefinite}")
         return result
+
+
+#: growth of the relative residual over its start beyond which CG has diverged (on an SPD
+#: system the residual stays within √κ of its start)
+DIVERGED = 1e10
+
+
+def _diverged(history: list[float], indefinite: str | None) -> LinearSolveError:
+    met = f" It met {indefinite}" if indefinite else ""
+    return LinearSolveError(
+        f"ConjugateGradient diverged: the relative residual grew from {history[0]:.2e} to "
+        f"{history[-1]:.2e} in {len(history) - 1} iterations, so the system is singular "
+        "(with a right-hand side outside its range) or not positive definite." + met + " "
+        + _ADVICE)
 
 
 _ADVICE = ("Add damping (ConjugateGradient(damping=...)) or use a solver for general systems "

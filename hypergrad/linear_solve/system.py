@@ -95,8 +95,8 @@ class _System:
             if not tree_all_finite(x):  # the solver fed it NaN: blame the solve, not A
                 raise LinearSolveError(
                     f"{self.name}: the solve broke down: the vector multiplied by A already "
-                    "contains NaN or inf (check the preconditioner; if A is singular or not "
-                    "positive definite, add damping or use Direct)")
+                    "contains NaN or inf (the iterates overflowed: A is singular or not "
+                    "positive definite, or a preconditioner is; add damping or use Direct)")
             raise NonFiniteError(f"{self.name}: the matrix-vector product returned NaN or inf")
         return tree_axpy(self.damping, x, y) if self.damping else y
 

@@ -89,7 +89,11 @@ def check_settings(optimizer: Any, hparams: PyTree | None = None) -> None:
     """
     name = type(optimizer).__name__
     for field, limit in getattr(optimizer, "limits", {}).items():
-        for path, value in _values(getattr(optimizer, field), hparams, field):
+        try:
+            values = list(_values(getattr(optimizer, field), hparams, field))
+        except OptimizerSettingError as exc:
+            raise OptimizerSettingError(f"{name}: {exc}") from None
+        for path, value in values:
             ok = limit.holds(value)
             if not _all(ok):
                 raise OptimizerSettingError(
@@ -118,10 +122,21 @@ def _values(setting: Any, hparams: PyTree | None, path: str) -> Iterator[tuple[s
         for k, v in setting.items():
             yield from _values(v, hparams, f"{path}[{k!r}]")
     elif isinstance(setting, torch.Tensor):
+        if not (setting.is_floating_point() or setting.dtype in _INTEGER_DTYPES):
+            raise OptimizerSettingError(f"{path} must be a number, a floating tensor or a "
+                                        f"callable of the hyperparameters, got a tensor of "
+                                        f"dtype {setting.dtype}")
         if hparams is not None:
             yield path, setting.detach()
-    elif isinstance(setting, (int, float)):
+    elif isinstance(setting, (int, float)) and not isinstance(setting, bool):
         yield path, setting
+    else:
+        raise OptimizerSettingError(
+            f"{path} must be a number, a tensor or a callable of the hyperparameters "
+            f"(e.g. lambda h: h['log_lr'].exp()), got {type(setting).__name__} {setting!r}")
+
+
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _broadcast(a: list, b: list) -> list[tuple]:
