@@ -281,7 +281,7 @@ def check_second_order(problem: Problem | Callable[[PyTree, PyTree, Any], torch.
     batch)``. Forms the Hessian and mixed blocks uᵀ(∂²f)v near (``params``, ``hparams``)
     by double backward, forward-over-reverse and reverse-over-forward on seeded unit
     probes, and judges them by central differences of the gradient with an error bar;
-    see the module docstring. Costs about 30 gradient evaluations once (up to ~70 when
+    see the module docstring. Costs about 60 gradient evaluations once (up to ~100 when
     a route disagrees with the differences). With ``cache`` the report is kept per
     objective (its code, the objects its closure holds and the globals it reads; the
     last 64) and returned again on the next call.
@@ -377,15 +377,12 @@ def _run_check(f: Callable, params: PyTree, hparams: PyTree, batch: Any) -> Seco
     elif done:
         slack = {b: AD_TOLERANCE[dtype] * scale[b] for b in BLOCKS}
         steps = _differences(probe, done, slack)
-        # agreeing routes of built-in operators are trusted; a custom Function's backward
-        # and jvp may be wrong together
-        custom = any(getattr(n, "_forward_cls", None) is not None for n in _graph_nodes(probe))
         for b in BLOCKS:
             if steps[b]:
                 fd_value[b], fd_error[b] = steps[b][-1]
             judged = {r: done[r][b] for r in done}
             verdict = _judge(judged, steps[b], slack[b], RESOLVED * scale[b],
-                             precise=dtype == torch.float64 and custom)
+                             precise=_Precise(dtype, probe))
             for r, s in verdict.items():
                 status[r][b] = s
     suspects = []
@@ -406,6 +403,21 @@ def _run_check(f: Callable, params: PyTree, hparams: PyTree, batch: Any) -> Seco
                              unsupported_op, time.perf_counter() - start)
 
 
+class _Precise:
+    """Truthy for float64 objectives whose graph holds a custom autograd.Function (agreeing
+    routes of built-in operators are trusted; a custom Function's backward and jvp may be
+    wrong together). The graph is walked only when the answer is needed."""
+
+    def __init__(self, dtype: torch.dtype, probe: _Probe) -> None:
+        self.dtype, self.probe, self.value = dtype, probe, None
+
+    def __bool__(self) -> bool:
+        if self.value is None:
+            self.value = self.dtype == torch.float64 and any(
+                getattr(n, "_forward_cls", None) is not None for n in _graph_nodes(self.probe))
+        return self.value
+
+
 def _finite_gradient(f: Callable, w: PyTree, lam: PyTree, batch: Any, seeded: _Seeded) -> bool:
     try:
         with seeded, torch.no_grad():
@@ -416,7 +428,7 @@ def _finite_gradient(f: Callable, w: PyTree, lam: PyTree, batch: Any, seeded: _S
 
 
 def _judge(values: dict[str, float], steps: list[tuple[float, float]], slack: float,
-           resolved: float, precise: bool) -> dict[str, str]:
+           resolved: float, precise: Any) -> dict[str, str]:
     """The status of each route in one block.
 
     ``steps`` holds the (value, error bar) of the differences at each usable step. A
@@ -435,7 +447,7 @@ def _judge(values: dict[str, float], steps: list[tuple[float, float]], slack: fl
 
     pairs = [(a, b) for i, a in enumerate(steps) for b in steps[i + 1:]
              if abs(a[0] - b[0]) <= a[1] + b[1]]
-    settled = precise and len(steps) == 3 and len(pairs) == 3
+    settled = len(steps) == 3 and len(pairs) == 3 and bool(precise)
     backed = {r for r, x in values.items()
               if any(abs(values[k] - x) <= slack for k in values if k != r)}
     out = {r: "wrong" for r, x in values.items()
