@@ -39,10 +39,11 @@ from .estimators import (
 )
 from .hvp import Linearization, hvp, hvp_batched, mixed_vjp
 from .linear_solve import GMRES, ConjugateGradient, Direct, FixedPoint, Neumann, SolveResult
-from .optim import SGD, Adam, AdamW, Chebyshev, Momentum, Nesterov
+from .optim import OPTIMIZERS, SGD, Adam, AdamW, Chebyshev, Momentum, Nesterov, make_optimizer
 from .problem import Problem
 from .pytree import PyTree
 from .second_order import SecondOrderReport, check_second_order
+from .seeding import mix_seed
 from .validation import check_problem
 
 __version__ = "0.1.0"
@@ -74,5 +75,6 @@ __all__ = [
     "PyTree", "SABA", "SGD", "SOBA", "SecondOrderError", "SecondOrderReport",
     "SecondOrderWarning", "SolveResult", "Truncated", "Unrolled", "check_hypergradient",
     "check_problem", "check_second_order", "hvp", "hvp_batched", "hypergradient",
-    "make_estimator", "mixed_vjp", "soba_step_size",
+    "make_estimator", "make_optimizer", "mix_seed", "mixed_vjp", "OPTIMIZERS",
+    "soba_step_size",
 ]

@@ -48,6 +48,7 @@ from ..pytree import (
     tree_zeros_like,
 )
 from ..second_order import Use, uses
+from ..seeding import mix_seed
 from ..validation import read_only_by_settings
 from .base import (
     Diagnostics,
@@ -228,7 +229,7 @@ class SABA(_SingleLoopRoutes, Estimator):
         rho: constant step ρ of the z and v updates (use a constant outer step too).
         batch_size, outer_batch_size: samples drawn per call without replacement
             (outer default: ``batch_size``, capped at ``n_outer``).
-        seed: draws at step t come from ``torch.Generator().manual_seed(seed·1000003 + t)``.
+        seed: draws at step t come from ``torch.Generator().manual_seed(mix_seed(seed, t))``.
         inner_index, outer_index: optional ``t -> indices`` replacing the random draws
             (e.g. epoch shuffles); indices must be distinct and in range.
         full_init: on the first call fill the memory by one pass over all samples (the
@@ -275,7 +276,7 @@ class SABA(_SingleLoopRoutes, Estimator):
 
     def draw(self, t: int) -> tuple[list[int], list[int]]:
         """The inner and outer sample indices of step t."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + t)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, t))
         b_out = self.outer_batch_size or min(self.batch_size, self.n_outer)
         out = []
         for kind, n, b, fn in (("inner", self.n_inner, self.batch_size, self.inner_index),

@@ -18,6 +18,7 @@ from ..optim import check_settings
 from ..problem import Problem
 from ..pytree import PyTree, tree_detach
 from ..second_order import Use
+from ..seeding import mix_seed
 from .base import (
     Diagnostics,
     Estimator,
@@ -65,7 +66,7 @@ class Truncated(Estimator):
         slack = max(steps - self.window, 0)
         if not self.random:
             return slack
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draws)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, draws))
         return int(torch.randint(0, slack + 1, (), generator=gen))
 
     def second_order_routes(self, state: EstimatorState) -> frozenset[Use]:
