@@ -3,7 +3,8 @@
 A checkpoint is one ``torch.save`` file ``step-XXXXXXXX.pt`` in a directory. It is
 written to a temporary file in the same directory, flushed and fsynced, then moved into
 place with :func:`os.replace`, so a crash mid-write leaves the last good checkpoint
-untouched (at worst a stale ``.step-*.tmp*`` file, which loading ignores).
+untouched (at worst a stale ``.step-*.tmp`` file, which loading ignores). Files written
+this way get the permissions of any new file, ``0o666 & ~umask``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -71,18 +73,36 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically: temp file, flush, fsync, ``os.replace``.
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - set and restored at once
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
 
-    If anything fails before the replace, the temp file is removed and the previous file
-    at ``path`` (if any) is left as it was.
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file atomically: ``write(f)`` into a temp file ``.NAME.XXXXXXXX.tmp`` in the
+    same directory, flush, fsync, ``os.replace`` onto ``path``, fsync the directory.
+
+    The file gets ``0o666 & ~umask`` like any new file (``mkstemp`` alone would make it
+    ``0o600``). If anything fails before the replace, the temp file is removed and the
+    previous file at ``path`` (if any) is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -94,6 +114,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | os.PathLike[str], map_location: Any = None) -> dict[str, Any]:
@@ -157,6 +182,7 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 __all__ = [
-    "FORMAT", "atomic_save", "capture_rng_state", "checkpoint_name", "latest_checkpoint",
-    "list_checkpoints", "load", "prune", "remove_stale_temps", "restore_rng_state",
+    "FORMAT", "atomic_save", "atomic_write", "capture_rng_state", "checkpoint_name",
+    "current_umask", "latest_checkpoint", "list_checkpoints", "load", "prune",
+    "remove_stale_temps", "restore_rng_state",
 ]
