@@ -11,8 +11,6 @@ PNG plots.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,9 @@ from torch import nn
 
 import hypergrad as hg
 
-from .config import Config, ConfigError, ConvNetModelConfig, load_config
+from . import checkpoint as ckpt
+from .arguments import non_negative_int
+from .config import Config, ConfigError, ConvNetModelConfig, load_config, tomllib
 from .data import DataError, load_dataset
 from .distill import app as distill_app
 from .module import wrap
@@ -168,9 +168,7 @@ class Run:
             wd = get(hp, "log_wd").exp()
             return 0.5 * sum(wd[i] * (p[w] ** 2).sum() for i, w in enumerate(weights))
 
-        opt = {"sgd": lambda: hg.SGD(lr=lr),
-               "momentum": lambda: hg.Momentum(lr=lr, momentum=cfg.inner.momentum),
-               "adam": lambda: hg.Adam(lr=lr)}[cfg.inner.optimizer]()
+        opt = hg.make_optimizer(cfg.inner.optimizer, lr=lr, momentum=cfg.inner.momentum)
 
         def loss(out: torch.Tensor, batch: Any, hp: Any) -> torch.Tensor:
             return F.cross_entropy(out, batch[1])
@@ -194,8 +192,9 @@ class Run:
         val_loss = float(F.cross_entropy(predict(model, self.data["val"][0]), self.data["val"][1]))
         return {"val_acc": accuracy(model, self.data["val"]), "val_loss": val_loss}
 
-    def loop(self, out: Path) -> OuterLoop:
-        """The :class:`OuterLoop` logging and checkpointing into ``out``."""
+    def loop(self, out: Path, mode: str, document: dict[str, Any]) -> OuterLoop:
+        """The :class:`OuterLoop` running in the folder ``out`` (opened in ``mode``: see
+        :class:`~bilevel.run_folder.RunFolder`), identified by the config ``document``."""
         o = self.cfg.outer
         opt_cls = getattr(torch.optim, o.optimizer)
         return OuterLoop(self.mp.problem, {k: self.initial[k] for k in self.tuned},
@@ -204,9 +203,14 @@ class Run:
                          lambda ps: opt_cls(ps, lr=o.lr),
                          reinit=self.reinit if self.cfg.inner.reinit else None,
                          clip_norm=o.clip_norm, evaluate=self.evaluate, eval_every=o.eval_every,
-                         checkpoint_dir=out / "checkpoints", checkpoint_every=o.checkpoint_every,
-                         log_dir=out, progress=False, device=self.cfg.device,
-                         dtype=self.cfg.torch_dtype)
+                         run_dir=out, run_mode=mode, kind="run", config=document,
+                         growable=("config.outer.steps",),
+                         outputs=OUTPUTS, checkpoint_every=o.checkpoint_every,
+                         progress=False, device=self.cfg.device, dtype=self.cfg.torch_dtype)
+
+
+#: result files of a `bilevel run` folder
+OUTPUTS = (CONFIG_NAME, "hparams.pt", "summary.json", "outer_loss.png", "val_accuracy.png")
 
 
 def _plot(history: list[dict[str, Any]], out: Path) -> None:
@@ -224,24 +228,24 @@ def _plot(history: list[dict[str, Any]], out: Path) -> None:
         ax.set_xlabel("outer step")
         ax.set_ylabel(label)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        ckpt.atomic_write(out / name, lambda f, fig=fig: fig.savefig(f, dpi=100, format="png"))
         plt.close(fig)
 
 
-def _execute(cfg: Config, out: Path, resume: bool, stop_after: int | None,
-             run: Run | None = None, start: float | None = None) -> dict[str, Any]:
-    start = time.perf_counter() if start is None else start
-    run = Run(cfg) if run is None else run
-    out.mkdir(parents=True, exist_ok=True)
-    loop = run.loop(out)
-    if resume:
-        step = loop.resume()
-        print(f"resumed {out} at outer step {step}", file=sys.stderr)
+def _document(path: Path) -> dict[str, Any]:
+    """The config file's TOML document: what identifies a run in its folder."""
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def _execute(cfg: Config, loop: OuterLoop, run: Run, stop_after: int | None,
+             start: float) -> dict[str, Any]:
+    out = loop.folder.path
     target = cfg.outer.steps if stop_after is None else min(stop_after, cfg.outer.steps)
     history = loop.run(target)
     _plot(history, out)
     hp = loop.current_hparams()
-    torch.save(hp, out / "hparams.pt")
+    loop.folder.save_torch("hparams.pt", hp)
     if loop.global_step < cfg.outer.steps:
         print(f"stopped at outer step {loop.global_step}/{cfg.outer.steps}; continue with "
               f"`bilevel resume {out}`", file=sys.stderr)
@@ -256,7 +260,7 @@ def _execute(cfg: Config, out: Path, resume: bool, stop_after: int | None,
         "seconds": time.perf_counter() - start,
         "train_seconds": sum(r.get("step_seconds", 0.0) for r in history),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    loop.folder.write_json("summary.json", summary)
     return summary
 
 
@@ -269,33 +273,44 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"{s['steps']} outer steps in {s['seconds']:.1f} s")
 
 
+def _config_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        hint = " (a run folder: continue it with `bilevel resume " + path + "`)" \
+            if (p / CONFIG_NAME).is_file() else ""
+        raise ConfigError(f"{path} is a directory, not a TOML config file{hint}")
+    return p
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """``bilevel run CONFIG``."""
+    """``bilevel run CONFIG``: a new run in its output folder; a folder holding another
+    run is refused unless ``--overwrite``."""
     start = time.perf_counter()
-    cfg = load_config(args.config)
+    path = _config_file(args.config)
+    cfg = load_config(path)
     out = Path(args.output or cfg.output.dir)
-    existing = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
-    if existing and not args.overwrite:
-        raise ConfigError(f"output.dir: {out} already holds a run; use `bilevel resume "
-                          f"{out}` or pass --overwrite")
     run = Run(cfg)  # data and model problems surface before the folder is touched
-    if existing:
-        for name in ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json"):
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(args.config, out / CONFIG_NAME)
-    _print_summary(_execute(cfg, out, False, args.stop_after, run, start))
+    with run.loop(out, "overwrite" if args.overwrite else "new", _document(path)) as loop:
+        loop.folder.write_text(CONFIG_NAME, path.read_text())
+        summary = _execute(cfg, loop, run, args.stop_after, start)
+    _print_summary(summary)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    """``bilevel resume DIR``."""
+    """``bilevel resume DIR``: continue the run in DIR (its config.toml must be the one it
+    started with; ``outer.steps`` may grow)."""
+    start = time.perf_counter()
     out = Path(args.dir)
     if not (out / CONFIG_NAME).is_file():
         raise ConfigError(f"{out}: no {CONFIG_NAME} here (not a `bilevel run` folder)")
     cfg = load_config(out / CONFIG_NAME)
-    _print_summary(_execute(cfg, out, True, args.stop_after))
+    run = Run(cfg)
+    with run.loop(out, "resume", _document(out / CONFIG_NAME)) as loop:
+        step = loop.resume()
+        print(f"resumed {out} at outer step {step}", file=sys.stderr)
+        summary = _execute(cfg, loop, run, args.stop_after, start)
+    _print_summary(summary)
     return 0
 
 
@@ -313,14 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", metavar="DIR", help="output folder (default: output.dir)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the logs and checkpoints of an existing run in the folder")
-    r.add_argument("--stop-after", type=int, metavar="N",
+    r.add_argument("--stop-after", type=non_negative_int, metavar="N",
                    help="stop after N outer steps in total (continue later with resume)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("resume", help="continue a stopped or killed run",
                        description="Continue the run in DIR from its newest good checkpoint "
                        "(reading DIR/config.toml) up to outer.steps, then write the results.")
     s.add_argument("dir", metavar="DIR", help="output folder of an earlier `bilevel run`")
-    s.add_argument("--stop-after", type=int, metavar="N",
+    s.add_argument("--stop-after", type=non_negative_int, metavar="N",
                    help="stop after N outer steps in total")
     s.set_defaults(func=cmd_resume)
     d = sub.add_parser("distill", help="distil an image dataset into a few images per class",

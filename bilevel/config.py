@@ -28,7 +28,7 @@ other kind are unknown keys. Example (``examples/configs/digits_mlp.toml``)::
     weight_decay = 1e-3
 
     [inner]
-    optimizer = "sgd"     # sgd | momentum | adam
+    optimizer = "sgd"     # a name of hypergrad.OPTIMIZERS: sgd, momentum, adam, ...
     steps = 50
     reinit = true         # re-initialise the network (fixed seed) every outer step
 
@@ -89,7 +89,7 @@ from typing import Any, Literal
 
 import torch
 
-from hypergrad import ESTIMATORS, make_estimator
+from hypergrad import OPTIMIZERS, make_estimator
 
 #: scikit-learn datasets split by fractions; digits is also an image dataset (1x8x8).
 TABULAR_DATASETS = ("digits", "breast_cancer", "iris", "wine")
@@ -100,7 +100,10 @@ DATASETS = TABULAR_DATASETS + SPLIT_DATASETS
 IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion_mnist": (1, 28, 28)}
 MODEL_KINDS = ("mlp", "convnet")
 NORMS = ("instance", "none")
-INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+INNER_OPTIMIZERS = tuple(OPTIMIZERS)
+#: the estimators `bilevel run` can drive (an unconstrained inner training run)
+RUN_ESTIMATORS = ("unrolled", "recompute", "forward", "truncated", "random_window",
+                  "implicit", "fixed_point")
 HPARAMS = ("log_lr", "log_wd")
 DTYPES = ("float32", "float64")
 
@@ -171,7 +174,7 @@ class InnerConfig:
     """``[inner]``: the full-batch inner training run."""
 
     steps: int
-    optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
+    optimizer: str = "sgd"
     momentum: float = 0.9
     reinit: bool = True
 
@@ -391,6 +394,9 @@ def _check_values(cfg: Config) -> None:
     _positive("hyperparameters.lr", h.lr)
     _positive("hyperparameters.weight_decay", h.weight_decay)
     _positive("inner.steps", cfg.inner.steps)
+    if cfg.inner.optimizer not in INNER_OPTIMIZERS:
+        raise ConfigError(f"inner.optimizer: expected one of {list(INNER_OPTIMIZERS)}, got "
+                          f"{cfg.inner.optimizer!r}")
     _positive("outer.lr", cfg.outer.lr)
     _positive("outer.steps", cfg.outer.steps)
     _positive("outer.checkpoint_every", cfg.outer.checkpoint_every, allow_zero=True)
@@ -401,19 +407,30 @@ def _check_values(cfg: Config) -> None:
     if not (isinstance(opt, type) and issubclass(opt, torch.optim.Optimizer)):
         raise ConfigError(f"outer.optimizer: expected the name of a torch.optim optimizer "
                           f"(e.g. 'Adam', 'SGD'), got {cfg.outer.optimizer!r}")
-    if cfg.estimator.name not in ESTIMATORS:
-        raise ConfigError(f"estimator.name: expected one of {sorted(ESTIMATORS)}, got "
-                          f"{cfg.estimator.name!r}")
+    if opt in (torch.optim.LBFGS, torch.optim.SparseAdam):
+        raise ConfigError(f"outer.optimizer: {cfg.outer.optimizer} cannot take outer steps "
+                          "from hypergradients (it needs a loss closure or sparse gradients); "
+                          "use Adam, SGD, AdamW, RMSprop, ...")
+    if cfg.estimator.name not in RUN_ESTIMATORS:
+        why = (" (it needs a constrained lower level, which `bilevel run` does not build)"
+               if cfg.estimator.name in ("kkt", "lvhba") else
+               " (a single-loop estimator takes its own inner steps and ignores [inner], "
+               "whose learning rate this run tunes)" if cfg.estimator.name in ("soba", "saba")
+               else "")
+        raise ConfigError(f"estimator.name: expected one of {list(RUN_ESTIMATORS)}, got "
+                          f"{cfg.estimator.name!r}{why}")
     try:
         make_estimator(cfg.estimator.name, **cfg.estimator.settings)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"estimator.settings: invalid for {cfg.estimator.name!r}: "
                           f"{exc}") from None
     try:
-        torch.device(cfg.device)
+        device = torch.device(cfg.device)
     except RuntimeError as exc:
         raise ConfigError(f"device: expected a torch device string, got {cfg.device!r} "
                           f"({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} but CUDA is not available here; use 'cpu'")
 
 
 def parse_config(data: dict[str, Any]) -> Config:

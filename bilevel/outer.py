@@ -1,48 +1,77 @@
 """The outer loop: step the hyperparameters with any ``torch.optim`` optimizer.
 
-Each outer step calls a hypergradient estimator, writes ``result.grad`` into the
-``.grad`` of the hyperparameter tensors, optionally clips it, steps the optimizer (and
-scheduler), applies an optional constraint, and carries the inner solution (warm start)
-and the estimator state to the next step::
+It is the one place that steps hyperparameters, clips, projects, evaluates, logs,
+checkpoints and resumes; distillation (and every other application) is a problem
+factory and an evaluation on top of it. Each outer step calls a hypergradient
+estimator, writes ``result.grad`` into the ``.grad`` of the hyperparameter tensors,
+optionally clips it, steps the optimizer (and scheduler), applies an optional constraint,
+and carries the inner solution (warm start) and the estimator state to the next step::
 
     loop = OuterLoop(problem, {"lam": lam}, params,
                      optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
-                     checkpoint_dir="ckpt", checkpoint_every=10, log_dir="logs")
-    loop.resume()          # continue from the newest checkpoint, if any
+                     run_dir="runs/ridge", checkpoint_every=10)
+    loop.resume()          # continue from the folder's newest checkpoint, if any
     loop.run(200)          # until 200 outer steps in total
+
+``problem`` may also be a factory ``step -> (problem, params)`` giving a fresh problem and
+inner start at every outer step (a new network each step, as in dataset distillation).
+With ``run_dir`` the loop owns a :class:`~bilevel.run_folder.RunFolder`: an exclusive
+lock, the run's identity, checkpoints, and ``metrics.jsonl``/``.csv`` written as it goes
+and cut back to the checkpoint on resume, so every step appears once after any kill.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hypergrad import Estimator, EstimatorState, HyperparameterError, Problem, make_estimator
+from hypergrad import (
+    LVHBA,
+    ConstrainedProblem,
+    Estimator,
+    EstimatorState,
+    HyperparameterError,
+    KKTImplicit,
+    Problem,
+    make_estimator,
+)
 from hypergrad.errors import BilevelInputError
 from hypergrad.pytree import PyTree, tree_detach
 from hypergrad.validation import check_problem
 
 from . import checkpoint as ckpt
+from .callbacks import check_callback
+from .hparams import assign_grads, validate_hparams
 from .module import check_estimator
+from .run_folder import RunFolder
+from .sinks import (
+    BASE_COLUMNS,
+    MetricsFiles,
+    Progress,
+    Sink,
+    TensorBoard,
+    json_value,
+    summary_writer_class,
+)
 
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+ProblemFactory = Callable[[int], tuple[Any, PyTree]]
 Constraint = Callable[[dict[str, torch.Tensor]], Any] | Mapping[str, Callable[[torch.Tensor],
                                                                                torch.Tensor]]
-
-#: columns every record has (evaluation metrics follow as ``eval_<name>``)
-BASE_COLUMNS = ("step", "outer_loss", "hypergrad_norm", "inner_grad_norm", "solve_residual",
-                "solve_iterations", "inner_steps", "seconds", "step_seconds", "lr",
-                "peak_memory_mib")
+#: how a loop opens its ``run_dir`` (the modes of :class:`~bilevel.run_folder.RunFolder`)
+RUN_MODES = ("auto", "new", "resume", "overwrite")
+#: optimizer settings that identify a run (others, e.g. ``foreach``, are implementation)
+_OPTIMIZER_KEYS = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay",
+                   "alpha", "amsgrad", "maximize")
 
 
 def peak_memory_mib(device: torch.device | None = None) -> float | None:
@@ -65,77 +94,49 @@ def peak_memory_mib(device: torch.device | None = None) -> float | None:
         return None
 
 
-TENSORBOARD_HINT = "pip install bilevel[tensorboard]"
+def _count(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise BilevelInputError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
 
 
-def summary_writer_class() -> type:
-    """``torch.utils.tensorboard.SummaryWriter``; a clear ImportError naming the extra when
-    the ``tensorboard`` package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ImportError(
-            "OuterLoop(tensorboard=...) needs the tensorboard package, which is not "
-            f"installed: {TENSORBOARD_HINT} (or pip install tensorboard)") from exc
-    return SummaryWriter
-
-
-def _scalar_value(v: Any) -> float | None:
-    """A record value as a number for TensorBoard (``None`` for non-numbers)."""
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v)
-
-
-class _Progress:
-    """tqdm if importable, else a line every ``every`` steps on stderr."""
-
-    def __init__(self, total: int, initial: int, every: int = 10) -> None:
-        self.every, self.total = every, total
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, initial=initial, desc="outer", dynamic_ncols=True)
-
-    def update(self, record: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['outer_loss']:.4g}",
-                                 hg=f"{record['hypergrad_norm']:.3g}")
-        elif (record["step"] + 1) % self.every == 0 or record["step"] + 1 == self.total:
-            print(f"outer step {record['step'] + 1}/{self.total}  "
-                  f"loss {record['outer_loss']:.6g}  |hg| {record['hypergrad_norm']:.3g}",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
+def describe(obj: Any, depth: int = 0) -> Any:
+    """A JSON-able, process-independent description of a config object (dataclass fields
+    recursively; callables by qualified name; anything else by type name)."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, (list, tuple)):
+        return [describe(x, depth + 1) for x in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): describe(v, depth + 1) for k, v in obj.items()}
+    if is_dataclass(obj) and not isinstance(obj, type) and depth < 4:
+        out = {"type": type(obj).__name__}
+        out.update({f.name: describe(getattr(obj, f.name), depth + 1) for f in fields(obj)})
+        return out
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": list(obj.shape), "dtype": str(obj.dtype)}
+    if callable(obj):
+        return getattr(obj, "__qualname__", type(obj).__name__)
+    return type(obj).__name__
 
 
 class OuterLoop:
     """Drive the hyperparameters of a bilevel problem with a ``torch.optim`` optimizer.
 
     Args:
-        problem: a :class:`hypergrad.Problem` (or any problem the estimator accepts).
+        problem: a :class:`hypergrad.Problem` (or any problem the estimator accepts), or a
+            factory ``step -> (problem, params)`` building the problem and inner start of
+            each outer step (then ``params`` and ``reinit`` are not given).
         hparams: dict name -> floating tensor. With an ``optimizer`` instance these must be
             the very tensors it was built on; with a factory (or ``None``) fresh leaf
             copies are made (read the current values from ``loop.hparams``).
         params: inner starting point (pytree); may be ``None`` when ``reinit`` is given.
         estimator: an estimator object or registry name (``"implicit"``, ...).
         optimizer: a ``torch.optim.Optimizer`` on the hparams tensors, or a factory
-            ``list[Tensor] -> Optimizer``; default Adam(lr=1e-2).
+            ``list[Tensor] -> Optimizer``; default Adam(lr=1e-2). Optimizers that need a
+            closure (LBFGS) or sparse gradients (SparseAdam) are refused.
         scheduler: an LR scheduler on that optimizer, or a factory ``Optimizer -> sched``;
             stepped after every outer step (``ReduceLROnPlateau`` gets ``scheduler_metric``).
         reinit: ``step -> params``: restart the inner problem from this point at every
@@ -144,25 +145,45 @@ class OuterLoop:
         constraint: applied under ``no_grad`` after each step: a callable on the dict
             (returning a dict of new values, or ``None`` after editing in place), or a
             dict name -> ``tensor -> tensor`` (e.g. ``{"lam": lambda t: t.clamp(-5, 5)}``).
-        evaluate: ``(hparams, params) -> dict`` called every ``eval_every`` steps; its
-            numbers go into the record as ``eval_<name>``.
-        callbacks: objects with any of ``on_step(step, record)``, ``on_eval(step,
-            metrics)``, ``on_checkpoint(step, path)``; call :meth:`stop` to end ``run``.
-        checkpoint_dir / checkpoint_every / keep_checkpoints: atomic checkpoints after
-            every k-th step (and at the end of ``run``), keeping the newest few.
-        log_dir: write ``metrics.jsonl`` and ``metrics.csv`` there.
-        tensorboard: a TensorBoard log directory: every numeric metric of each record
-            (the history) is written there as a scalar at its outer step, with
-            ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard`` package:
-            ``pip install bilevel[tensorboard]``; an ImportError says so at construction).
-            The writer opens at the first step and is closed when :meth:`run` returns or
-            raises (and by :meth:`close`); a later step opens a new event file there.
+        evaluate: ``(hparams, params) -> dict`` called every ``eval_every`` steps (and after
+            the last step of :meth:`run`); its numbers go into the record as
+            ``eval_<name>``.
+        metrics: ``hparams -> dict`` of extra numbers recorded at every step (e.g. a
+            learned inner learning rate).
+        callbacks: objects with any of ``on_eval(loop, record)``, ``on_step(loop,
+            record)``, ``on_checkpoint(loop, path)``, ``on_end(loop)`` (see
+            :class:`bilevel.Callback`); call :meth:`stop` to end ``run``.
+        sinks: more record sinks (``write(record)``, ``close()``; see :mod:`bilevel.sinks`).
+        run_dir: the run's output folder (a path or an open
+            :class:`~bilevel.run_folder.RunFolder`): locked for this loop's life, holding
+            the run's identity, ``checkpoints/`` and ``metrics.jsonl``/``.csv``.
+        run_mode: how ``run_dir`` is opened: ``"auto"`` (default: a new run, or this same
+            run continued with :meth:`resume`; another run, or this run with a changed
+            config, is refused), ``"new"`` (refuse a folder holding any run),
+            ``"resume"`` (the folder must hold this run) or ``"overwrite"``.
+        kind / config: the run's kind and a JSON-able config identifying it beyond the
+            estimator, optimizer and hyperparameter shapes (a resume with another config
+            is refused naming the keys, except those in ``growable``, which may grow).
+            ``outputs``: names of result files the folder holds, refused in a new run
+            unless overwriting.
+        checkpoint_every / keep_checkpoints: a checkpoint after every k-th step (0: only at
+            the end of :meth:`run`), keeping the newest few (``None``: all).
+        tensorboard: a TensorBoard log directory (needs the ``tensorboard`` package: ``pip
+            install bilevel[tensorboard]``; an ImportError says so at construction).
         progress: progress bar; ``None`` shows it only when stderr is a terminal.
+            ``progress_fields`` (label -> record key) chooses what it shows.
         device / dtype: the one device and floating dtype of hparams and params; tensors
             are moved/cast to them (hparams only when a factory builds the optimizer),
             and any tensor still differing raises an error naming it.
         check: run :func:`hypergrad.check_problem` once before the first step.
         estimator_state: initial estimator state (default empty).
+
+    Raises:
+        BilevelInputError: bad arguments (negative counts, an evaluation period without
+            ``evaluate``, checkpoints without ``run_dir``, an estimator the problem cannot
+            use, an unusable optimizer, ...), before any work.
+        bilevel.run_folder.RunFolderError: an unusable ``run_dir`` (see
+            :class:`~bilevel.run_folder.RunFolder`).
     """
 
     def __init__(self, problem: Any, hparams: dict[str, torch.Tensor], params: PyTree = None,
@@ -171,72 +192,127 @@ class OuterLoop:
                  scheduler: Any = None, *, reinit: Callable[[int], PyTree] | None = None,
                  clip_norm: float | None = None, constraint: Constraint | None = None,
                  evaluate: Callable[[dict[str, torch.Tensor], PyTree], dict] | None = None,
-                 eval_every: int = 0, callbacks: Iterable[Any] = (),
-                 checkpoint_dir: str | os.PathLike[str] | None = None,
+                 eval_every: int = 0,
+                 metrics: Callable[[dict[str, torch.Tensor]], dict] | None = None,
+                 callbacks: Iterable[Any] = (), sinks: Iterable[Sink] = (),
+                 run_dir: str | os.PathLike[str] | RunFolder | None = None,
+                 run_mode: str = "auto", kind: str = "outer_loop",
+                 config: Mapping[str, Any] | None = None, outputs: Sequence[str] = (),
+                 growable: Sequence[str] = ("outer_steps",),
                  checkpoint_every: int = 0, keep_checkpoints: int | None = 3,
-                 log_dir: str | os.PathLike[str] | None = None,
                  tensorboard: str | os.PathLike[str] | None = None,
-                 progress: bool | None = None,
+                 progress: bool | None = None, progress_fields: Mapping[str, str] | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  check: bool = True, scheduler_metric: str = "outer_loss",
                  estimator_state: EstimatorState | None = None) -> None:
+        self.factory: ProblemFactory | None = None
+        if callable(problem) and not isinstance(problem, (Problem, ConstrainedProblem)):
+            if params is not None or reinit is not None:
+                raise BilevelInputError("with a problem factory (step -> (problem, params)) "
+                                        "give neither params nor reinit")
+            self.factory, problem = problem, None
         self.problem = problem
-        self.estimator = check_estimator(problem, make_estimator(estimator))
-        self.tensorboard = Path(tensorboard) if tensorboard is not None else None
-        self._writer_cls = summary_writer_class() if tensorboard is not None else None
-        self._writer: Any = None
+        self.estimator = make_estimator(estimator)
+        if problem is not None:
+            self._check_estimator(problem)
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
-        if dtype is not None and not dtype.is_floating_point:
-            raise BilevelInputError(f"dtype must be a floating dtype, got {dtype}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise BilevelInputError(f"dtype must be a floating torch.dtype, got {dtype}")
+        if self.device is not None and self.device.type == "cuda" and \
+                not torch.cuda.is_available():
+            raise BilevelInputError(f"device is {device!r} but CUDA is not available here")
         self.hparams, self.optimizer = self._setup_hparams(hparams, optimizer)
         self.scheduler = self._setup_scheduler(scheduler)
         self.reinit = reinit
-        if params is None and reinit is None:
-            raise BilevelInputError("params is None: give the inner starting point or reinit")
+        if params is None and reinit is None and self.factory is None:
+            raise BilevelInputError("params is None: give the inner starting point, reinit "
+                                    "or a problem factory")
         self.params = self._to_setting(params) if params is not None else None
+        if clip_norm is not None and not (isinstance(clip_norm, (int, float))
+                                          and math.isfinite(clip_norm) and clip_norm > 0):
+            raise BilevelInputError(f"clip_norm must be a positive number, got {clip_norm!r}")
         self.clip_norm = clip_norm
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm must be positive, got {clip_norm!r}")
+        if constraint is not None and not (callable(constraint) or isinstance(constraint,
+                                                                               Mapping)):
+            raise BilevelInputError("constraint must be a callable or a dict name -> callable")
         self.constraint = constraint
+        self.eval_every = _count("eval_every", eval_every, 0)
+        if evaluate is not None and not callable(evaluate):
+            raise BilevelInputError(f"evaluate must be callable, got {type(evaluate).__name__}")
+        if self.eval_every and evaluate is None:
+            raise BilevelInputError("eval_every > 0 needs evaluate=(hparams, params) -> dict")
         self.evaluate = evaluate
-        self.eval_every = int(eval_every)
+        if metrics is not None and not callable(metrics):
+            raise BilevelInputError(f"metrics must be callable, got {type(metrics).__name__}")
+        self.metrics = metrics
         self.callbacks = list(callbacks)
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.checkpoint_every = int(checkpoint_every)
-        if self.checkpoint_every and self.checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs a checkpoint_dir")
-        self.keep_checkpoints = keep_checkpoints
-        self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.progress = progress
+        for cb in self.callbacks:
+            check_callback(cb)
+        self.checkpoint_every = _count("checkpoint_every", checkpoint_every, 0)
+        if keep_checkpoints is not None:
+            _count("keep_checkpoints", keep_checkpoints, 1)
+        if run_mode not in RUN_MODES:
+            raise BilevelInputError(f"run_mode must be one of {RUN_MODES}, got {run_mode!r}")
+        if self.checkpoint_every and run_dir is None:
+            raise BilevelInputError("checkpoint_every needs a run_dir to write checkpoints to")
+        if scheduler_metric != "outer_loss" and not isinstance(scheduler_metric, str):
+            raise BilevelInputError("scheduler_metric must be a record key (str)")
         self.scheduler_metric = scheduler_metric
+        self.progress = progress
+        self.progress_fields = progress_fields
         self.state: EstimatorState = dict(estimator_state or {})
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
-        self._csv_columns: list[str] | None = None
+        self._saved_step: int | None = None
+        self._target: int | None = None
         self._stop = False
         self._checked = not check
         self._check_setting()
+        self.sinks: list[Any] = list(sinks)
+        self.tensorboard = Path(tensorboard) if tensorboard is not None else None
+        if tensorboard is not None:
+            self.sinks.append(TensorBoard(tensorboard))
+        self.folder: RunFolder | None = None
+        if isinstance(run_dir, RunFolder):
+            self.folder = run_dir
+        elif run_dir is not None:
+            self.folder = RunFolder(run_dir, kind=kind, config=self._identity(config),
+                                    mode=run_mode, outputs=outputs, growable=growable,
+                                    metric_columns=BASE_COLUMNS,
+                                    keep_checkpoints=keep_checkpoints)
+        if self.folder is not None:
+            self.sinks.insert(0, MetricsFiles(self.folder.metrics))
 
     # ------------------------------------------------------------------ setup
+    def _check_estimator(self, problem: Any) -> None:
+        if isinstance(self.estimator, (KKTImplicit, LVHBA)) and \
+                not isinstance(problem, ConstrainedProblem):
+            raise BilevelInputError(
+                f"the {type(self.estimator).__name__} estimator needs a "
+                "hypergrad.ConstrainedProblem (a lower level with constraints g <= 0); "
+                f"got a {type(problem).__name__}: use an unrolled or implicit estimator")
+        check_estimator(problem, self.estimator)
+
+    def _identity(self, config: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What identifies the run in its folder: estimator, optimizer and hyperparameter
+        shapes, plus the caller's ``config``."""
+        opt = self.optimizer
+        groups = [{k: describe(g[k]) for k in _OPTIMIZER_KEYS if k in g}
+                  for g in opt.param_groups]
+        ident = {"estimator": describe(self.estimator),
+                 "optimizer": {"type": type(opt).__name__, "groups": groups},
+                 "hparams": {k: [list(v.shape), str(v.dtype)] for k, v in self.hparams.items()}}
+        if config is not None:
+            if not isinstance(config, Mapping):
+                raise BilevelInputError(f"config must be a dict, got {type(config).__name__}")
+            ident["config"] = describe(config)
+        return ident
+
     def _setup_hparams(self, hparams: Any, optimizer: Any
                        ) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
-        if not isinstance(hparams, Mapping):
-            raise HyperparameterError(
-                f"hparams must be a dict name -> floating-point tensor, got "
-                f"{type(hparams).__name__}")
-        if not hparams:
-            raise HyperparameterError("hparams is empty: give at least one tensor")
-        for k, v in hparams.items():
-            if not isinstance(k, str):
-                raise HyperparameterError(f"hparams keys must be strings, got {k!r}")
-            if not isinstance(v, torch.Tensor):
-                raise HyperparameterError(f"hparams[{k!r}] must be a floating-point "
-                                          f"torch.Tensor, got {type(v).__name__}")
-            if not v.is_floating_point():
-                raise HyperparameterError(f"hparams[{k!r}] must be a floating-point tensor, "
-                                          f"got dtype {v.dtype}")
+        hparams = validate_hparams(hparams)
         if isinstance(optimizer, torch.optim.Optimizer):
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
             for k, v in hparams.items():
@@ -245,6 +321,7 @@ class OuterLoop:
                         f"hparams[{k!r}] is not a tensor held by the optimizer; build the "
                         "optimizer on the hparams tensors or pass a factory "
                         "lambda params: torch.optim.Adam(params, ...)")
+            self._check_optimizer(optimizer)
             return dict(hparams), optimizer
         leaves = {k: self._cast(v).detach().clone().requires_grad_(True)
                   for k, v in hparams.items()}
@@ -253,24 +330,36 @@ class OuterLoop:
         elif callable(optimizer):
             opt = optimizer(list(leaves.values()))
             if not isinstance(opt, torch.optim.Optimizer):
-                raise TypeError(f"the optimizer factory returned {type(opt).__name__}, not a "
-                                "torch.optim.Optimizer")
+                raise BilevelInputError(f"the optimizer factory returned {type(opt).__name__}, "
+                                        "not a torch.optim.Optimizer")
         else:
-            raise TypeError("optimizer must be a torch.optim.Optimizer or a factory "
-                            f"list[Tensor] -> Optimizer, got {type(optimizer).__name__}")
+            raise BilevelInputError("optimizer must be a torch.optim.Optimizer or a factory "
+                                    f"list[Tensor] -> Optimizer, got {type(optimizer).__name__}")
+        self._check_optimizer(opt)
         return leaves, opt
+
+    @staticmethod
+    def _check_optimizer(opt: torch.optim.Optimizer) -> None:
+        if isinstance(opt, torch.optim.LBFGS):
+            raise BilevelInputError(
+                "LBFGS needs a closure that re-evaluates the loss at trial points; an outer "
+                "step has only the hypergradient at the current hyperparameters: use Adam, "
+                "SGD or another first-order torch.optim optimizer")
+        if isinstance(opt, torch.optim.SparseAdam):
+            raise BilevelInputError("SparseAdam needs sparse gradients, and hypergradients are "
+                                    "dense: use Adam")
 
     def _setup_scheduler(self, scheduler: Any) -> Any:
         if scheduler is None:
             return None
         if hasattr(scheduler, "step") and hasattr(scheduler, "state_dict"):
             if getattr(scheduler, "optimizer", self.optimizer) is not self.optimizer:
-                raise ValueError("the scheduler is attached to a different optimizer")
+                raise BilevelInputError("the scheduler is attached to a different optimizer")
             return scheduler
         if callable(scheduler):
             return scheduler(self.optimizer)
-        raise TypeError(f"scheduler must be an LR scheduler or a factory, got "
-                        f"{type(scheduler).__name__}")
+        raise BilevelInputError(f"scheduler must be an LR scheduler or a factory, got "
+                                f"{type(scheduler).__name__}")
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         if self.device is None and self.dtype is None:
@@ -321,31 +410,28 @@ class OuterLoop:
         """Detached copies of the current hyperparameters."""
         return {k: v.detach().clone() for k, v in self.hparams.items()}
 
-    def _start_params(self, step: int) -> PyTree:
+    def _problem_at(self, step: int) -> tuple[Any, PyTree]:
+        if self.factory is not None:
+            problem, params = self.factory(step)
+            if step == self.global_step and not self._checked:
+                self._check_estimator(problem)
+            return problem, params
         if self.reinit is not None:
-            return self._to_setting(self.reinit(step))
-        return self.params
+            return self.problem, self._to_setting(self.reinit(step))
+        return self.problem, self.params
 
     def step(self) -> dict[str, Any]:
         """One outer step; returns (and records) its metrics."""
         t0 = time.perf_counter()
         step = self.global_step
         hp = self.current_hparams()
-        params = self._start_params(step)
+        problem, params = self._problem_at(step)
         if not self._checked:
-            if isinstance(self.problem, Problem):
-                check_problem(self.problem, hp, params)
+            if isinstance(problem, Problem):
+                check_problem(problem, hp, params)
             self._checked = True
-        result = self.estimator(self.problem, hp, params, self.state)
-        for k, leaf in self.hparams.items():
-            if k not in result.grad:
-                raise HyperparameterError(f"the estimator returned no gradient for "
-                                          f"hparams[{k!r}]")
-            g = result.grad[k]
-            if g.shape != leaf.shape:
-                raise HyperparameterError(f"the hypergradient of hparams[{k!r}] has shape "
-                                          f"{tuple(g.shape)}, expected {tuple(leaf.shape)}")
-            leaf.grad = g.detach().to(dtype=leaf.dtype, device=leaf.device).clone()
+        result = self.estimator(problem, hp, params, self.state)
+        assign_grads(self.hparams, result.grad, complete=True)
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.hparams.values()), self.clip_norm)
         self.optimizer.step()
@@ -366,25 +452,35 @@ class OuterLoop:
             "seconds": float(d.seconds),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
+        if self.metrics is not None:
+            record.update({k: json_value(v) for k, v in
+                           dict(self.metrics(self.current_hparams())).items()})
         if self.scheduler is not None:
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(record[self.scheduler_metric])
             else:
                 self.scheduler.step()
         self.global_step = step + 1
-        if self.evaluate is not None and self.eval_every > 0 and \
-                self.global_step % self.eval_every == 0:
-            metrics = dict(self.evaluate(self.current_hparams(), self.params))
-            record.update({f"eval_{k}": _json_value(v) for k, v in metrics.items()})
-            self._emit("on_eval", step, metrics)
+        if self.evaluate is not None and self.eval_every > 0 and (
+                self.global_step % self.eval_every == 0 or self.global_step == self._target):
+            self._evaluate_into(record)
         record["step_seconds"] = time.perf_counter() - t0
         record["peak_memory_mib"] = peak_memory_mib(self.device)
-        self.history.append(record)
-        self._log(record)
-        self._emit("on_step", step, record)
+        self._record(record)
         if self.checkpoint_every > 0 and self.global_step % self.checkpoint_every == 0:
             self.save_checkpoint()
         return record
+
+    def _evaluate_into(self, record: dict[str, Any]) -> None:
+        metrics = dict(self.evaluate(self.current_hparams(), self.params))
+        record.update({f"eval_{k}": json_value(v) for k, v in metrics.items()})
+        self._emit("on_eval", record)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        for sink in self.sinks:
+            sink.write(record)
+        self._emit("on_step", record)
 
     def _apply_constraint(self) -> None:
         with torch.no_grad():
@@ -400,95 +496,61 @@ class OuterLoop:
 
     def run(self, num_steps: int) -> list[dict[str, Any]]:
         """Step until ``num_steps`` outer steps in total have been taken (a resumed loop
-        continues from its step counter); returns the metrics history."""
+        continues from its step counter); returns the metrics history. With a
+        ``run_dir``, a checkpoint is written at the end.
+
+        Raises:
+            BilevelInputError: ``num_steps`` is not an int >= 0.
+        """
+        _count("num_steps", num_steps, 0)
         if self.global_step >= num_steps:
             return self.history
         show = self.progress if self.progress is not None else sys.stderr.isatty()
-        bar = _Progress(num_steps, self.global_step) if show else None
-        self._stop = False
+        bar = Progress(num_steps, self.global_step, fields=self.progress_fields) if show \
+            else None
+        self._stop, self._target = False, num_steps
         try:
             while self.global_step < num_steps and not self._stop:
                 record = self.step()
                 if bar is not None:
-                    bar.update(record)
+                    bar.write(record)
         finally:
+            self._target = None
             if bar is not None:
                 bar.close()
-            self.close()
-        if self.checkpoint_dir is not None and (
-                self.last_checkpoint is None or
-                self.last_checkpoint.name != ckpt.checkpoint_name(self.global_step)):
+            for sink in self.sinks:
+                sink.close()
+        if self.folder is not None and self._saved_step != self.global_step:
             self.save_checkpoint()
+        self._emit("on_end")
         return self.history
 
     def _emit(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             fn = getattr(cb, hook, None)
             if fn is not None:
-                fn(*args)
+                fn(self, *args)
 
-    # ------------------------------------------------------------------ logging
+    # ------------------------------------------------------------------ closing
     def close(self) -> None:
-        """Flush and close the TensorBoard writer, if one is open."""
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            writer.close()
+        """Close the sinks and release the run folder's lock (the loop can still step,
+        but no longer checkpoints into the folder)."""
+        for sink in self.sinks:
+            sink.close()
+        if self.folder is not None:
+            self.folder.close()
 
-    def _log_tensorboard(self, record: dict[str, Any]) -> None:
-        if self.tensorboard is None:
-            return
-        if self._writer is None:
-            self._writer = self._writer_cls(log_dir=str(self.tensorboard))
-        for k, v in record.items():
-            value = _scalar_value(v)
-            if k != "step" and value is not None:
-                self._writer.add_scalar(k, value, global_step=record["step"])
-        self._writer.flush()
+    def __enter__(self) -> OuterLoop:
+        return self
 
-    def _log(self, record: dict[str, Any]) -> None:
-        self._log_tensorboard(record)
-        if self.log_dir is None:
-            return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
-        columns = self._columns([record]) if self._csv_columns is None else self._csv_columns
-        if self._csv_columns is None or any(k not in columns for k in record):
-            self._rewrite_csv()
-        else:
-            with open(self.log_dir / "metrics.csv", "a", newline="") as f:
-                csv.DictWriter(f, columns).writerow(record)
-
-    def _columns(self, records: list[dict[str, Any]]) -> list[str]:
-        cols = list(BASE_COLUMNS)
-        for r in records:
-            cols += [k for k in r if k not in cols]
-        return cols
-
-    def _rewrite_csv(self) -> None:
-        assert self.log_dir is not None
-        self._csv_columns = self._columns(self.history)
-        with open(self.log_dir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, self._csv_columns)
-            w.writeheader()
-            w.writerows(self.history)
-
-    def _rewrite_logs(self) -> None:
-        """Make the log files match the (restored) history exactly."""
-        if self.log_dir is None:
-            return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / "metrics.jsonl", "w") as f:
-            for r in self.history:
-                f.write(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n")
-        self._rewrite_csv()
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: hparams, params, optimizer/scheduler/estimator
         state, RNG states, step counter and history."""
         return {
-            "format": ckpt.FORMAT,
             "step": self.global_step,
             "hparams": self.current_hparams(),
             "params": self.params,
@@ -524,37 +586,46 @@ class OuterLoop:
         ckpt.restore_rng_state(payload["rng"])
         self._checked = True
 
-    def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write a checkpoint atomically (default: ``checkpoint_dir/step-XXXXXXXX.pt``)."""
-        if path is None:
-            if self.checkpoint_dir is None:
-                raise ValueError("no checkpoint_dir set and no path given")
-            path = self.checkpoint_dir / ckpt.checkpoint_name(self.global_step)
-        path = ckpt.atomic_save(self.state_dict(), path)
-        self.last_checkpoint = path
-        if self.checkpoint_dir is not None and path.parent == self.checkpoint_dir:
-            ckpt.prune(self.checkpoint_dir, self.keep_checkpoints)
-        self._emit("on_checkpoint", self.global_step, path)
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step into the run folder (atomically).
+
+        Raises:
+            BilevelInputError: the loop has no ``run_dir``.
+        """
+        if self.folder is None:
+            raise BilevelInputError("this loop has no run_dir to write checkpoints to")
+        path = self.folder.save_checkpoint(self.global_step, self.state_dict())
+        self.last_checkpoint, self._saved_step = path, self.global_step
+        self._emit("on_checkpoint", path)
         return path
 
     def resume(self, path: str | os.PathLike[str] | None = None) -> int:
-        """Continue from a checkpoint file, or from the newest good one in
-        ``checkpoint_dir`` (stale temp files are removed); returns the step reached
-        (0 and nothing changed when there is no checkpoint)."""
-        if path is not None and Path(path).is_file():
-            file, payload = Path(path), ckpt.load(path, map_location=self.device)
+        """Continue from the run folder's newest good checkpoint of this run, or from the
+        checkpoint file ``path``; the metrics files are cut back to that step, so no step
+        is logged twice. Returns the step reached (0, and the logs emptied, when the
+        folder has no checkpoint yet).
+
+        Raises:
+            BilevelInputError: the loop has no ``run_dir``.
+            bilevel.run_folder.RunFolderError: ``path`` does not exist or belongs to another
+                run or format.
+        """
+        if self.folder is None:
+            raise BilevelInputError("resume() needs the loop's run_dir")
+        if path is not None:
+            payload = self.folder.load_checkpoint(path, map_location=self.device)
+            file: Path | None = Path(path)
         else:
-            directory = Path(path) if path is not None else self.checkpoint_dir
-            if directory is None:
-                raise ValueError("no checkpoint_dir set and no path given")
-            ckpt.remove_stale_temps(directory)
-            found = ckpt.latest_checkpoint(directory, map_location=self.device)
+            found = self.folder.load_latest(map_location=self.device)
             if found is None:
+                self.folder.metrics.truncate(0)
                 return 0
-            file, payload = found
+            _, payload = found
+            file = None
         self.load_state_dict(payload)
-        self.last_checkpoint = file
-        self._rewrite_logs()
+        if self.folder is not None:
+            self.folder.metrics.truncate(self.global_step)
+        self.last_checkpoint, self._saved_step = file, self.global_step
         return self.global_step
 
     load = resume
@@ -562,5 +633,5 @@ class OuterLoop:
 
 BilevelTrainer = OuterLoop
 
-__all__ = ["BASE_COLUMNS", "BilevelTrainer", "OuterLoop", "peak_memory_mib",
-           "summary_writer_class"]
+__all__ = ["BASE_COLUMNS", "BilevelTrainer", "OuterLoop", "ProblemFactory", "RUN_MODES",
+           "describe", "peak_memory_mib", "summary_writer_class"]

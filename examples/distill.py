@@ -39,14 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"distilling {data.name} into {config.ipc} images per class "
           f"({config.net}, {config.estimator} hypergradients, {config.outer_steps} outer "
           f"steps of {config.inner_steps} inner steps)", flush=True)
-    checkpoints = Path(args.out) / "checkpoints"    # a killed run continues with --resume
+    # the run lives in args.out (locked while it runs); a killed run continues with
+    # --resume, and running the demo again replaces its previous output
     if args.resume:
-        print(f"resumed at outer step {distiller.resume(checkpoints)}")
-    distiller.run(progress=not args.no_progress and sys.stderr.isatty(),
-                  checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every)
+        print(f"resumed at outer step {distiller.resume(args.out)}")
+    elif Path(args.out).exists():
+        print(f"replacing the previous run in {args.out}")
+    distiller.run(progress=not args.no_progress and sys.stderr.isatty(), run_dir=args.out,
+                  checkpoint_every=args.checkpoint_every,
+                  run_mode="resume" if args.resume else "overwrite")
 
     report = protocol(distiller, n_nets=args.eval_nets, seed=args.seed)
     paths = write_outputs(args.out, distiller, report)
+    distiller.close()
     print()
     print(report.table(config.ipc))
     print(f"\n{distiller.seconds:.0f} s of distillation; learned inner learning rate "

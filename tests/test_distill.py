@@ -25,6 +25,7 @@ from bilevel.distill import (
 )
 from bilevel.distill.evaluate import init_networks
 from bilevel.nets import ConvNet, make_net
+from bilevel.run_folder import ConfigMismatchError, RunFolderError, RunLockedError
 
 SUMMARY_KEYS = {"dataset", "ipc", "estimator", "distilled_acc_mean", "distilled_acc_std",
                 "random_acc_mean", "random_acc_std", "full_acc", "seconds", "outer_steps"}
@@ -256,22 +257,32 @@ def test_saved_set_loads_back_identically(digits, tmp_path):
 def test_resume_is_bit_identical(digits, tmp_path):
     cfg = tiny_config(outer_steps=6, estimator="random_window", estimator_settings={"window": 2},
                       augment=Augment(shift=1))
+    run = tmp_path / "run"
     straight = Distiller(digits, cfg)
     straight.run()
     first = Distiller(digits, cfg)
-    first.run(steps=3, checkpoint_dir=tmp_path, checkpoint_every=2)  # checkpoints at 2, 3
+    first.run(steps=3, run_dir=run, checkpoint_every=2)  # checkpoints at 2, 3
+    with pytest.raises(RunLockedError, match="in use"):  # the folder is locked while held
+        Distiller(digits, cfg).resume(run)
+    first.close()
     second = Distiller(digits, cfg)
-    assert second.resume(tmp_path) == 3
-    second.run(checkpoint_dir=tmp_path)
+    assert second.resume(run) == 3
+    second.run()
     for k in straight.hparams:
         assert torch.equal(straight.hparams[k], second.hparams[k])
     assert [r["outer_loss"] for r in straight.history] == \
         [r["outer_loss"] for r in second.history]
-    assert Distiller(digits, cfg).resume(tmp_path / "empty") == 0
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(6))  # every step once, as it went
+    assert [r["outer_loss"] for r in logged] == [r["outer_loss"] for r in straight.history]
+    second.close()
+    with pytest.raises(RunFolderError, match="no run"):
+        Distiller(digits, cfg).resume(tmp_path / "empty")
     longer = Distiller(digits, tiny_config(**{**cfg.__dict__, "outer_steps": 8}))
-    assert longer.resume(tmp_path) == 6  # a finished run can be extended
-    with pytest.raises(ValueError, match="another run"):
-        Distiller(digits, tiny_config(outer_steps=6, seed=1)).resume(tmp_path)
+    assert longer.resume(run) == 6  # a finished run can be extended
+    longer.close()
+    with pytest.raises(ConfigMismatchError, match="seed"):
+        Distiller(digits, tiny_config(**{**cfg.__dict__, "seed": 1})).resume(run)
 
 
 def test_output_folder(digits, tmp_path):
@@ -300,11 +311,14 @@ def test_cli_distill(tmp_path, capsys):
     assert "distilled" in text and "random real subset" in text
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary) and summary["estimator"] == "random_window"
-    assert (out / "checkpoints" / "step-00000003.pt").is_file()
+    assert list((out / "checkpoints").glob("step-00000003-*.pt"))
     assert cli_main(args + ["--resume"]) == 0  # nothing left to do: resumes at the end
     assert "resumed at outer step 3" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["distilled_accs"] == \
         summary["distilled_accs"]
+    assert cli_main(args) == 2  # the folder holds a run: refused without --overwrite
+    assert "already holds another run" in capsys.readouterr().err
+    assert cli_main(args + ["--overwrite"]) == 0
     assert cli_main(["distill", "--dataset", "no_such_data", "--out", str(out)]) == 2
     assert "no_such_data" in capsys.readouterr().err
 

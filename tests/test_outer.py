@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bilevel
 import hypergrad as hg
 from bilevel import checkpoint as ckpt
 from bilevel.outer import OuterLoop
@@ -78,48 +79,57 @@ def test_user_optimizer_scheduler_clip_constraint_reinit():
     assert 0 < float((lam - r.lam)[1:-1].norm()) <= 0.01 * (5 + 5 + 2.5 + 2.5) + 1e-12
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoint files in a run folder (``step-XXXXXXXX-<run>.pt``)."""
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+
+
 def test_history_logs_eval_and_callbacks(tmp_path):
     r, problem = _setup(steps=30)
     events = []
 
-    class CB:
-        def on_step(self, step, record):
-            events.append(("step", step))
+    class CB(bilevel.Callback):
+        def on_step(self, loop, record):
+            events.append(("step", record["step"]))
 
-        def on_eval(self, step, metrics):
-            events.append(("eval", step))
+        def on_eval(self, loop, record):
+            events.append(("eval", record["step"]))
 
-        def on_checkpoint(self, step, path):
-            events.append(("ckpt", step))
+        def on_checkpoint(self, loop, path):
+            events.append(("ckpt", loop.global_step))
 
+        def on_end(self, loop):
+            events.append(("end", loop.global_step))
+
+    run = tmp_path / "run"
     loop = OuterLoop(problem, r.hparams(), r.params0(), "implicit",
                      lambda hp: torch.optim.Adam(hp, lr=0.1),
                      evaluate=lambda hp, p: {"val": _val_loss(r, hp["lam"])}, eval_every=2,
-                     callbacks=[CB()], log_dir=tmp_path / "logs",
-                     checkpoint_dir=tmp_path / "ck", checkpoint_every=2, keep_checkpoints=2)
+                     callbacks=[CB()], run_dir=run, checkpoint_every=2, keep_checkpoints=2)
     history = loop.run(4)
     keys = {"step", "outer_loss", "hypergrad_norm", "inner_grad_norm", "solve_residual",
             "solve_iterations", "seconds", "peak_memory_mib"}
     assert keys <= set(history[0])
     assert history[0]["peak_memory_mib"] > 0
     assert "eval_val" not in history[0] and "eval_val" in history[1]
-    lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3]
-    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(x["step"]) for x in rows] == [0, 1, 2, 3]
     assert rows[0]["eval_val"] == "" and float(rows[3]["eval_val"]) > 0
     assert events[:3] == [("step", 0), ("eval", 1), ("step", 1)]
-    assert ("ckpt", 2) in events and ("ckpt", 4) in events
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "ck")] == [2, 4]
+    assert ("ckpt", 2) in events and ("ckpt", 4) in events and events[-1] == ("end", 4)
+    assert checkpoint_steps(run) == [2, 4]
 
-    class Stop:
-        def on_step(self, step, record):
-            if step >= 5:
+    class Stop(bilevel.Callback):
+        def on_step(self, loop, record):
+            if record["step"] >= 5:
                 loop.stop()
 
     loop.callbacks.append(Stop())
     loop.run(100)
     assert loop.global_step == 6
+    loop.close()
 
 
 def test_bad_inputs_name_the_tensor():
@@ -147,13 +157,14 @@ def test_bad_inputs_name_the_tensor():
 
 def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     r, problem = _setup(steps=40)
+    run = tmp_path / "run"
     loop = OuterLoop(problem, r.hparams(), r.params0(), "implicit",
-                     lambda hp: torch.optim.Adam(hp, lr=0.1), checkpoint_dir=tmp_path,
+                     lambda hp: torch.optim.Adam(hp, lr=0.1), run_dir=run,
                      checkpoint_every=1)
     loop.run(2)
     good = loop.current_hparams()["lam"]
-    # a crash after the temp file was written but before the rename
-    (tmp_path / ".step-crashed.tmp").write_bytes(b"partial garbage")
+    # a crash after a temp file was written but before the rename
+    (run / "checkpoints" / ".step-crashed.pt.x.tmp").write_bytes(b"partial garbage")
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -162,19 +173,25 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         loop.step()  # checkpoints step 3 and fails mid-write
     monkeypatch.undo()
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == \
-        [".step-crashed.tmp"]  # the failed write cleaned up its own temp file
+    assert checkpoint_steps(run) == [1, 2]
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")] == \
+        [".step-crashed.pt.x.tmp"]  # the failed write cleaned up its own temp file
+    loop.close()
     fresh = OuterLoop(problem, r.hparams(), r.params0(), "implicit",
-                      lambda hp: torch.optim.Adam(hp, lr=0.1), checkpoint_dir=tmp_path)
+                      lambda hp: torch.optim.Adam(hp, lr=0.1), run_dir=run)
     assert fresh.resume() == 2
     assert torch.equal(fresh.hparams["lam"].detach(), good)
-    assert not list(tmp_path.glob("*.tmp"))
-    # an unreadable newest file falls back to the previous one
-    (tmp_path / ckpt.checkpoint_name(9)).write_bytes(b"truncated")
+    assert not list((run / "checkpoints").glob("*.tmp"))  # stale temps removed at open
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # step 2 not kept
+    # an unreadable newest file of this run falls back to the previous one
+    newest = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    newest.write_bytes(b"truncated")
+    fresh.close()
+    again = OuterLoop(problem, r.hparams(), r.params0(), "implicit",
+                      lambda hp: torch.optim.Adam(hp, lr=0.1), run_dir=run)
     with pytest.warns(RuntimeWarning, match="unreadable"):
-        path, payload = ckpt.latest_checkpoint(tmp_path)
-    assert payload["step"] == 2
+        assert again.resume() == 1
+    again.close()
 
 
 def test_resume_in_process_equals_uninterrupted(tmp_path):
@@ -185,7 +202,7 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
                          lambda hp: torch.optim.Adam(hp, lr=0.1),
                          lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9),
                          reinit=lambda t: {"w": 0.1 * torch.randn(8, dtype=DT)},
-                         checkpoint_dir=d, checkpoint_every=1, log_dir=d)
+                         run_dir=d, checkpoint_every=1)
 
     torch.manual_seed(0)
     full = make(tmp_path / "a")
@@ -193,6 +210,7 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
     torch.manual_seed(0)
     part = make(tmp_path / "b")
     part.run(3)
+    part.close()
     torch.randn(100)  # disturb the RNG: resume must restore it
     again = make(tmp_path / "b")
     assert again.resume() == 3
@@ -215,15 +233,15 @@ torch.manual_seed(0)
 r = Ridge.make()
 
 class Marker:
-    def on_checkpoint(self, step, path):
-        print("CKPT", step, flush=True)
+    def on_checkpoint(self, loop, path):
+        print("CKPT", loop.global_step, flush=True)
         time.sleep(slow)
 
 loop = OuterLoop(r.problem(steps=20), r.hparams(), None, "random_window",
                  lambda hp: torch.optim.Adam(hp, lr=0.1),
                  lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.95),
                  reinit=lambda t: {{"w": 0.1 * torch.randn(8, dtype=DT)}},
-                 checkpoint_dir=ckdir, checkpoint_every=1, callbacks=[Marker()])
+                 run_dir=ckdir, checkpoint_every=1, callbacks=[Marker()])
 print("RESUMED", loop.resume(), flush=True)
 loop.run(total)
 torch.save(loop.current_hparams(), ckdir + "/final.pt")
@@ -257,7 +275,7 @@ def test_kill_and_resume_subprocess_bit_identical(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    done = [s for s, _ in ckpt.list_checkpoints(d)]
+    done = checkpoint_steps(d)
     assert 3 <= max(done) < total and not (d / "final.pt").exists()
     resumed = run(d)
     assert resumed.returncode == 0, resumed.stderr
@@ -287,7 +305,7 @@ def test_tensorboard_writes_every_metric(tmp_path):
                      lambda hp: torch.optim.Adam(hp, lr=0.1), tensorboard=tmp_path / "tb",
                      evaluate=lambda hp, p: {"val": _val_loss(r, hp["lam"])}, eval_every=2)
     history = loop.run(3)
-    assert loop._writer is None  # closed at the end of run
+    assert loop.sinks[-1]._writer is None  # closed at the end of run
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -304,7 +322,7 @@ def test_tensorboard_writes_every_metric(tmp_path):
 
 def test_tensorboard_closed_on_exception(tmp_path, monkeypatch):
     """Runs without the tensorboard package: the writer class is replaced by a recorder."""
-    import bilevel.outer as outer
+    import bilevel.sinks as sinks
 
     calls = []
 
@@ -322,11 +340,11 @@ def test_tensorboard_closed_on_exception(tmp_path, monkeypatch):
             calls.append(("close", None))
 
     class Boom:
-        def on_step(self, step, record):
-            if step == 1:
+        def on_step(self, loop, record):
+            if record["step"] == 1:
                 raise RuntimeError("boom")
 
-    monkeypatch.setattr(outer, "summary_writer_class", lambda: Writer)
+    monkeypatch.setattr(sinks, "summary_writer_class", lambda: Writer)
     r, problem = _setup(steps=10)
     loop = OuterLoop(problem, r.hparams(), r.params0(), "unrolled",
                      tensorboard=tmp_path / "tb", callbacks=[Boom()])
@@ -336,7 +354,7 @@ def test_tensorboard_closed_on_exception(tmp_path, monkeypatch):
     assert ("outer_loss", 0) in calls and ("outer_loss", 1) in calls
     assert ("inner_steps", 0) in calls and ("step", 0) not in calls
     assert ("solve_residual", 0) not in calls  # None for unrolled: not a number
-    assert loop._writer is None
+    assert loop.sinks[-1]._writer is None
 
 
 def test_tensorboard_missing_package_names_the_extra(monkeypatch):

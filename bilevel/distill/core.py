@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,14 +29,17 @@ from torch.func import functional_call
 import hypergrad as hg
 
 from .. import checkpoint as ckpt
+from ..callbacks import Callback
 from ..data import ImageDataset
 from ..nets import NETS, make_net
+from ..outer import OuterLoop
 from .augment import Augment
 from .evaluate import EvalResult, Recipe, evaluate, init_networks, random_subset, soft_cross_entropy
 
 #: estimator names accepted by :class:`DistillConfig` (keys of ``hypergrad.ESTIMATORS``)
 DISTILL_ESTIMATORS = ("unrolled", "recompute", "truncated", "random_window", "implicit")
-INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+#: inner optimizer names (hypergrad's registry)
+INNER_OPTIMIZERS = tuple(hg.OPTIMIZERS)
 
 
 @dataclass(frozen=True)
@@ -260,10 +262,22 @@ def make_estimator(cfg: DistillConfig) -> hg.Estimator:
 class Distiller:
     """Distil ``data.train_*`` into ``config.ipc`` images per class.
 
+    An application on :class:`~bilevel.outer.OuterLoop`: this class holds the config, the
+    hyperparameters (images, label logits, log inner lr) with their Adam optimizer, the
+    problem factory (:meth:`problem`: a fresh network and outer batch every outer step)
+    and the evaluation; the loop steps, clips, projects the learned lr onto ``max_lr``,
+    evaluates every ``eval_every`` steps, logs, checkpoints and resumes.
+
     Call :meth:`step` for one outer step or :meth:`run` for ``config.outer_steps``; the
-    result is :attr:`distilled`. ``data.test_*`` gives the accuracy curve when
+    result is :attr:`distilled`. With ``run(run_dir=...)`` (or :meth:`resume`) the run
+    lives in a :class:`~bilevel.run_folder.RunFolder`: locked while this object holds
+    it (until :meth:`close`), with ``metrics.jsonl`` written as it goes and checkpoints
+    that resume bit-identically. ``data.test_*`` gives the accuracy curve when
     ``config.eval_every > 0``.
     """
+
+    #: result files of a distillation folder (see :func:`~bilevel.distill.write_outputs`)
+    OUTPUTS = ("distilled.pt", "images.png", "curves.png", "summary.json")
 
     def __init__(self, data: ImageDataset, config: DistillConfig = DistillConfig()) -> None:
         self.config = cfg = config
@@ -307,11 +321,8 @@ class Distiller:
             groups.append({"params": [self.hparams["log_lr"]], "lr": cfg.lr_lr})
         self.optimizer = torch.optim.Adam(groups)
         self.estimator = make_estimator(cfg)
-        self.estimator_state: hg.EstimatorState = {}
         self.net, _ = init_networks(self.make_net, [0], self.device, dtype)
-        self.step_count = 0
-        self.history: list[dict[str, Any]] = []
-        self.seconds = 0.0
+        self.loop = self._new_loop(None)
 
     # -- the bilevel problem ---------------------------------------------------------
 
@@ -335,9 +346,10 @@ class Distiller:
         return self.config.eval_recipe(1.0).inner_optimizer(lr)
 
     def problem(self, step: int) -> tuple[hg.Problem, dict[str, torch.Tensor]]:
-        """The bilevel problem of outer step ``step`` and its fresh inner start w_0."""
+        """The bilevel problem of outer step ``step`` and its fresh inner start w_0 (the
+        outer loop's problem factory)."""
         cfg = self.config
-        seed = _mix(cfg.seed, step)
+        seed = hg.mix_seed(cfg.seed, step)
         gen = torch.Generator().manual_seed(seed)
         n = self.train_x.shape[0]
         idx = torch.randperm(n, generator=gen)[:min(cfg.outer_batch, n)].to(self.device)
@@ -362,128 +374,131 @@ class Distiller:
 
     # -- the outer loop --------------------------------------------------------------
 
-    def step(self) -> dict[str, Any]:
-        """One outer step: hypergradient, Adam step; returns the step's record."""
+    def _identity(self) -> dict[str, Any]:
+        """The config that identifies this run in its folder (evaluation settings may
+        change between stop and resume; ``outer_steps`` may grow)."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in _RESUMABLE}
+        return {"distill": config, "outer_steps": self.config.outer_steps,
+                "dataset": self.data.name}
+
+    def _new_loop(self, run_dir: Any, run_mode: str = "auto", checkpoint_every: int = 0,
+                  progress: bool | None = None) -> OuterLoop:
         cfg = self.config
-        start = time.perf_counter()
-        problem, w0 = self.problem(self.step_count)
-        hp = {k: v.detach() for k, v in self.hparams.items()}
-        if self.step_count == 0:
-            hg.check_problem(problem, hp, w0)
-        result = self.estimator(problem, hp, w0, self.estimator_state)
-        self.estimator_state = result.state
-        grads = result.grad
-        norm = result.diagnostics.hypergrad_norm
-        scale = min(1.0, cfg.clip_norm / (norm + 1e-12)) if cfg.clip_norm else 1.0
-        for k, v in self.hparams.items():
-            v.grad = grads[k] * scale
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if "log_lr" in self.hparams and cfg.max_lr is not None:
-            with torch.no_grad():  # a projection: larger rates make the inner run chaotic
-                self.hparams["log_lr"].clamp_(max=math.log(cfg.max_lr))
-        self.step_count += 1
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        record: dict[str, Any] = {
-            "step": self.step_count, "outer_loss": result.diagnostics.outer_loss,
-            "hypergrad_norm": norm, "inner_grad_norm": result.diagnostics.inner_grad_norm,
-            "inner_lr": float(self.lr()), "seconds": self.seconds, "step_seconds": seconds}
-        if result.diagnostics.solve_residual is not None:
-            record["solve_residual"] = result.diagnostics.solve_residual
-            record["solve_iterations"] = result.diagnostics.solve_iterations
-        if cfg.eval_every and (self.step_count % cfg.eval_every == 0
-                               or self.step_count == cfg.outer_steps):
-            ev = self.evaluate()
-            record["eval_acc_mean"], record["eval_acc_std"] = ev.mean, ev.std
-        self.history.append(record)
-        return record
+        clamp = {"log_lr": lambda t: t.clamp(max=math.log(cfg.max_lr))} \
+            if "log_lr" in self.hparams and cfg.max_lr is not None else None
+        return OuterLoop(
+            self.problem, self.hparams, estimator=self.estimator, optimizer=self.optimizer,
+            clip_norm=cfg.clip_norm, constraint=clamp,
+            evaluate=self._evaluate_metrics if cfg.eval_every else None,
+            eval_every=cfg.eval_every, metrics=lambda h: {"inner_lr": float(self.lr(h))},
+            run_dir=run_dir, run_mode=run_mode, kind="distill", config=self._identity(),
+            outputs=self.OUTPUTS, checkpoint_every=checkpoint_every, keep_checkpoints=2,
+            progress=progress, device=self.device, dtype=cfg.torch_dtype,
+            progress_fields={"loss": "outer_loss", "lr": "inner_lr",
+                             "acc": "eval_acc_mean"})
+
+    def _evaluate_metrics(self, hparams: dict[str, torch.Tensor], params: Any) -> dict:
+        ev = self.evaluate()
+        return {"acc_mean": ev.mean, "acc_std": ev.std}
+
+    def attach(self, run_dir: str | Path, run_mode: str = "auto", checkpoint_every: int = 0,
+               progress: bool | None = None) -> OuterLoop:
+        """Run in the folder ``run_dir`` from now on (locked until :meth:`close`): a new
+        loop on it continues from this distiller's current state. ``run_mode`` as in
+        :class:`~bilevel.outer.OuterLoop` (``"auto"``: new, or this same run resumed by
+        :meth:`resume`; ``"new"``; ``"resume"``; ``"overwrite"``)."""
+        old = self.loop
+        folder = old.folder
+        if folder is not None and Path(folder.path).resolve() == Path(run_dir).resolve():
+            old.checkpoint_every = checkpoint_every
+            old.progress = progress
+            return old
+        self.loop = self._new_loop(run_dir, run_mode, checkpoint_every, progress)
+        if old.global_step:
+            self.loop.load_state_dict(old.state_dict())
+        old.close()
+        return self.loop
+
+    def step(self) -> dict[str, Any]:
+        """One outer step (hypergradient, clipped Adam step, lr projection, evaluation
+        when due); returns the step's record."""
+        return self.loop.step()
 
     def run(self, steps: int | None = None, progress: bool | None = None,
             callback: Callable[[dict[str, Any]], Any] | None = None,
-            checkpoint_dir: str | Path | None = None,
-            checkpoint_every: int = 0) -> DistilledSet:
+            run_dir: str | Path | None = None, checkpoint_every: int = 0,
+            run_mode: str = "auto") -> DistilledSet:
         """Run until ``steps`` (default ``config.outer_steps``) outer steps in total.
 
-        ``progress`` shows a bar with the outer loss and the last evaluation (``None``:
-        only on a terminal); ``callback(record)`` is called after every step. With
-        ``checkpoint_dir``, an atomic checkpoint is written every ``checkpoint_every``
-        steps and at the end (see :meth:`resume`).
+        ``progress`` shows a bar with the outer loss, the learned lr and the last
+        evaluation (``None``: only on a terminal); ``callback(record)`` is called after
+        every step. With ``run_dir`` the run lives in that folder (see :meth:`attach`): a
+        checkpoint every ``checkpoint_every`` steps and at the end, metrics as it goes.
         """
+        if run_dir is not None:
+            self.attach(run_dir, run_mode, checkpoint_every, progress)
+        else:
+            self.loop.progress = progress
         total = self.config.outer_steps if steps is None else steps
-        bar = _bar(total, self.step_count, progress)
-        last_eval = ""
+        hook = _RecordCallback(callback) if callback is not None else None
+        if hook is not None:
+            self.loop.callbacks.append(hook)
         try:
-            while self.step_count < total:
-                record = self.step()
-                if checkpoint_dir is not None and (
-                        self.step_count == total
-                        or (checkpoint_every and self.step_count % checkpoint_every == 0)):
-                    self.save_checkpoint(checkpoint_dir)
-                if "eval_acc_mean" in record:
-                    last_eval = f"{100 * record['eval_acc_mean']:.1f}%"
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['outer_loss']:.3f}",
-                                    lr=f"{record['inner_lr']:.3g}", acc=last_eval or "-")
-                if callback is not None:
-                    callback(record)
+            self.loop.run(total)
         finally:
-            if bar is not None:
-                bar.close()
+            if hook is not None:
+                self.loop.callbacks.remove(hook)
         return self.distilled
 
-    # -- checkpoints -------------------------------------------------------------------
+    def resume(self, run_dir: str | Path, path: str | Path | None = None) -> int:
+        """Continue the run in ``run_dir`` (which must hold it) from its newest good
+        checkpoint, or from the checkpoint file ``path``; returns the step reached (0 when
+        there is no checkpoint yet). The continued run is bit-identical to an
+        uninterrupted one on the same machine."""
+        return self.attach(run_dir, "resume").resume(path)
+
+    def close(self) -> None:
+        """Release the run folder (its lock); the distiller can go on without one."""
+        self.loop.close()
+
+    def __enter__(self) -> Distiller:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """Outer steps taken."""
+        return self.loop.global_step
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per outer step (see :class:`~bilevel.outer.OuterLoop`)."""
+        return self.loop.history
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the outer steps taken (evaluations included)."""
+        return float(sum(r.get("step_seconds", 0.0) for r in self.loop.history))
+
+    @property
+    def estimator_state(self) -> hg.EstimatorState:
+        return self.loop.state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run: hyperparameters, Adam state, estimator
-        state, step count, history (networks, batches and draws follow from the seed)."""
-        return {"format": ckpt.FORMAT, "kind": "distill", "config": self.config.to_dict(),
-                "dataset": self.data.name, "step": self.step_count,
-                "hparams": {k: v.detach().cpu() for k, v in self.hparams.items()},
-                "optimizer": self.optimizer.state_dict(),
-                "estimator_state": self.estimator_state, "history": self.history,
-                "seconds": self.seconds}
+        """Everything needed to continue the run (see :meth:`OuterLoop.state_dict`)."""
+        return self.loop.state_dict()
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the dataset and the config must be the same, except
-        for ``outer_steps``, ``eval_every`` and ``eval_nets`` (a run may be extended)."""
-        if payload.get("kind") != "distill":
-            raise ValueError("not a distillation checkpoint")
-        def essential(c: dict[str, Any]) -> dict[str, Any]:  # a longer run may resume
-            return {k: v for k, v in c.items() if k not in _RESUMABLE}
+        self.loop.load_state_dict(payload)
 
-        if essential(payload["config"]) != essential(self.config.to_dict()) or \
-                payload["dataset"] != self.data.name:
-            raise ValueError(f"the checkpoint was written by another run (dataset "
-                             f"{payload['dataset']!r}, config {payload['config']}); use the "
-                             "same settings to resume")
-        with torch.no_grad():
-            for k, v in self.hparams.items():
-                v.copy_(payload["hparams"][k])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.estimator_state = payload["estimator_state"]
-        self.step_count = int(payload["step"])
-        self.history = list(payload["history"])
-        self.seconds = float(payload["seconds"])
-
-    def save_checkpoint(self, directory: str | Path, keep: int = 2) -> Path:
-        """Write ``directory/step-XXXXXXXX.pt`` atomically, keeping the newest ``keep``."""
-        path = ckpt.atomic_save(self.state_dict(),
-                                Path(directory) / ckpt.checkpoint_name(self.step_count))
-        ckpt.prune(directory, keep)
-        return path
-
-    def resume(self, directory: str | Path) -> int:
-        """Continue from the newest readable checkpoint in ``directory``; return the step
-        reached (0 when there is none). The continued run is bit-identical to an
-        uninterrupted one on the same machine."""
-        ckpt.remove_stale_temps(directory)
-        found = ckpt.latest_checkpoint(directory, map_location=self.device)
-        if found is None:
-            return 0
-        self.load_state_dict(found[1])
-        return self.step_count
+    @property
+    def folder(self) -> Any:
+        """The :class:`~bilevel.run_folder.RunFolder` the run lives in, or ``None``."""
+        return self.loop.folder
 
     @property
     def distilled(self) -> DistilledSet:
@@ -507,25 +522,18 @@ class Distiller:
                         seed=10_000 + seed)
 
 
+class _RecordCallback(Callback):
+    """``run(callback=f)``: ``f(record)`` after every step."""
+
+    def __init__(self, fn: Callable[[dict[str, Any]], Any]) -> None:
+        self.fn = fn
+
+    def on_step(self, loop: OuterLoop, record: dict[str, Any]) -> None:
+        self.fn(record)
+
+
 #: settings that may differ between a checkpoint and the run resuming it
 _RESUMABLE = ("outer_steps", "eval_every", "eval_nets")
-
-
-def _mix(seed: int, step: int) -> int:
-    return (int(seed) * 1_000_003 + int(step) * 7919 + 17) % (2**63 - 1)
-
-
-def _bar(total: int, initial: int, progress: bool | None) -> Any:
-    import sys
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="distil", dynamic_ncols=True)
 
 
 __all__ = ["DISTILL_ESTIMATORS", "DistillConfig", "DistilledSet", "Distiller", "make_estimator"]

@@ -25,8 +25,9 @@ NetFactory = Callable[[], nn.Module]
 
 @dataclass(frozen=True)
 class Recipe:
-    """How networks are trained: ``steps`` steps of ``optimizer`` (``"sgd"``,
-    ``"momentum"`` or ``"adam"``) at learning rate ``lr``, on minibatches of
+    """How networks are trained: ``steps`` steps of ``optimizer`` (a name of
+    ``hypergrad.OPTIMIZERS``: ``"sgd"``, ``"momentum"``, ``"adam"``, ...) at learning rate
+    ``lr`` (and ``momentum`` where the optimizer has one), on minibatches of
     ``batch_size`` (``None``: full batch), with augmentation ``augment``."""
 
     steps: int = 300
@@ -37,8 +38,8 @@ class Recipe:
     augment: Augment = field(default_factory=Augment)
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "momentum", "adam"):
-            raise ValueError(f"Recipe.optimizer must be 'sgd', 'momentum' or 'adam', "
+        if self.optimizer not in hg.OPTIMIZERS:
+            raise ValueError(f"Recipe.optimizer must be one of {sorted(hg.OPTIMIZERS)}, "
                              f"got {self.optimizer!r}")
         if self.steps < 0 or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"Recipe needs steps >= 0 and a positive finite lr, got "
@@ -47,11 +48,7 @@ class Recipe:
     def inner_optimizer(self, lr: float | Callable | None = None) -> hg.optim.InnerOptimizer:
         """The differentiable optimizer of this recipe (``lr`` overrides the rate)."""
         lr = self.lr if lr is None else lr
-        if self.optimizer == "sgd":
-            return hg.SGD(lr=lr)
-        if self.optimizer == "momentum":
-            return hg.Momentum(lr=lr, momentum=self.momentum)
-        return hg.Adam(lr=lr)
+        return hg.make_optimizer(self.optimizer, lr=lr, momentum=self.momentum)
 
 
 @dataclass(frozen=True)

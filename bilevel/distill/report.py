@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .. import checkpoint as ckpt
+from ..sinks import json_value
 from .core import DistilledSet, Distiller
 from .evaluate import EvalResult, Recipe, evaluate, random_subset
 
@@ -111,10 +113,10 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    steps = [r["step"] for r in history]
+    steps = [r["step"] + 1 for r in history]  # record k: after k + 1 outer steps
     ax[0].plot(steps, [r["outer_loss"] for r in history], lw=1)
     ax[0].set(xlabel="outer step", ylabel="outer loss (real batch)", yscale="log")
-    ev = [(r["step"], r["eval_acc_mean"], r["eval_acc_std"]) for r in history
+    ev = [(r["step"] + 1, r["eval_acc_mean"], r["eval_acc_std"]) for r in history
           if "eval_acc_mean" in r]
     if ev:
         s, m, sd = (list(t) for t in zip(*ev, strict=True))
@@ -125,14 +127,15 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    """Save ``fig`` as a PNG atomically (the previous file stays until the new one is
+    complete)."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return ckpt.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def summary(distiller: Distiller, report: Report) -> dict[str, Any]:
@@ -153,22 +156,28 @@ def summary(distiller: Distiller, report: Report) -> dict[str, Any]:
 
 
 def write_outputs(out: str | Path, distiller: Distiller, report: Report) -> dict[str, Path]:
-    """Write ``distilled.pt``, ``images.png``, ``curves.png``, ``metrics.jsonl`` and
-    ``summary.json`` into ``out``; return their paths."""
+    """Write ``distilled.pt``, ``images.png``, ``curves.png`` and ``summary.json`` into
+    ``out`` (each atomically); return their paths with ``metrics.jsonl``'s.
+
+    When ``out`` is the folder the distiller runs in (``run(run_dir=out)``), its metrics
+    are already there, written as the run went; otherwise ``metrics.jsonl`` is written
+    from the history."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = distiller.folder
+    own = folder is not None and Path(folder.path).resolve() == out.resolve()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"write_outputs: {out} is a file, not a folder")
     d = distiller.distilled
     paths = {"distilled": d.save(out / "distilled.pt"),
              "images": save_grid(d, out / "images.png"),
-             "curves": plot_curves(distiller.history, out / "curves.png")}
-    with open(out / "metrics.jsonl", "w") as f:
-        for r in distiller.history:
-            f.write(json.dumps(r) + "\n")
-    paths["metrics"] = out / "metrics.jsonl"
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary(distiller, report), indent=2) + "\n")
-    tmp.replace(out / "summary.json")
-    paths["summary"] = out / "summary.json"
+             "curves": plot_curves(distiller.history, out / "curves.png"),
+             "metrics": out / "metrics.jsonl"}
+    if not own:
+        lines = "".join(json.dumps({k: json_value(v) for k, v in r.items()}) + "\n"
+                        for r in distiller.history)
+        ckpt.atomic_write(paths["metrics"], lambda f: f.write(lines.encode()))
+    text = json.dumps(summary(distiller, report), indent=2) + "\n"
+    paths["summary"] = ckpt.atomic_write(out / "summary.json", lambda f: f.write(text.encode()))
     return paths
 
 
