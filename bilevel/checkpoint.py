@@ -1,17 +1,17 @@
-"""Atomic checkpoints of an outer loop, and the random-number state they carry.
+"""Atomic file writes, and the random-number state a checkpoint carries.
 
-A checkpoint is one ``torch.save`` file ``step-XXXXXXXX.pt`` in a directory. It is
-written to a temporary file in the same directory, flushed and fsynced, then moved into
-place with :func:`os.replace`, so a crash mid-write leaves the last good checkpoint
-untouched (at worst a stale ``.step-*.tmp`` file, which loading ignores). Files written
-this way get the permissions of any new file, ``0o666 & ~umask``.
+Every result and checkpoint file is written to a temporary file in the same directory,
+flushed and fsynced, then moved into place with :func:`os.replace`, so a crash mid-write
+leaves the previous file untouched (at worst a stale ``.NAME.XXXXXXXX.tmp``, which
+:func:`remove_stale_temps` clears). Files get the permissions of any new file,
+``0o666 & ~umask``. Where checkpoints live and how they are named, loaded and pruned is
+:mod:`bilevel.run_folder`'s business.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,14 +20,7 @@ from typing import IO, Any
 import torch
 
 #: version of the checkpoint payload layout
-FORMAT = 1
-_NAME = re.compile(r"^step-(\d{8,})\.pt$")
 _TMP_PREFIX = ".step-"
-
-
-def checkpoint_name(step: int) -> str:
-    """The file name of the checkpoint taken after ``step`` outer steps."""
-    return f"step-{step:08d}.pt"
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -121,53 +114,6 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load(path: str | os.PathLike[str], map_location: Any = None) -> dict[str, Any]:
-    """Load one checkpoint file (a trusted file: estimator state may hold any object)."""
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a bilevel checkpoint (format {FORMAT})")
-    return payload
-
-
-def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the complete checkpoints in ``directory``, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for entry in directory.iterdir():
-        m = _NAME.match(entry.name)
-        if m and entry.is_file():
-            found.append((int(m.group(1)), entry))
-    return sorted(found)
-
-
-def latest_checkpoint(directory: str | os.PathLike[str],
-                      map_location: Any = None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``directory`` that loads, with its payload (else ``None``).
-
-    A file that fails to load (e.g. truncated by a non-atomic copy) is skipped with a
-    warning and the previous one is tried.
-    """
-    import warnings
-
-    for _, path in reversed(list_checkpoints(directory)):
-        try:
-            return path, load(path, map_location)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file falls back
-            warnings.warn(f"skipping unreadable checkpoint {path}: {exc}", RuntimeWarning,
-                          stacklevel=2)
-    return None
-
-
-def prune(directory: str | os.PathLike[str], keep: int | None) -> None:
-    """Delete all but the newest ``keep`` checkpoints (``None``: keep all)."""
-    if keep is None:
-        return
-    for _, path in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        path.unlink(missing_ok=True)
-
-
 def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
     """Delete temp files left by interrupted writes; return what was removed."""
     directory = Path(directory)
@@ -181,8 +127,5 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-__all__ = [
-    "FORMAT", "atomic_save", "atomic_write", "capture_rng_state", "checkpoint_name",
-    "current_umask", "latest_checkpoint", "list_checkpoints", "load", "prune",
-    "remove_stale_temps", "restore_rng_state",
-]
+__all__ = ["atomic_save", "atomic_write", "capture_rng_state", "current_umask",
+           "remove_stale_temps", "restore_rng_state"]
