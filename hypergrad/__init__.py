@@ -38,6 +38,7 @@ from .estimators import (
     soba_step_size,
 )
 from .hvp import Linearization, hvp, hvp_batched, mixed_vjp
+from .implicit_diff import RootVJP, Stationarity, root_vjp
 from .linear_solve import GMRES, ConjugateGradient, Direct, FixedPoint, Neumann, SolveResult
 from .optim import OPTIMIZERS, SGD, Adam, AdamW, Chebyshev, Momentum, Nesterov, make_optimizer
 from .problem import Problem
@@ -72,9 +73,9 @@ __all__ = [
     "GMRES", "GradientCheck", "Hypergradient", "HyperparameterError", "Implicit",
     "KKTImplicit", "LVHBA", "LinearSolveError", "Linearization", "Momentum", "Nesterov",
     "Neumann", "NonFiniteError", "ObjectiveError", "OptimizerSettingError", "Problem",
-    "PyTree", "SABA", "SGD", "SOBA", "SecondOrderError", "SecondOrderReport",
-    "SecondOrderWarning", "SolveResult", "Truncated", "Unrolled", "check_hypergradient",
-    "check_problem", "check_second_order", "hvp", "hvp_batched", "hypergradient",
-    "make_estimator", "make_optimizer", "mix_seed", "mixed_vjp", "OPTIMIZERS",
-    "soba_step_size",
+    "PyTree", "RootVJP", "SABA", "SGD", "SOBA", "SecondOrderError", "SecondOrderReport",
+    "SecondOrderWarning", "SolveResult", "Stationarity", "Truncated", "Unrolled",
+    "check_hypergradient", "check_problem", "check_second_order", "hvp", "hvp_batched",
+    "hypergradient", "make_estimator", "make_optimizer", "mix_seed", "mixed_vjp",
+    "OPTIMIZERS", "root_vjp", "soba_step_size",
 ]

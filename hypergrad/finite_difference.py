@@ -24,8 +24,8 @@ noise. This module estimates both:
   noise of size σ in each evaluation; three standard deviations are taken.
 - **the regime**: Richardson's estimate holds only where the truncation error shrinks
   like s². A third step tells: |D(4s) − D(2s)| should be about 4 |D(2s) − D(s)| (16 in
-  a quartic regime). Where it is outside [2, 32] while above the noise (a step too
-  large for the function, a kink inside the step), the direction is marked not
+  a quartic regime). Where it is outside [2, 32] while above twice the rounding bar (a
+  step too large for the function, a kink inside the step), the direction is marked not
   ``asymptotic`` and its error bar cannot be trusted.
 
 The error bar of D(s) is 2 × truncation + rounding. An estimate that differs from D(s) by
@@ -180,8 +180,10 @@ def central_differences(h: Callable[[torch.Tensor], float], x: torch.Tensor,
     rounding = torch.full_like(v1, ROUNDING_SIGMAS * sigma / (math.sqrt(2) * step))
     near, far = (v2 - v1).abs(), (v4 - v2).abs()
     truncation = near / 3
-    # far ≈ 4·near (s²) to 16·near (s⁴); both carry noise of up to about `rounding`
-    asymptotic = (far <= 32 * torch.maximum(near, rounding)) & \
-        ((near <= rounding) | (far + rounding >= 2 * near))
+    # far ≈ 4·near (s²) to 16·near (s⁴); both carry noise, allowed up to twice `rounding`
+    # (noise estimated a little low must not make a clean difference look irregular)
+    noise = 2 * rounding
+    asymptotic = (far <= 32 * torch.maximum(near, noise)) & \
+        ((near <= noise) | (far + noise >= 2 * near))
     error = TRUNCATION_SAFETY * truncation + rounding
     return CentralDifference(v1, error, truncation, rounding, asymptotic, sigma, step)

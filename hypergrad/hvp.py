@@ -114,26 +114,36 @@ class Linearization:
 
 
 def choose_mode(lin: Linearization) -> str:
-    """Pick ``"linearized"`` or ``"jvp"`` for ``lin`` from one probe product of each.
+    """Pick ``"linearized"`` or ``"jvp"`` for ``lin`` (see :func:`choose_between`)."""
+    def linearize() -> Callable[[PyTree], PyTree]:
+        _, lin._pullback = vjp(lin._grad, lin._params)
+        return lambda v: lin._pullback(v)[0]
 
-    Both forms are timed on a seeded random vector; the faster is kept when they agree
-    to 1e-4 relative. When they disagree, the double backward is wrong (a backward that
-    is not differentiable): ``"jvp"`` is kept and a warning says so. A model without
-    forward-mode rules keeps ``"linearized"``; one without double backward, ``"jvp"``.
+    return choose_between(linearize, lambda v: jvp(lin._grad, (lin._params,), (v,))[1],
+                          lin._params)
+
+
+def choose_between(linearize: Callable[[], Callable[[PyTree], PyTree]],
+                   forward: Callable[[PyTree], PyTree], like: PyTree) -> str:
+    """Pick ``"linearized"`` or ``"jvp"`` from one probe product of each.
+
+    ``linearize()`` builds the reusable product of the linearized form (its setup is not
+    timed: a solve pays it once); ``forward(v)`` forms one product by forward-over-reverse.
+    Both are timed on a seeded random vector shaped like ``like``; the faster is kept when
+    they agree to 1e-4 relative. When they disagree, the double backward is wrong (a
+    backward that is not differentiable): ``"jvp"`` is kept and a warning says so. A model
+    without forward-mode rules keeps ``"linearized"``; one without double backward,
+    ``"jvp"``.
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = tree_map(lambda a: torch.randn(a.shape, generator=gen, dtype=a.dtype)
-                     .to(a.device), lin._params)
+                     .to(a.device), like)
     results = {}
     for mode in ("linearized", "jvp"):
         try:
+            product = linearize() if mode == "linearized" else forward
             start = time.perf_counter()
-            if mode == "linearized":
-                _, lin._pullback = vjp(lin._grad, lin._params)
-                start = time.perf_counter()
-                out = lin._pullback(probe)[0]
-            else:
-                out = jvp(lin._grad, (lin._params,), (probe,))[1]
+            out = product(probe)
             _synchronize(out)
             results[mode] = (time.perf_counter() - start, out)
         except (RuntimeError, NotImplementedError):

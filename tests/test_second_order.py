@@ -231,7 +231,8 @@ def test_auto_falls_back_silently_to_a_route_that_works():
         warnings.simplefilter("error")
         out = hg.Implicit(solver=hg.ConjugateGradient(tol=1e-12))(problem, hp, p)
     assert out.state["hvp_mode"] == "linearized"
-    check = hg.check_hypergradient(problem, hp, p, hg.Unrolled(), coords=[0, 3], eps=1e-5)
+    # eps where truncation (~1e-10) dominates rounding (~3e-12): the s² regime is clear
+    check = hg.check_hypergradient(problem, hp, p, hg.Unrolled(), coords=[0, 3], eps=1e-4)
     assert check.agrees, check.verdict
     assert rel(out.grad["lam"][[0, 3]], check.finite_difference) < 1e-6
 

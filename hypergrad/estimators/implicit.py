@@ -10,6 +10,10 @@ z = (w, carried state) (heavy-ball, Nesterov, Adam), a non-symmetric system:
 
     (I − ∂_zΦ)ᵀ u = ∇_z F,    ∇h(λ) = ∇_λ F + ∂_λΦᵀ u.
 
+Both are :func:`hypergrad.implicit_diff.root_vjp` of an optimality function,
+T = ∇_w f (a :class:`~hypergrad.implicit_diff.Stationarity`) or T = z − Φ(z, λ), with
+∇_w F and ∇_λ F from one pass (:func:`~hypergrad.implicit_diff.outer_grads`).
+
 Both systems are warm-started from the previous outer step's solution, carried in
 ``state["v"]``, and the inner optimizer continues from its state in
 ``state["inner_state"]`` (momentum buffers, Adam moments); the Hessian-vector product
@@ -22,17 +26,18 @@ of percent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from torch.func import grad, vjp
+from torch.func import grad
 
 from ..errors import ConvergenceWarning, warn
-from ..hvp import HVP_MODES, HVPMode, Linearization, mixed_vjp
-from ..linear_solve import GMRES, ConjugateGradient, LinearSolver, SolveResult
+from ..hvp import HVP_MODES, HVPMode
+from ..implicit_diff import Optimality, Stationarity, outer_grads, root_vjp
+from ..linear_solve import GMRES, ConjugateGradient, LinearSolver
 from ..optim import State, check_settings
 from ..problem import Problem
-from ..pytree import PyTree, tree_detach, tree_map2, tree_zeros_like
+from ..pytree import PyTree, tree_detach, tree_map2, tree_sub, tree_zeros_like
 from ..second_order import BLOCKS, Use, check_second_order, uses
 from ..validation import read_only_by_settings
 from .base import (
@@ -135,19 +140,24 @@ class Implicit(Estimator):
                 state: EstimatorState) -> Hypergradient:
         hparams = tree_detach(hparams)
         w, opt_state, gnorm = self._solve_inner(problem, hparams, params, state)
-        loss, (gF_w, gF_lam) = _outer_grads(problem, w, hparams)
+        loss, (gF_w, gF_lam) = outer_grads(problem.outer_loss, w, hparams, problem.outer_batch)
         x0 = state.get("v") if self.warm_start else None
         new_state = dict(state)
         if self.fixed_point:
-            grad_, result = self._fixed_point(problem, w, opt_state, hparams, gF_w, gF_lam, x0)
+            T = self._fixed_point_residual(problem, opt_state)
+            z = (w, _carried(problem, opt_state))
+            out = root_vjp(T, z, hparams, (gF_w, tree_zeros_like(z[1])), self.linear_solver,
+                           x0=x0)
         else:
-            hvp_mode = state.get("hvp_mode", self.hvp) if self.hvp == "auto" else self.hvp
-            grad_, result, new_state["hvp_mode"] = self._stationary(
-                problem, w, hparams, gF_w, gF_lam, x0, hvp_mode)
+            mode = state.get("hvp_mode", self.hvp) if self.hvp == "auto" else self.hvp
+            out = root_vjp(Stationarity(problem.inner_loss, problem.full_batch()), w, hparams,
+                           gF_w, self.linear_solver, mode=mode, x0=x0)
+            new_state["hvp_mode"] = out.mode
+        result = out.solve
         new_state["v"] = tree_detach(result.x)
         new_state["inner_state"] = opt_state
         steps = problem.steps if self.inner_steps is None else self.inner_steps
-        return Hypergradient(grad_, w, new_state, Diagnostics(
+        return Hypergradient(tree_map2(torch.add, gF_lam, out.grad), w, new_state, Diagnostics(
             self.name, float(loss), gnorm, steps, solve_iterations=result.iterations,
             solve_residual=result.residual, solve_converged=result.converged,
             solve_residuals=result.residuals, solve_note=result.note))
@@ -184,39 +194,27 @@ class Implicit(Estimator):
                 "estimator (Unrolled or Truncated), which differentiates through the inner "
                 "steps")
 
-    def _stationary(self, problem: Problem, w: PyTree, lam: PyTree, gF_w: PyTree,
-                    gF_lam: PyTree, x0: PyTree | None, hvp_mode: HVPMode,
-                    ) -> tuple[PyTree, SolveResult, str]:
-        batch = problem.full_batch()
-        H = Linearization(problem.inner_loss, w, lam, batch, mode=hvp_mode)
-        result = self.linear_solver(H.matvec, gF_w, x0=x0)
-        mixed = mixed_vjp(problem.inner_loss, w, lam, batch, result.x, mode=H.mode)
-        return tree_map2(torch.sub, gF_lam, mixed), result, H.mode
-
-    def _fixed_point(self, problem: Problem, w: PyTree, opt_state: State, lam: PyTree,
-                     gF_w: PyTree, gF_lam: PyTree, x0: PyTree | None,
-                     ) -> tuple[PyTree, SolveResult]:
+    def _fixed_point_residual(self, problem: Problem, opt_state: State) -> Optimality:
+        """T(z, λ) = z − Φ(z, λ) for the optimizer's step Φ on z = (w, carried state), the
+        non-carried state (settings, step count) held at ``opt_state``."""
         opt = problem.optimizer
         if not opt.stationary:
             raise ValueError(f"Implicit(fixed_point=True): {type(opt).__name__} changes its "
                              "step with the iteration count, so it has no fixed-point map")
         batch = problem.full_batch()
-        carried = {k: opt_state[k] for k in opt.carried}
 
-        def phi(z: tuple[PyTree, dict], lam_: PyTree) -> tuple[PyTree, dict]:
+        def residual(z: tuple[PyTree, dict], lam: PyTree) -> tuple[PyTree, dict]:
             p, c = z
-            g = grad(problem.inner_loss)(p, lam_, batch)
-            p_new, s_new = opt.step(p, g, {**opt_state, **c}, lam_)
-            return p_new, {k: s_new[k] for k in opt.carried}
+            p_new, s_new = opt.step(p, grad(problem.inner_loss)(p, lam, batch),
+                                    {**opt_state, **c}, lam)
+            return tree_sub(z, (p_new, {k: s_new[k] for k in opt.carried}))
 
-        _, pullback = vjp(phi, (w, carried), lam)
-        rhs = (gF_w, tree_zeros_like(carried))
+        return residual
 
-        def matvec(u: PyTree) -> PyTree:  # (I − ∂_zΦ)ᵀ u
-            return tree_map2(torch.sub, u, pullback(u)[0])
 
-        result = self.linear_solver(matvec, rhs, x0=x0)
-        return tree_map2(torch.add, gF_lam, pullback(result.x)[1]), result
+def _carried(problem: Problem, opt_state: State) -> dict:
+    """The part of the optimizer state its step carries from one iteration to the next."""
+    return {k: opt_state[k] for k in problem.optimizer.carried}
 
 
 def hvp_routes(mode: str) -> frozenset[Use]:
@@ -228,13 +226,3 @@ def hvp_routes(mode: str) -> frozenset[Use]:
     if mode == "auto":
         return frozenset()
     return uses("reverse")
-
-
-def _outer_grads(problem: Problem, w: PyTree, lam: PyTree) -> tuple[torch.Tensor, Any]:
-    """F(w, λ) and (∇_w F, ∇_λ F)."""
-    def F(w_: PyTree, lam_: PyTree) -> torch.Tensor:
-        out = problem.outer_loss(w_, lam_, problem.outer_batch)
-        return out, out.detach()
-
-    grads, loss = grad(F, argnums=(0, 1), has_aux=True)(w, lam)
-    return loss, grads

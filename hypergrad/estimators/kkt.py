@@ -10,6 +10,10 @@ indefinite KKT matrix K = [[∇²_yy L, J_Aᵀ], [J_A, 0]],
 
     K (v, u) = (∇_y F, 0),    ∇h(x) = ∇_x F − ∇²_xy L · v − ∂_x g_Aᵀ u.
 
+K is the Hessian of the Lagrangian L(y, μ_A; x) = f + μᵀ g in (y, μ_A) (its gradient
+(∇_y L, g_A) is the KKT conditions), so this is :func:`hypergrad.implicit_diff.root_vjp`
+of a :class:`~hypergrad.implicit_diff.Stationarity` in z = (y, μ_A): one linearization
+gives K (v, u) and the mixed term ∇²_xy L · v + ∂_x g_Aᵀ u from the same pullback.
 The multipliers come from ``state["multipliers"]`` when known, else from the least-squares
 solution of the stationarity condition on the active set.
 """
@@ -17,16 +21,17 @@ solution of the stationarity condition on the active set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch.func import grad, jacrev
 
 from ..constrained import ConstrainedProblem
 from ..errors import ConvergenceWarning, warn
-from ..hvp import HVP_MODES, HVPMode, Linearization, mixed_vjp
+from ..hvp import HVP_MODES, HVPMode, Objective
+from ..implicit_diff import Stationarity, outer_grads, root_vjp
 from ..linear_solve import GMRES, Direct, LinearSolver
-from ..pytree import PyTree, tree_detach, tree_map2, tree_norm, tree_ravel, tree_unravel
+from ..pytree import PyTree, tree_detach, tree_map2, tree_norm, tree_numel, tree_ravel, tree_unravel
 from .base import Estimator, EstimatorState, Hypergradient
 from .lvhba import ConstrainedDiagnostics
 
@@ -75,10 +80,8 @@ class KKTImplicit(Estimator):
         x, y, batch = tree_detach(hparams), tree_detach(params), problem.inner_batch
         g_val = problem.g(y, x)
         active = (g_val >= -self.active_tol).nonzero().flatten()
-        J = _active_jacobian(problem, y, x, active)  # (a, m), rows ∇_y g_i
-        mu = self._multipliers(problem, y, x, state, active, J)
-        L = problem.lagrangian(mu)
-        stationarity = float(tree_norm(grad(L)(y, x, batch)))
+        mu = self._multipliers(problem, y, x, state, active)
+        stationarity = float(tree_norm(grad(problem.lagrangian(mu))(y, x, batch)))
         if self.stationarity_tol is not None and stationarity > self.stationarity_tol:
             warn(f"kkt: y is not a KKT point (‖∇_y L‖ = {stationarity:.2e}); the "
                  "hypergradient may be wrong: solve the lower level more accurately",
@@ -87,51 +90,56 @@ class KKTImplicit(Estimator):
             warn("kkt: an active constraint has a zero multiplier (no strict "
                  "complementarity): the solution map may not be differentiable here",
                  RuntimeWarning)
-
-        def F(yy: PyTree, xx: PyTree) -> torch.Tensor:
-            return problem.outer_loss(yy, xx, problem.outer_batch)
-
-        gF_y, gF_x = grad(F, argnums=(0, 1))(y, x)
-        H = Linearization(L, y, x, batch, mode=self.hvp)
-
-        def matvec(vu: tuple[PyTree, torch.Tensor]) -> tuple[PyTree, torch.Tensor]:
-            v, u = vu
-            top = tree_map2(torch.add, H.matvec(v), tree_unravel(J.T @ u, y))
-            return top, J @ tree_ravel(v)
-
-        rhs = (gF_y, torch.zeros(len(active), dtype=g_val.dtype, device=g_val.device))
-        result = self.linear_solver(J.shape[1] + len(active))(matvec, rhs)
-        v, u = result.x
-        mixed = mixed_vjp(L, y, x, batch, v, mode=H.mode)
-        if len(active):
-            g_x = grad(lambda xx: u @ problem.g(y, xx)[active])(x)
-            mixed = tree_map2(torch.add, mixed, g_x)
+        loss, (gF_y, gF_x) = outer_grads(problem.outer_loss, y, x, problem.outer_batch)
+        rhs = (gF_y, g_val.new_zeros(len(active)))
+        out = root_vjp(Stationarity(_kkt_lagrangian(problem, mu, active), batch),
+                       (y, mu[active]), x, rhs, self.linear_solver(tree_numel(y) + len(active)),
+                       mode=self.hvp)
+        result = out.solve
         diagnostics = ConstrainedDiagnostics(
-            self.name, float(F(y, x)), stationarity, 0, solve_iterations=result.iterations,
+            self.name, float(loss), stationarity, 0, solve_iterations=result.iterations,
             solve_residual=result.residual, solve_converged=result.converged,
             solve_residuals=result.residuals, solve_note=result.note,
             max_violation=float(g_val.clamp_min(0).max()) if g_val.numel() else 0.0,
             multipliers=mu.tolist())
         new_state = {**state, "multipliers": mu, "active": active.tolist()}
-        return Hypergradient(tree_map2(torch.sub, gF_x, mixed), y, new_state, diagnostics)
+        return Hypergradient(tree_map2(torch.add, gF_x, out.grad), y, new_state, diagnostics)
 
     def _multipliers(self, problem: ConstrainedProblem, y: PyTree, x: PyTree,
-                     state: EstimatorState, active: torch.Tensor,
-                     J: torch.Tensor) -> torch.Tensor:
-        """μ* from the state, else argmin_μA ‖∇_y f + J_Aᵀ μ_A‖ (zero off the active set)."""
-        l = problem.num_constraints
+                     state: EstimatorState, active: torch.Tensor) -> torch.Tensor:
+        """μ* from the state, else argmin_μA ‖∇_y f + J_Aᵀ μ_A‖ (zero off the active set),
+        J_A the Jacobian of the active constraints."""
+        l, like = problem.num_constraints, tree_ravel(y)
         given = state.get("multipliers")
         if given is not None:
-            mu = torch.as_tensor(given, dtype=J.dtype, device=J.device)
+            mu = torch.as_tensor(given, dtype=like.dtype, device=like.device)
             if mu.shape != (l,):
                 raise ValueError(f"state['multipliers'] must have shape ({l},), got "
                                  f"{tuple(mu.shape)}")
             return mu
-        mu = J.new_zeros(l)
+        mu = like.new_zeros(l)
         if len(active):
+            J = _active_jacobian(problem, y, x, active)
             gf = tree_ravel(grad(problem.inner_loss)(y, x, problem.inner_batch))
             mu[active] = torch.linalg.lstsq(J.T, -gf.unsqueeze(1)).solution.squeeze(1)
         return mu
+
+
+def _kkt_lagrangian(problem: ConstrainedProblem, mu: torch.Tensor,
+                    active: torch.Tensor) -> Objective:
+    """L((y, μ_A), x) = f(y, x) + μᵀ g(y, x) with the active multipliers μ_A a variable
+    (the others held at ``mu``): ∇_(y, μ_A) L = (∇_y L, g_A), the KKT conditions."""
+    held = mu.index_fill(0, active, 0)
+
+    def L(z: tuple[PyTree, torch.Tensor], x: PyTree, batch: Any) -> torch.Tensor:
+        y, mu_active = z
+        value = problem.inner_loss(y, x, batch)
+        if problem.num_constraints:
+            g = problem.g(y, x)
+            value = value + held @ g + mu_active @ g[active]
+        return value
+
+    return L
 
 
 def _active_jacobian(problem: ConstrainedProblem, y: PyTree, x: PyTree,
