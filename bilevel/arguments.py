@@ -27,9 +27,17 @@ def non_negative_int(text: str) -> int:
     return int(_number(text, int, 0, False, "an integer >= 0"))
 
 
+def seed(text: str) -> int:
+    """An int in [0, 2**63), what ``torch.manual_seed`` takes."""
+    value = int(_number(text, int, 0, False, "an integer seed >= 0"))
+    if value >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**63, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite float > 0."""
     return float(_number(text, float, 0.0, True, "a finite number > 0"))
 
 
-__all__ = ["non_negative_int", "positive_float", "positive_int"]
+__all__ = ["non_negative_int", "positive_float", "positive_int", "seed"]

@@ -192,7 +192,8 @@ class Run:
         val_loss = float(F.cross_entropy(predict(model, self.data["val"][0]), self.data["val"][1]))
         return {"val_acc": accuracy(model, self.data["val"]), "val_loss": val_loss}
 
-    def loop(self, out: Path, mode: str, document: dict[str, Any]) -> OuterLoop:
+    def loop(self, out: Path, mode: str, document: dict[str, Any],
+             outputs: tuple[str, ...] = ()) -> OuterLoop:
         """The :class:`OuterLoop` running in the folder ``out`` (opened in ``mode``: see
         :class:`~bilevel.run_folder.RunFolder`), identified by the config ``document``."""
         o = self.cfg.outer
@@ -205,7 +206,7 @@ class Run:
                          clip_norm=o.clip_norm, evaluate=self.evaluate, eval_every=o.eval_every,
                          run_dir=out, run_mode=mode, kind="run", config=document,
                          growable=("config.outer.steps",),
-                         outputs=OUTPUTS, checkpoint_every=o.checkpoint_every,
+                         outputs=outputs or OUTPUTS, checkpoint_every=o.checkpoint_every,
                          progress=False, device=self.cfg.device, dtype=self.cfg.torch_dtype)
 
 
@@ -288,10 +289,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     path = _config_file(args.config)
     cfg = load_config(path)
+    text, document = path.read_text(), _document(path)  # read before the folder is touched
     out = Path(args.output or cfg.output.dir)
     run = Run(cfg)  # data and model problems surface before the folder is touched
-    with run.loop(out, "overwrite" if args.overwrite else "new", _document(path)) as loop:
-        loop.folder.write_text(CONFIG_NAME, path.read_text())
+    outputs = OUTPUTS
+    if path.resolve() == (out / CONFIG_NAME).resolve():  # the config lives in the folder
+        outputs = tuple(n for n in OUTPUTS if n != CONFIG_NAME)
+    with run.loop(out, "overwrite" if args.overwrite else "new", document,
+                  outputs) as loop:
+        loop.folder.write_text(CONFIG_NAME, text)
         summary = _execute(cfg, loop, run, args.stop_after, start)
     _print_summary(summary)
     return 0
@@ -303,6 +309,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.dir)
     if not (out / CONFIG_NAME).is_file():
+        if (out / "run.json").is_file():
+            raise ConfigError(f"{out}: the run was stopped before its {CONFIG_NAME} was "
+                              "written, so it cannot be resumed; start it again with "
+                              f"`bilevel run CONFIG -o {out} --overwrite`")
         raise ConfigError(f"{out}: no {CONFIG_NAME} here (not a `bilevel run` folder)")
     cfg = load_config(out / CONFIG_NAME)
     run = Run(cfg)

@@ -393,6 +393,9 @@ def _check_values(cfg: Config) -> None:
                           f"names from {HPARAMS}, got {h.tune!r}")
     _positive("hyperparameters.lr", h.lr)
     _positive("hyperparameters.weight_decay", h.weight_decay)
+    for key, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
+        if not 0 <= seed < 2 ** 63:
+            raise ConfigError(f"{key}: expected an integer in [0, 2**63), got {seed}")
     _positive("inner.steps", cfg.inner.steps)
     if cfg.inner.optimizer not in INNER_OPTIMIZERS:
         raise ConfigError(f"inner.optimizer: expected one of {list(INNER_OPTIMIZERS)}, got "
@@ -429,6 +432,8 @@ def _check_values(cfg: Config) -> None:
     except RuntimeError as exc:
         raise ConfigError(f"device: expected a torch device string, got {cfg.device!r} "
                           f"({exc})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: expected 'cpu' or 'cuda[:N]', got {cfg.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {cfg.device!r} but CUDA is not available here; use 'cpu'")
 

@@ -23,6 +23,7 @@ and cut back to the checkpoint on resume, so every step appears once after any k
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import time
@@ -51,7 +52,7 @@ from . import checkpoint as ckpt
 from .callbacks import check_callback
 from .hparams import assign_grads, validate_hparams
 from .module import check_estimator
-from .run_folder import RunFolder
+from .run_folder import RunFolder, RunFolderError
 from .sinks import (
     BASE_COLUMNS,
     MetricsFiles,
@@ -95,9 +96,9 @@ def peak_memory_mib(device: torch.device | None = None) -> float | None:
 
 
 def _count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise BilevelInputError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def describe(obj: Any, depth: int = 0) -> Any:
@@ -215,7 +216,11 @@ class OuterLoop:
         self.estimator = make_estimator(estimator)
         if problem is not None:
             self._check_estimator(problem)
-        self.device = torch.device(device) if device is not None else None
+        try:
+            self.device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as exc:
+            raise BilevelInputError(f"device must be a torch device such as 'cpu' or "
+                                    f"'cuda:0', got {device!r}") from exc
         self.dtype = dtype
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise BilevelInputError(f"dtype must be a floating torch.dtype, got {dtype}")
@@ -265,6 +270,7 @@ class OuterLoop:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
+        self._resumed = False
         self._saved_step: int | None = None
         self._target: int | None = None
         self._stop = False
@@ -274,11 +280,14 @@ class OuterLoop:
         self.tensorboard = Path(tensorboard) if tensorboard is not None else None
         if tensorboard is not None:
             self.sinks.append(TensorBoard(tensorboard))
+        self.kind = kind
+        #: what identifies this run in a run folder (see ``config``)
+        self.identity = self._identity(config)
         self.folder: RunFolder | None = None
         if isinstance(run_dir, RunFolder):
             self.folder = run_dir
         elif run_dir is not None:
-            self.folder = RunFolder(run_dir, kind=kind, config=self._identity(config),
+            self.folder = RunFolder(run_dir, kind=kind, config=self.identity,
                                     mode=run_mode, outputs=outputs, growable=growable,
                                     metric_columns=BASE_COLUMNS,
                                     keep_checkpoints=keep_checkpoints)
@@ -420,8 +429,17 @@ class OuterLoop:
             return self.problem, self._to_setting(self.reinit(step))
         return self.problem, self.params
 
+    def _continue_run(self) -> None:
+        """A folder that already held this run (``run_mode="auto"``) continues it: the
+        first step of a loop that was not resumed by hand resumes it, so that no step is
+        logged twice and no later checkpoint is lost."""
+        if self.folder is not None and self.folder.resumed and not self._resumed \
+                and self.global_step == 0:
+            self.resume()
+
     def step(self) -> dict[str, Any]:
         """One outer step; returns (and records) its metrics."""
+        self._continue_run()
         t0 = time.perf_counter()
         step = self.global_step
         hp = self.current_hparams()
@@ -502,7 +520,8 @@ class OuterLoop:
         Raises:
             BilevelInputError: ``num_steps`` is not an int >= 0.
         """
-        _count("num_steps", num_steps, 0)
+        num_steps = _count("num_steps", num_steps, 0)
+        self._continue_run()
         if self.global_step >= num_steps:
             return self.history
         show = self.progress if self.progress is not None else sys.stderr.isatty()
@@ -518,8 +537,9 @@ class OuterLoop:
             self._target = None
             if bar is not None:
                 bar.close()
-            for sink in self.sinks:
-                sink.close()
+            for sink in self.sinks:  # TensorBoard: one event file per run() (reopens)
+                if isinstance(sink, TensorBoard):
+                    sink.close()
         if self.folder is not None and self._saved_step != self.global_step:
             self.save_checkpoint()
         self._emit("on_end")
@@ -533,12 +553,14 @@ class OuterLoop:
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
-        """Close the sinks and release the run folder's lock (the loop can still step,
-        but no longer checkpoints into the folder)."""
+        """Close the sinks and release the run folder (its lock): the loop can still step,
+        but writes nothing more into the folder."""
         for sink in self.sinks:
             sink.close()
+        self.sinks = [s for s in self.sinks if not isinstance(s, MetricsFiles)]
         if self.folder is not None:
             self.folder.close()
+            self.folder = None
 
     def __enter__(self) -> OuterLoop:
         return self
@@ -611,20 +633,30 @@ class OuterLoop:
                 run or format.
         """
         if self.folder is None:
-            raise BilevelInputError("resume() needs the loop's run_dir")
+            raise BilevelInputError("resume() needs the loop's run_dir (and a loop that is "
+                                    "not closed)")
+        self._resumed = True
         if path is not None:
             payload = self.folder.load_checkpoint(path, map_location=self.device)
             file: Path | None = Path(path)
         else:
             found = self.folder.load_latest(map_location=self.device)
             if found is None:
+                own = self.folder.checkpoints()
+                if own:  # every checkpoint of the run is unreadable: keep its logs
+                    raise RunFolderError(
+                        f"{self.folder.path}: none of this run's checkpoints can be read "
+                        f"({', '.join(p.name for _, p in own)}); the metrics are kept. Move "
+                        "the broken files away to restart from step 0, or restore them")
                 self.folder.metrics.truncate(0)
                 return 0
             _, payload = found
             file = None
         self.load_state_dict(payload)
-        if self.folder is not None:
-            self.folder.metrics.truncate(self.global_step)
+        for step, later in self.folder.checkpoints():  # going back abandons what followed
+            if step > self.global_step:
+                later.unlink(missing_ok=True)
+        self.folder.metrics.truncate(self.global_step)
         self.last_checkpoint, self._saved_step = file, self.global_step
         return self.global_step
 

@@ -63,6 +63,9 @@ _LEGACY_CHECKPOINT = re.compile(r"^step-\d{8,}\.pt$")
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # left by an interrupted ckpt.atomic_write
 _MISSING = object()
 _log = logging.getLogger(__name__)
+#: how to continue a run of each kind, for the refusal of a new run in its folder
+RESUME_HINTS = {"run": "`bilevel resume DIR`", "distill": "`bilevel distill ... --resume`",
+                "": "mode='resume', or loop.resume() after opening it with mode='auto'"}
 
 
 class RunFolderError(BilevelInputError):
@@ -145,12 +148,22 @@ def _shown(v: Any) -> str:
     return "(absent)" if v is _MISSING else json.dumps(v, default=repr)
 
 
+#: folders held by RunFolder objects of this process (flock does not refuse the same
+#: process twice on every platform, and the message should say who holds it)
+_HELD: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
 class _FolderLock:
     """An exclusive, non-blocking ``flock`` on ``file``, held until :meth:`release` or
     garbage collection (the OS drops it when the process dies, SIGKILL included)."""
 
     def __init__(self, file: Path, folder: Path) -> None:
         self._release = None
+        if str(folder) in _HELD:
+            raise RunLockedError(
+                f"{folder} is held by an earlier run folder of this same process (an "
+                "OuterLoop or Distiller not yet closed, e.g. from an interrupted cell): "
+                "call its close() (loop.close(), distiller.close()), or delete it")
         if fcntl is None:  # pragma: no cover - Windows
             warnings.warn(f"cannot lock {folder} on this platform (no fcntl): make sure no "
                           "other process writes it at the same time", RuntimeWarning,
@@ -174,7 +187,8 @@ class _FolderLock:
             warnings.warn(f"cannot lock {folder} ({exc.strerror}): make sure no other "
                           "process writes it at the same time", RuntimeWarning, stacklevel=3)
             return
-        self._release = weakref.finalize(self, _unlock, fd)
+        self._release = weakref.finalize(self, _unlock, fd, str(folder))
+        _HELD[str(folder)] = self
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
               "command": " ".join(sys.argv)}
         try:  # who holds it, for the message of a refused process
@@ -200,7 +214,8 @@ class _FolderLock:
             self._release()
 
 
-def _unlock(fd: int) -> None:
+def _unlock(fd: int, folder: str = "") -> None:
+    _HELD.pop(folder, None)
     try:
         os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -328,6 +343,9 @@ def _plain(v: Any) -> Any:
 
 def _check_path(path: Path, mode: str) -> None:
     """Refuse, before any work, a path the run could not be written to."""
+    if path == Path(path.anchor):
+        raise RunFolderError(f"{path} is the root of the file system: give the run a "
+                             "folder of its own")
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"{path} is a file, not a folder: choose a folder for the run")
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -408,6 +426,8 @@ class RunFolder:
         self.outputs = [str(_check_name(n, "each of outputs")) for n in _names(outputs)]
         self.kind, self.growable = kind, _names(growable)
         self.keep_checkpoints = keep_checkpoints
+        if not str(path).strip():
+            raise RunFolderError("the run folder path is empty: give a folder for the run")
         self.path = Path(os.path.abspath(path))
         self.checkpoint_dir = self.path / CHECKPOINTS
         _check_path(self.path, mode)
@@ -447,9 +467,16 @@ class RunFolder:
         else:
             found = self._previous_run()
             if found:
-                resume = "resume it (mode='resume', `bilevel resume`), " if has_run else ""
+                previous = self._stored_kind()
+                if has_run and previous not in (None, self.kind):
+                    what = f"a {previous!r} run, not a {self.kind!r} one"
+                    resume = ""
+                else:
+                    what = "another run"
+                    resume = f"resume it ({RESUME_HINTS.get(self.kind, RESUME_HINTS[''])}), " \
+                        if has_run else ""
                 raise RunFolderError(
-                    f"{self.path} already holds another run ({', '.join(found)}): {resume}"
+                    f"{self.path} already holds {what} ({', '.join(found)}): {resume}"
                     "replace it (mode='overwrite', --overwrite: deletes those files), or "
                     "choose another folder")
         self.run_id = uuid.uuid4().hex
@@ -457,8 +484,21 @@ class RunFolder:
         self.fingerprint = config_fingerprint(self.config)
         self.write_json(RUN_FILE, {
             "format": FORMAT, "run_id": self.run_id, "kind": self.kind, "config": self.config,
-            "fingerprint": self.fingerprint, "created": _now(), "bilevel": _version()})
+            "fingerprint": self.fingerprint, "created": _now(), "bilevel": _version(),
+            "outputs": self.outputs})
         return False
+
+    def _stored(self) -> dict[str, Any]:
+        """The folder's run.json as far as it can be read (empty when it cannot)."""
+        try:
+            stored = json.loads((self.path / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
+    def _stored_kind(self) -> str | None:
+        kind = self._stored().get("kind")
+        return kind if isinstance(kind, str) else None
 
     def _resume(self, given: dict | None) -> None:
         file = self.path / RUN_FILE
@@ -481,12 +521,19 @@ class RunFolder:
         if given is not None:
             diffs = _differences(old, given, self.growable)
             if diffs:
-                lines = "".join(f"\n  {k}: {_shown(a)} → {_shown(b)}" for k, a, b in diffs)
+                def grows(k: str) -> str:
+                    last = k.rsplit(".", 1)[-1]
+                    return " (may only grow)" if k in self.growable or \
+                        last in self.growable else ""
+
+                lines = "".join(f"\n  {k}: {_shown(a)} → {_shown(b)}{grows(k)}"
+                                for k, a, b in diffs)
                 raise ConfigMismatchError(
-                    f"{self.path}: the config differs from the one this run was started "
-                    f"with:{lines}\nresume with the run's config (in {file}), or start a new "
-                    "run in another folder (or here with mode='overwrite' / --overwrite, "
-                    "deleting this one)", [k for k, _, _ in diffs])
+                    f"{self.path}: the settings differ from those this run was started "
+                    f"with:{lines}\nput them back (for `bilevel resume`: in the folder's "
+                    "config.toml) to continue it, or start a new run in another folder (or "
+                    "replace this one: mode='overwrite', `--overwrite` of `bilevel run` / "
+                    "`bilevel distill`)", [k for k, _, _ in diffs])
             if given != old:  # a growable key grew
                 self.config = given
                 stored.update(config=given, fingerprint=config_fingerprint(given))
@@ -509,7 +556,11 @@ class RunFolder:
                         if os.path.lexists(self.path / n)]
 
     def _clear(self) -> None:
-        for name in (RUN_FILE, CHECKPOINTS, *METRICS_FILES, *self.outputs):
+        previous = self._stored().get("outputs", [])
+        names = [n for n in previous if isinstance(n, str)
+                 and not Path(n).is_absolute() and ".." not in Path(n).parts]
+        for name in dict.fromkeys((RUN_FILE, CHECKPOINTS, *METRICS_FILES, *self.outputs,
+                                   *names)):
             p = self.path / name
             try:
                 if p.is_dir() and not p.is_symlink():

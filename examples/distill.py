@@ -15,14 +15,24 @@ augmentation, ...).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
+import bilevel
 from bilevel.data import load_dataset
 from bilevel.distill import Distiller, protocol, write_outputs
 from bilevel.distill.app import add_arguments, config_from_args
+
+
+def previous_kind(out: Path) -> str | None:
+    """The kind of run the folder ``out`` holds (``"distill"``, ``"run"``), if any."""
+    try:
+        return json.loads((out / "run.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,14 +50,21 @@ def main(argv: list[str] | None = None) -> int:
           f"({config.net}, {config.estimator} hypergradients, {config.outer_steps} outer "
           f"steps of {config.inner_steps} inner steps)", flush=True)
     # the run lives in args.out (locked while it runs); a killed run continues with
-    # --resume, and running the demo again replaces its previous output
-    if args.resume:
-        print(f"resumed at outer step {distiller.resume(args.out)}")
-    elif Path(args.out).exists():
-        print(f"replacing the previous run in {args.out}")
-    distiller.run(progress=not args.no_progress and sys.stderr.isatty(), run_dir=args.out,
-                  checkpoint_every=args.checkpoint_every,
-                  run_mode="resume" if args.resume else "overwrite")
+    # --resume, and running the demo again replaces its previous distillation run (any
+    # other content of the folder is refused unless --overwrite)
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
+    replacing = mode == "new" and previous_kind(Path(args.out)) == "distill"
+    try:
+        distiller.attach(args.out, "overwrite" if replacing else mode, args.checkpoint_every,
+                         progress=not args.no_progress and sys.stderr.isatty())
+        if replacing:
+            print(f"replaced the previous distillation run in {args.out}")
+        if args.resume:
+            print(f"resumed at outer step {distiller.resume(args.out)}")
+    except bilevel.BilevelInputError as exc:  # a folder in use, another run, other settings
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    distiller.run()
 
     report = protocol(distiller, n_nets=args.eval_nets, seed=args.seed)
     paths = write_outputs(args.out, distiller, report)

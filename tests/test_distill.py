@@ -262,7 +262,8 @@ def test_resume_is_bit_identical(digits, tmp_path):
     straight.run()
     first = Distiller(digits, cfg)
     first.run(steps=3, run_dir=run, checkpoint_every=2)  # checkpoints at 2, 3
-    with pytest.raises(RunLockedError, match="in use"):  # the folder is locked while held
+    # the folder is locked while held, here by this same process
+    with pytest.raises(RunLockedError, match="earlier run folder of this same process"):
         Distiller(digits, cfg).resume(run)
     first.close()
     second = Distiller(digits, cfg)

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -372,3 +373,148 @@ def test_kill_bilevel_distill_at_20_points(tmp_path):
     b = bilevel.distill.load_distilled(out)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert a.lr == b.lr
+
+
+# --- found by trying to break it --------------------------------------------------------
+
+
+def test_distill_resume_keeps_checkpointing(tmp_path):
+    out = tmp_path / "out"
+    args = ["distill", "--ipc", "1", "--inner-steps", "3", "--hidden", "8", "--eval-nets",
+            "1", "--checkpoint-every", "2", "--out", str(out), "--no-progress"]
+    assert main([*args, "--outer-steps", "4"]) == 0
+    assert main([*args, "--outer-steps", "8", "--resume"]) == 0  # continues 4 → 8
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("*.pt"))
+    assert steps == [6, 8]  # checkpoints every 2 steps after the resume too (keep 2)
+    assert [r["step"] for r in rows(out)] == list(range(8))
+
+
+def test_run_from_a_config_inside_its_own_folder(tmp_path):
+    out = tmp_path / "exp1"
+    out.mkdir()
+    path = config(tmp_path, out, steps=3)
+    inside = out / "config.toml"
+    inside.write_text(path.read_text())
+    assert main(["run", str(inside), "-o", str(out), "--stop-after", "1"]) == 0
+    assert main(["run", str(inside), "-o", str(out), "--overwrite"]) == 0
+    assert inside.read_text() == path.read_text()
+    assert [r["step"] for r in rows(out)] == [0, 1, 2]
+
+
+def test_reopening_the_same_run_continues_it(tmp_path):
+    run = tmp_path / "run"
+    with ridge_loop(run, checkpoint_every=2) as loop:
+        loop.run(6)
+    with ridge_loop(run, checkpoint_every=2) as again:  # resume() not called by hand
+        again.run(8)
+        assert again.global_step == 8
+    assert [r["step"] for r in rows(run)] == list(range(8))
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("*.pt"))
+    assert steps[-1] == 8 and 6 in steps
+
+
+def test_going_back_to_an_earlier_checkpoint_drops_the_later_ones(tmp_path):
+    run = tmp_path / "run"
+    with ridge_loop(run, checkpoint_every=2, keep_checkpoints=None) as loop:
+        loop.run(8)
+        early = next((run / "checkpoints").glob("step-00000004-*.pt"))
+    with ridge_loop(run, keep_checkpoints=None) as loop:
+        assert loop.resume(early) == 4
+    with ridge_loop(run, keep_checkpoints=None) as loop:
+        assert loop.resume() == 4  # not the abandoned step 8
+        loop.run(6)
+    assert [r["step"] for r in rows(run)] == list(range(6))
+
+
+def test_unreadable_checkpoints_stop_a_resume_and_keep_the_logs(tmp_path):
+    run = tmp_path / "run"
+    with ridge_loop(run, checkpoint_every=1) as loop:
+        loop.run(3)
+    for f in (run / "checkpoints").glob("*.pt"):
+        f.write_bytes(b"garbage")
+    with ridge_loop(run) as loop, pytest.warns(RuntimeWarning, match="unreadable"), \
+            pytest.raises(bilevel.RunFolderError, match="none of this run's checkpoints"):
+        loop.resume()
+    assert [r["step"] for r in rows(run)] == [0, 1, 2]
+
+
+def test_write_outputs_respects_the_lock_and_other_runs(tmp_path):
+    d = bilevel.distill.Distiller(bilevel.data.load_digits(), tiny())
+    d.run()
+    with ridge_loop(tmp_path / "held"):  # another run holds this folder
+        with pytest.raises(bilevel.RunLockedError):
+            bilevel.distill.write_outputs(tmp_path / "held", d, fake_report(d))
+    with pytest.raises(bilevel.RunFolderError, match="'outer_loop' run"):
+        bilevel.distill.write_outputs(tmp_path / "held", d, fake_report(d))
+    paths = bilevel.distill.write_outputs(tmp_path / "new", d, fake_report(d))
+    assert [r["step"] for r in rows(tmp_path / "new")] == [0, 1]
+    assert paths["summary"].is_file()
+    bilevel.distill.write_outputs(tmp_path / "new", d, fake_report(d))  # the same run: fine
+    assert [r["step"] for r in rows(tmp_path / "new")] == [0, 1]
+
+
+def test_a_closed_loop_writes_nothing_into_the_folder(tmp_path):
+    run = tmp_path / "run"
+    loop = ridge_loop(run)
+    loop.run(2)
+    loop.close()
+    with ridge_loop(run) as other:
+        assert other.resume() == 2
+        loop.run(4)  # steps on, outside the folder
+        assert [r["step"] for r in rows(run)] == [0, 1]
+
+
+def test_user_sinks_live_across_runs_and_odd_counts(tmp_path):
+    class ListSink:
+        def __init__(self):
+            self.records, self.closed = [], False
+
+        def write(self, record):
+            assert not self.closed
+            self.records.append(record["step"])
+
+        def close(self):
+            self.closed = True
+
+    sink = ListSink()
+    loop = ridge_loop(sinks=[sink])
+    loop.run(2)
+    loop.run(np.int64(4))  # "until 4 in total", with a numpy count
+    assert sink.records == [0, 1, 2, 3] and not sink.closed
+    loop.close()
+    assert sink.closed
+    for bad in ("", Path("/")):
+        with pytest.raises(bilevel.RunFolderError):
+            ridge_loop(bad)
+    with pytest.raises(hg.BilevelInputError, match="device"):
+        ridge_loop(device="foo")
+
+
+def test_device_and_seed_are_checked_by_the_command_lines(tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv in (["distill", "--device", "foo", "--out", str(out)],
+                 ["distill", "--device", "meta", "--out", str(out)],
+                 ["distill", "--seed", "99999999999999999999999", "--out", str(out)]):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        assert code == 2, argv
+        err = capsys.readouterr().err
+        assert "device" in err or "seed" in err, err
+    path = config(tmp_path, out)
+    path.write_text('device = "meta"\n' + path.read_text())
+    assert main(["run", str(path)]) == 2
+    assert "device: expected 'cpu' or 'cuda[:N]'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_demo_script_refuses_another_kind_of_run(tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", str(config(tmp_path, out, steps=2))]) == 0
+    script = Path(__file__).parents[1] / "examples" / "distill.py"
+    r = subprocess.run([sys.executable, str(script), "--ipc", "1", "--outer-steps", "1",
+                        "--inner-steps", "2", "--eval-nets", "1", "--out", str(out),
+                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "'run' run" in r.stderr, r.stderr
+    assert (out / "hparams.pt").is_file()  # the other run is intact

@@ -10,7 +10,7 @@ import torch
 
 import hypergrad as hg
 
-from ..arguments import non_negative_int, positive_float, positive_int
+from ..arguments import non_negative_int, positive_float, positive_int, seed
 from ..data import DataError, load_dataset
 from .augment import Augment
 from .core import DISTILL_ESTIMATORS, DistillConfig, Distiller
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--eval-every", type=non_negative_int, default=0,
       help="evaluate every N outer steps (0: at the end)")
     a("--eval-nets", type=positive_int, default=5, help="fresh networks per evaluation (default 5)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=seed, default=0)
     a("--device", default="cpu", help="cpu | cuda | cuda:N")
     a("--threads", type=positive_int, help="torch CPU threads")
     a("--out", default="runs/distill", help="output folder (default: %(default)s)")

@@ -136,6 +136,15 @@ class DistillConfig:
              f"eval_every must be >= 0 and eval_nets >= 1, got {self.eval_every}, {self.eval_nets}")
         need(self.dtype in ("float32", "float64"), f"dtype must be 'float32' or 'float64', "
                                                    f"got {self.dtype!r}")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool)
+             and 0 <= self.seed < 2 ** 63, f"seed must be an int in [0, 2**63), got "
+                                           f"{self.seed!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            device = None
+        need(device is not None and device.type in ("cpu", "cuda"),
+             f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         need(isinstance(self.augment, Augment), f"augment must be an Augment, got "
                                                 f"{type(self.augment).__name__}")
         hg.make_estimator(self.estimator, **self.estimator_settings)  # checks the settings
@@ -218,14 +227,17 @@ class DistilledSet:
         s = self.std.view(1, -1, 1, 1).to(self.images)
         return (self.images * s + m).clamp(0, 1)
 
-    def save(self, path: str | Path) -> Path:
-        """Write to ``path`` (a ``.pt`` file, written atomically); :meth:`load` reads it."""
-        blob = {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
+    def blob(self) -> dict[str, Any]:
+        """The tensors (and config/meta as JSON) that :meth:`save` writes."""
+        return {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
                 "lr": torch.tensor(float(self.lr), dtype=torch.float64),
                 "mean": self.mean.detach().cpu(), "std": self.std.detach().cpu(),
                 "num_classes": torch.tensor(self.num_classes),
                 "json": json.dumps({"config": self.config, "meta": self.meta})}
-        return ckpt.atomic_save(blob, path)
+
+    def save(self, path: str | Path) -> Path:
+        """Write to ``path`` (a ``.pt`` file, written atomically); :meth:`load` reads it."""
+        return ckpt.atomic_save(self.blob(), path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DistilledSet:
@@ -408,8 +420,7 @@ class Distiller:
         :class:`~bilevel.outer.OuterLoop` (``"auto"``: new, or this same run resumed by
         :meth:`resume`; ``"new"``; ``"resume"``; ``"overwrite"``)."""
         old = self.loop
-        folder = old.folder
-        if folder is not None and Path(folder.path).resolve() == Path(run_dir).resolve():
+        if self._holds(run_dir):
             old.checkpoint_every = checkpoint_every
             old.progress = progress
             return old
@@ -435,10 +446,13 @@ class Distiller:
         every step. With ``run_dir`` the run lives in that folder (see :meth:`attach`): a
         checkpoint every ``checkpoint_every`` steps and at the end, metrics as it goes.
         """
-        if run_dir is not None:
+        if run_dir is not None and not self._holds(run_dir):
             self.attach(run_dir, run_mode, checkpoint_every, progress)
+        elif run_dir is not None:
+            self.loop.checkpoint_every = checkpoint_every or self.loop.checkpoint_every
+            self.loop.progress = progress if progress is not None else self.loop.progress
         else:
-            self.loop.progress = progress
+            self.loop.progress = progress if progress is not None else self.loop.progress
         total = self.config.outer_steps if steps is None else steps
         hook = _RecordCallback(callback) if callback is not None else None
         if hook is not None:
@@ -455,7 +469,13 @@ class Distiller:
         checkpoint, or from the checkpoint file ``path``; returns the step reached (0 when
         there is no checkpoint yet). The continued run is bit-identical to an
         uninterrupted one on the same machine."""
-        return self.attach(run_dir, "resume").resume(path)
+        loop = self.loop if self._holds(run_dir) else self.attach(run_dir, "resume")
+        return loop.resume(path)
+
+    def _holds(self, run_dir: str | Path) -> bool:
+        """Whether this distiller runs in the folder ``run_dir`` now."""
+        folder = self.loop.folder
+        return folder is not None and Path(folder.path).resolve() == Path(run_dir).resolve()
 
     def close(self) -> None:
         """Release the run folder (its lock); the distiller can go on without one."""

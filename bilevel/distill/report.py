@@ -8,7 +8,6 @@ summary.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
-from ..sinks import json_value
+from ..run_folder import RunFolder
+from ..sinks import BASE_COLUMNS
 from .core import DistilledSet, Distiller
 from .evaluate import EvalResult, Recipe, evaluate, random_subset
 
@@ -156,28 +156,38 @@ def summary(distiller: Distiller, report: Report) -> dict[str, Any]:
 
 
 def write_outputs(out: str | Path, distiller: Distiller, report: Report) -> dict[str, Path]:
-    """Write ``distilled.pt``, ``images.png``, ``curves.png`` and ``summary.json`` into
-    ``out`` (each atomically); return their paths with ``metrics.jsonl``'s.
+    """Write ``distilled.pt``, ``images.png``, ``curves.png`` and ``summary.json`` into the
+    run folder ``out`` (each atomically); return their paths with ``metrics.jsonl``'s.
 
-    When ``out`` is the folder the distiller runs in (``run(run_dir=out)``), its metrics
-    are already there, written as the run went; otherwise ``metrics.jsonl`` is written
-    from the history."""
+    When ``out`` is the folder the distiller runs in (``run(run_dir=out)``), its metrics are
+    already there, written as the run went. Otherwise ``out`` is opened as that run's folder
+    (:class:`~bilevel.run_folder.RunFolder`, mode ``"auto"``) for the writing: a folder in
+    use by another process, or holding another run, is refused; a new one gets the
+    metrics from the history.
+
+    Raises:
+        bilevel.run_folder.RunFolderError: ``out`` is unusable, locked, or another run's.
+    """
     out = Path(out)
     folder = distiller.folder
-    own = folder is not None and Path(folder.path).resolve() == out.resolve()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"write_outputs: {out} is a file, not a folder")
+    if folder is not None and Path(folder.path).resolve() == out.resolve():
+        return _write(folder, distiller, report)
+    with RunFolder(out, kind="distill", config=distiller.loop.identity, mode="auto",
+                   outputs=distiller.OUTPUTS, metric_columns=BASE_COLUMNS) as opened:
+        if not opened.resumed:
+            for record in distiller.history:
+                opened.metrics.append(record)
+        return _write(opened, distiller, report)
+
+
+def _write(folder: RunFolder, distiller: Distiller, report: Report) -> dict[str, Path]:
+    out = folder.path
     d = distiller.distilled
-    paths = {"distilled": d.save(out / "distilled.pt"),
+    paths = {"distilled": folder.save_torch("distilled.pt", d.blob()),
              "images": save_grid(d, out / "images.png"),
              "curves": plot_curves(distiller.history, out / "curves.png"),
-             "metrics": out / "metrics.jsonl"}
-    if not own:
-        lines = "".join(json.dumps({k: json_value(v) for k, v in r.items()}) + "\n"
-                        for r in distiller.history)
-        ckpt.atomic_write(paths["metrics"], lambda f: f.write(lines.encode()))
-    text = json.dumps(summary(distiller, report), indent=2) + "\n"
-    paths["summary"] = ckpt.atomic_write(out / "summary.json", lambda f: f.write(text.encode()))
+             "metrics": out / "metrics.jsonl",
+             "summary": folder.write_json("summary.json", summary(distiller, report))}
     return paths
 
 
