@@ -760,3 +760,31 @@ def test_bad_evaluate_and_outer_loop_arguments_do_no_work():
     with pytest.raises(BilevelInputError, match="sampler must have sample"):
         learner.outer_loop([1, 2, 3])
     assert sampler.calls == 0 and learner.loop is None
+
+
+@pytest.mark.parametrize("algorithm, settings", [
+    ("maml", {}), ("fomaml", {}), ("maml", {"estimator": "truncated", "window": 1}),
+])
+def test_factored_path_equals_the_generic_one(algorithm, settings):
+    """An MLP takes the factored inner loop by default; it equals the generic vmap path."""
+    tasks = class_tasks(seed=11)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(tasks.support_x.shape[-1], 8), nn.Tanh(),
+                              nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).to(DT)
+    fast = MetaLearner(model, algorithm, inner_lr=0.3, inner_steps=3, **settings)
+    slow = MetaLearner(model, algorithm, inner_lr=0.3, inner_steps=3, factored=False, **settings)
+    assert fast._factored is not None and slow._factored is None
+    a, b = fast.meta_gradient(tasks), slow.meta_gradient(tasks)
+    names = list(a.grad)
+    ga, gb = flat(a.grad, names), flat(b.grad, names)
+    assert (ga - gb).abs().max() <= 1e-12 * gb.abs().max()
+    assert a.diagnostics.outer_loss == pytest.approx(b.diagnostics.outer_loss, rel=1e-12)
+
+
+def test_factored_true_says_why_not():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(DT)
+    with pytest.raises(BilevelInputError, match="factored=True but .*BatchNorm1d"):
+        MetaLearner(model, "maml", factored=True)
+    with pytest.raises(BilevelInputError, match="factored=True but .*metasgd"):
+        MetaLearner(nn.Linear(4, 2).to(DT), "metasgd", factored=True)

@@ -63,6 +63,14 @@ from hypergrad.estimators.base import Diagnostics, EstimatorState, Hypergradient
 
 from ..private_copy import deepcopy_module, plain_weight_norms, structural_copy
 from .baselines import nearest_centroid
+from .factored import (
+    FactoredLayers,
+    factored_layers,
+    factored_query_losses,
+    per_task_cross_entropy,
+    per_task_mse,
+    supports_factored,
+)
 from .tasks import TaskBatch
 
 __all__ = ["ALGORITHMS", "BATCHING", "MetaEvaluation", "MetaGradient", "MetaLearner",
@@ -216,7 +224,7 @@ class MetaGradient(hg.Estimator):
     module docstring); used by :class:`MetaLearner` and the outer loop. ``result.grad`` has
     the keys of the meta-parameters; ``diagnostics.outer_loss`` is the mean query loss after
     adaptation and ``inner_grad_norm`` the norm of the last inner step's gradient (averaged
-    over tasks)."""
+    over tasks; NaN on the factored path, which never forms weight gradients)."""
 
     name: ClassVar[str] = "meta"
     warn_zero: ClassVar[bool] = True
@@ -316,6 +324,10 @@ class MetaLearner:
             system solved is ((1 + d/λ) I + H/λ) g = ∇L^query (the official recipe: 5
             steps, d = 1).
         batching / task_chunk: see the module docstring.
+        factored: MAML and first-order MAML on an MLP (an ``nn.Sequential`` of ``nn.Linear``
+            and elementwise activations, see :mod:`bilevel.meta.factored`): adapt without
+            per-task weight copies, exactly (``None``, the default: whenever the model and
+            settings allow; ``True``: require it, raising why not; ``False``: never).
 
     Raises:
         BilevelInputError: for every bad argument, naming it, before any work.
@@ -326,7 +338,7 @@ class MetaLearner:
                  estimator: str | hg.Estimator = "unrolled", window: int | None = None,
                  head: str | Sequence[str] | None = None, lam: float = 2.0,
                  cg_steps: int = 5, cg_damping: float = 1.0, batching: str = "auto",
-                 task_chunk: int | None = None) -> None:
+                 task_chunk: int | None = None, factored: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise BilevelInputError(f"model must be an nn.Module, got {type(model).__name__}")
         if algorithm not in ALGORITHMS:
@@ -390,10 +402,33 @@ class MetaLearner:
             init.update({LOG_LR + k: torch.full_like(params[k], math.log(self.inner_lr))
                          for k in self.net.adapted})
         self._hparams = {k: v.requires_grad_() for k, v in init.items()}
+        self._factored, self.factored_reason = self._factored_layers(model, factored)
         self.loop: Any = None
         #: how the tasks ran in the last call (``"vmap"`` or ``"loop"``) and why
         self.batching_used: str | None = None if batching == "auto" else batching
         self.batching_reason = "" if batching == "auto" else f"batching={batching!r}"
+
+    def _factored_layers(self, model: nn.Module, wanted: bool | None,
+                         ) -> tuple[FactoredLayers | None, str]:
+        """The factored description of ``model`` when the fast path applies, and why (not)."""
+        if wanted is not None and not isinstance(wanted, bool):
+            raise BilevelInputError(f"factored must be True, False or None, got {wanted!r}")
+        if wanted is False:
+            return None, "factored=False"
+        why = None
+        if self.algorithm not in ("maml", "fomaml"):
+            why = f"the factored inner loop covers maml and fomaml, not {self.algorithm}"
+        elif self.estimator not in _FAST:
+            why = f"estimator={self.estimator!r} runs through the core"
+        elif self.batching == "loop":
+            why = "batching='loop'"
+        else:
+            why = supports_factored(model)
+        if why is not None:
+            if wanted:
+                raise BilevelInputError(f"factored=True but {why}")
+            return None, why
+        return factored_layers(model), "an MLP adapted by SGD: factored inner loop"
 
     def _adapted_names(self, model: nn.Module, head: str | Sequence[str] | None) -> list[str]:
         names = [n for n, _ in model.named_parameters()]
@@ -478,6 +513,12 @@ class MetaLearner:
             return vmap(loss)(outs, y)
         return torch.stack([loss(o, t) for o, t in zip(outs.unbind(0), y.unbind(0),
                                                       strict=True)])
+
+    def _batched_loss(self, classification: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """``(B, n, ...)`` predictions and targets -> ``(B,)`` per-task mean losses."""
+        if self.loss is not None:
+            return vmap(self.loss)
+        return per_task_cross_entropy if classification else per_task_mse
 
     def _choose_batching(self, tasks: TaskBatch | Tensor) -> bool:
         """Whether to vmap; with ``batching="auto"`` a forward pass of (at most) two tasks
@@ -575,6 +616,15 @@ class MetaLearner:
                 residual = res if residual is None else max(residual, res)
             elif self.algorithm == "reptile":
                 grads, loss, norm = self._reptile_chunk(h, chunk, vmapped, num)
+            elif self._factored is not None:
+                q, _ = factored_query_losses(
+                    self._factored, self._theta(h), chunk.support_x, chunk.support_y,
+                    chunk.query_x, chunk.query_y, self._batched_loss(chunk.is_classification),
+                    self.inner_lr, self.inner_steps, first_order=self.algorithm == "fomaml",
+                    window=self.window)
+                grads = torch.autograd.grad(q.sum() / num, [h[k] for k in keys],
+                                            allow_unused=True)
+                loss, norm = float(q.detach().sum()), math.nan
             else:
                 phi, feats_q, norm = self._inner(h, chunk, self.inner_steps, vmapped, True)
                 feats = chunk.query_x if feats_q is None else feats_q
