@@ -682,14 +682,14 @@ def test_evaluate_regression_has_no_centroid_and_counts_a_partial_batch():
     sampler = SinusoidTasks(shots=5, dtype=DT, seed=4)
     ev = learner.evaluate(sampler, num_tasks=50, batch=20, steps=(0,), progress=False)
     assert ev.metric == "mse" and ev.num_tasks == 50 and ev.nearest_centroid is None
-    values = []
-    for i, n in enumerate((20, 20, 10)):
-        tasks = sampler.sample(n, i)
-        with torch.no_grad():
-            pred = torch.stack([model(x) for x in tasks.query_x])
-        values.append(((pred - tasks.query_y) ** 2).mean((1, 2)).numpy())
-    mean, ci = ci95(np.concatenate(values))
+    # the test set is sample(50, 0) whatever the batch (adapted 20, 20 and 10 at a time)
+    tasks = sampler.sample(50, 0)
+    with torch.no_grad():
+        pred = torch.stack([model(x) for x in tasks.query_x])
+    mean, ci = ci95(((pred - tasks.query_y) ** 2).mean((1, 2)).numpy())
     assert ev.after[0] == pytest.approx((mean, ci), rel=rounding(50))
+    other = learner.evaluate(sampler, num_tasks=50, batch=7, steps=(0,), progress=False)
+    assert other.after[0] == pytest.approx(ev.after[0], rel=rounding(50))
 
 
 # --------------------------------------------------------------------------------------------
@@ -788,3 +788,134 @@ def test_factored_true_says_why_not():
         MetaLearner(model, "maml", factored=True)
     with pytest.raises(BilevelInputError, match="factored=True but .*metasgd"):
         MetaLearner(nn.Linear(4, 2).to(DT), "metasgd", factored=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Misuse found by review: each was mishandled once
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_vmap_probe_leaves_the_random_state_alone():
+    drop, _ = dropout_pair()
+    learner = MetaLearner(drop, "maml", inner_lr=0.3, inner_steps=1)  # batching="auto"
+    before = torch.get_rng_state()
+    assert learner._choose_batching(class_tasks()) and learner.batching_used == "vmap"
+    # a resumed run must draw what a straight one draws
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_inputs_the_model_cannot_take_are_named_not_blamed_on_vmap():
+    learner = MetaLearner(mlp(), "maml", inner_lr=0.3, inner_steps=1)
+    wide = class_tasks()
+    wide = TaskBatch(torch.cat([wide.support_x, wide.support_x], -1), wide.support_y,
+                     torch.cat([wide.query_x, wide.query_x], -1), wide.query_y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BilevelInputError, match=r"cannot run on a task's support_x of "
+                                                    r"shape \(5, 12\)"):
+            learner.meta_gradient(wide)
+        with pytest.raises(BilevelInputError, match="with or without vmap"):
+            learner.predict(wide.query_x, learner.adapt(class_tasks()))
+    assert learner.batching_used == "vmap"  # decided on good inputs, never on bad ones
+
+
+def test_outputs_unfit_for_the_labels_or_targets_are_refused():
+    five_way = TaskBatch(torch.randn(2, 5, FEATURES, dtype=DT), torch.arange(5).repeat(2, 1),
+                         torch.randn(2, 5, FEATURES, dtype=DT), torch.arange(5).repeat(2, 1))
+    with pytest.raises(BilevelInputError, match="5 classes"):
+        MetaLearner(mlp(), "maml").meta_gradient(five_way)  # 3 logits for 5 classes
+    wide = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 5)).to(DT)
+    sines = SinusoidTasks(shots=5, dtype=DT).sample(2)
+    with pytest.raises(BilevelInputError, match=r"outputs of shape \(5, 5\).*broadcast"):
+        MetaLearner(wide, "maml").meta_gradient(sines)
+    per_example = MetaLearner(mlp(), "maml", factored=False,
+                              loss=lambda p, y: F.cross_entropy(p, y, reduction="none"))
+    with pytest.raises(BilevelInputError, match="a task's mean loss"):
+        per_example.meta_gradient(class_tasks())
+
+
+def test_integer_inputs_are_cast_and_nan_inputs_refused():
+    tasks = class_tasks()
+    ints = TaskBatch((tasks.support_x * 4).round().to(torch.int64), tasks.support_y,
+                     (tasks.query_x * 4).round().to(torch.int64), tasks.query_y)
+    learner = MetaLearner(mlp(), "maml", inner_lr=0.3, inner_steps=1)
+    cast = TaskBatch(ints.support_x.to(DT), ints.support_y, ints.query_x.to(DT), ints.query_y)
+    assert torch.equal(flat(learner.meta_gradient(ints).grad, learner.net.names),
+                       flat(learner.meta_gradient(cast).grad, learner.net.names))
+    bad = tasks.query_x.clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(BilevelInputError, match="query_x holds NaN"):
+        learner.meta_gradient(TaskBatch(tasks.support_x, tasks.support_y, bad, tasks.query_y))
+
+
+def test_frozen_parameters_stay_constants_and_tied_ones_leave_the_factored_path():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    learner = MetaLearner(model, "maml", inner_lr=0.3, inner_steps=2)
+    assert "0.weight" not in learner.hparams and learner._factored is None
+    assert "frozen" in learner.factored_reason
+    adapted = learner.adapt(class_tasks())
+    assert torch.equal(learner.model().state_dict()["0.weight"], frozen)
+    assert adapted["0.bias"].shape[0] == 4 and "0.weight" not in adapted
+    tied = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH)).to(DT)
+    tied[2].weight = tied[0].weight
+    shared = MetaLearner(tied, "maml", inner_lr=0.3, inner_steps=1)
+    assert shared._factored is None and "shares parameters" in shared.factored_reason
+    x = torch.randn(2, 5, WIDTH, dtype=DT)
+    y = torch.randint(0, WIDTH, (2, 5))
+    assert shared.meta_gradient(TaskBatch(x, y, x, y)).diagnostics.outer_loss > 0
+
+
+class Counter(nn.Module):
+    """A model whose forward writes a buffer in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(FEATURES, WAYS)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_buffers_written_by_the_forward_stay_private():
+    model = Counter().to(DT)
+    MetaLearner(model, "maml", inner_lr=0.3, inner_steps=2, batching="loop").meta_gradient(
+        class_tasks())
+    assert float(model.calls) == 0
+
+
+def test_model_copy_normalises_with_batch_statistics():
+    model = nn.Sequential(nn.Linear(FEATURES, WIDTH), nn.BatchNorm1d(WIDTH), nn.Tanh(),
+                          nn.Linear(WIDTH, WAYS)).to(DT)
+    learner = MetaLearner(model, "maml", inner_lr=0.3, inner_steps=1)
+    tasks = class_tasks()
+    copy_ = learner.model().eval()
+    predicted = learner.predict(tasks.query_x, learner.adapt(tasks, steps=0))
+    with torch.no_grad():
+        assert torch.allclose(copy_(tasks.query_x[0]), predicted[0], rtol=0, atol=1e-12)
+    assert model[1].track_running_stats  # the user's module is as it was
+
+
+def test_evaluate_and_outer_loop_arguments_are_checked_before_work():
+    learner = MetaLearner(mlp(), "maml", inner_lr=0.3, inner_steps=1)
+    sampler = EpisodeSampler(torch.randn(60, FEATURES, dtype=DT), torch.arange(6).repeat(10),
+                             ways=3, shots=2, queries=2)
+    with pytest.raises(BilevelInputError, match="steps must be a collection"):
+        learner.evaluate(sampler, 10, steps=3)
+    with pytest.raises(BilevelInputError, match="sampler must have sample"):
+        learner.evaluate(None, 10)
+    with pytest.raises(BilevelInputError, match="first_step"):
+        learner.evaluate(sampler, 10, first_step=-1)
+    partial = {k: v for k, v in learner.hparams.items() if k != "0.bias"}
+    with pytest.raises(BilevelInputError, match=r"missing \['0.bias'\]"):
+        learner.evaluate(sampler, 10, hparams=partial)
+    with pytest.raises(BilevelInputError, match="validation must be a task sampler"):
+        learner.outer_loop(sampler, 2, validation="S", eval_every=1)
+    with pytest.raises(BilevelInputError, match="validation tasks must be of the training"):
+        learner.outer_loop(sampler, 2, validation=SinusoidTasks(shots=2, dtype=DT),
+                           eval_every=1)
+    with pytest.warns(RuntimeWarning, match="validation is the training sampler"):
+        learner.outer_loop(sampler, 2, validation=sampler, eval_every=1)

@@ -82,6 +82,8 @@ ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "imaml", "reptile")
 BATCHING = ("auto", "vmap", "loop")
 #: the inner-loop estimators of the fast path (others go through the core)
 _FAST = ("unrolled", "truncated")
+#: tasks per draw of :meth:`MetaLearner.evaluate` (the test set does not depend on ``batch``)
+EVAL_BLOCK = 100
 #: prefix of Meta-SGD's per-parameter log step sizes among the meta-parameters
 LOG_LR = "log_lr."
 
@@ -131,7 +133,7 @@ class TaskModel:
     """
 
     def __init__(self, module: nn.Module, adapted: Sequence[str]) -> None:
-        names = [n for n, _ in module.named_parameters()]
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.names = names
         self.adapted = [n for n in names if n in set(adapted)]
         copy_ = structural_copy(module)
@@ -139,7 +141,9 @@ class TaskModel:
         self.batchnorm = _no_running_stats(copy_)
         copy_.train()
         self.module = copy_
-        self.buffers = {k: v for k, v in copy_.named_buffers()}
+        # private copies: a forward that writes a buffer (a counter, spectral norm's u) must
+        # not reach the user's module
+        self.buffers = {k: v.detach().clone() for k, v in copy_.named_buffers()}
         self.body, self.head, self.body_names = None, copy_, []
         if isinstance(copy_, nn.Sequential) and len(self.adapted) < len(names):
             children = list(copy_._modules.items())
@@ -385,9 +389,10 @@ class MetaLearner:
         self.batching = batching
         self.task_chunk = None if task_chunk is None else _positive_int("task_chunk",
                                                                         task_chunk)
-        params = dict(model.named_parameters())
+        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
         if not params:
-            raise BilevelInputError("model has no parameters to meta-learn")
+            raise BilevelInputError("model has no trainable parameters to meta-learn (all have "
+                                    "requires_grad=False)")
         floating = {p.dtype for p in params.values()}
         if len(floating) != 1 or not next(iter(floating)).is_floating_point:
             raise BilevelInputError(f"model parameters must share one floating dtype, got "
@@ -403,6 +408,7 @@ class MetaLearner:
                          for k in self.net.adapted})
         self._hparams = {k: v.requires_grad_() for k, v in init.items()}
         self._factored, self.factored_reason = self._factored_layers(model, factored)
+        self._checked_kinds: set[tuple] = set()
         self.loop: Any = None
         #: how the tasks ran in the last call (``"vmap"`` or ``"loop"``) and why
         self.batching_used: str | None = None if batching == "auto" else batching
@@ -424,6 +430,12 @@ class MetaLearner:
             why = "batching='loop'"
         else:
             why = supports_factored(model)
+        if why is None:
+            every = list(model.named_parameters(remove_duplicate=False))
+            if any(not p.requires_grad for _, p in every):
+                why = "the model has frozen parameters"
+            elif len({id(p) for _, p in every}) != len(every):
+                why = "the model shares parameters between layers"
         if why is not None:
             if wanted:
                 raise BilevelInputError(f"factored=True but {why}")
@@ -431,7 +443,7 @@ class MetaLearner:
         return factored_layers(model), "an MLP adapted by SGD: factored inner loop"
 
     def _adapted_names(self, model: nn.Module, head: str | Sequence[str] | None) -> list[str]:
-        names = [n for n, _ in model.named_parameters()]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
         if self.algorithm != "anil":
             if head is not None:
                 raise BilevelInputError(f"head applies to algorithm='anil' only, not "
@@ -439,7 +451,7 @@ class MetaLearner:
             return names
         if head is None:
             children = [(k, m) for k, m in model.named_children()
-                        if any(True for _ in m.parameters())]
+                        if any(p.requires_grad for p in m.parameters())]
             if not children:
                 raise BilevelInputError("anil needs head=...: the model has no child module "
                                         "with parameters to adapt")
@@ -483,25 +495,116 @@ class MetaLearner:
                 for k, v in self._lrs(h).items()}
 
     def model(self, hparams: Mapping[str, Tensor] | None = None) -> nn.Module:
-        """A deep copy of the user's model holding the meta-learned initialisation."""
-        h = self.hparams if hparams is None else hparams
+        """A deep copy of the user's model holding the meta-learned initialisation. Its
+        normalisation layers use the statistics of the batch they see, in eval mode too,
+        as in meta-training (no running statistics were learned)."""
+        h = self._check_hparams(self.hparams if hparams is None else hparams)
         out = deepcopy_module(self._model)
         with torch.no_grad():
             for name, p in out.named_parameters():
-                p.copy_(h[name])
+                if name in h:
+                    p.copy_(h[name])
+        _no_running_stats(out)
         return out
+
+    def _check_hparams(self, hparams: Any) -> Mapping[str, Tensor]:
+        """Meta-parameters given by hand must have the keys and shapes of :attr:`hparams`."""
+        own = self.hparams if self.loop is not None else self._hparams
+        if hparams is own:
+            return hparams
+        if not isinstance(hparams, Mapping):
+            raise BilevelInputError(f"hparams must be a dict name -> tensor like "
+                                    f"learner.hparams, got {type(hparams).__name__}")
+        missing = [k for k in own if k not in hparams]
+        extra = [k for k in hparams if k not in own]
+        if missing or extra:
+            raise BilevelInputError(f"hparams must have the keys of learner.hparams: missing "
+                                    f"{missing}, unknown {extra}")
+        for k, v in hparams.items():
+            if not isinstance(v, Tensor) or v.shape != own[k].shape:
+                raise BilevelInputError(f"hparams[{k!r}] must be a tensor of shape "
+                                        f"{tuple(own[k].shape)}, got "
+                                        f"{getattr(v, 'shape', type(v).__name__)}")
+        return hparams
 
     # ------------------------------------------------------------------ tasks
     def _check_tasks(self, tasks: Any) -> TaskBatch:
+        """Tasks on the model's device and dtype (integer inputs are cast to it), finite,
+        and -- once per kind of task -- checked against one forward pass of the model."""
         if not isinstance(tasks, TaskBatch):
             raise BilevelInputError(f"tasks must be a bilevel.meta.TaskBatch, got "
                                     f"{type(tasks).__name__}")
         if tasks.support_x.device != self.device:
             raise BilevelInputError(f"tasks are on {tasks.support_x.device} but the model is "
                                     f"on {self.device}: use tasks.to({str(self.device)!r})")
-        if tasks.support_x.is_floating_point() and tasks.support_x.dtype != self.dtype:
-            tasks = tasks.to(dtype=self.dtype)
+        if tasks.support_x.dtype != self.dtype or tasks.query_x.dtype != self.dtype:
+            tasks = TaskBatch(tasks.support_x.to(self.dtype),
+                              tasks.support_y.to(self.dtype) if
+                              tasks.support_y.is_floating_point() else tasks.support_y,
+                              tasks.query_x.to(self.dtype),
+                              tasks.query_y.to(self.dtype) if
+                              tasks.query_y.is_floating_point() else tasks.query_y,
+                              info=tasks.info)
+        named = [("support_x", tasks.support_x), ("query_x", tasks.query_x)]
+        named += [(n, t) for n, t in (("support_y", tasks.support_y),
+                                      ("query_y", tasks.query_y)) if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+        for (name, _), ok in zip(named, finite, strict=True):
+            if not ok:
+                raise BilevelInputError(f"tasks.{name} holds NaN or infinite values")
+        key = (tuple(tasks.support_x.shape[2:]), tasks.is_classification,
+               tuple(tasks.support_y.shape[2:]))
+        if key not in self._checked_kinds:
+            self._check_compatible(tasks)
+            self._checked_kinds.add(key)
         return tasks
+
+    def _check_compatible(self, tasks: TaskBatch) -> None:
+        """One task through the model (no vmap, no graph, random state untouched): the
+        model must accept the inputs, give one output row per example fit for the labels
+        or targets, and the loss must be a scalar."""
+        one = tasks.select(0)
+        x, y = one.support_x[0], one.support_y[0]
+        what = (f"a task's support_x of shape {tuple(x.shape)} ({x.dtype}) with "
+                f"{'labels' if tasks.is_classification else 'targets'} of shape "
+                f"{tuple(y.shape)}")
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            try:
+                theta = {k: v.detach() for k, v in self._theta(self._hparams).items()}
+                feats = self.net.features(theta, x.unsqueeze(0), False)
+                out = self.net.outputs(theta, set(), feats, False)[0]
+            except Exception as exc:
+                raise BilevelInputError(f"the model cannot run on {what}: {type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                                        ) from exc
+            if out.dim() < 1 or out.shape[0] != x.shape[0]:
+                raise BilevelInputError(f"the model maps {what} to outputs of shape "
+                                        f"{tuple(out.shape)}: expected one row per example")
+            if tasks.is_classification:
+                labels = torch.cat([tasks.support_y.flatten(), tasks.query_y.flatten()])
+                low, high = int(labels.min()), int(labels.max())
+                if low < 0:
+                    raise BilevelInputError(f"class labels must be >= 0, got {low}")
+                if self.loss is None and (out.dim() != 2 or out.shape[1] <= high):
+                    raise BilevelInputError(
+                        f"the model gives outputs of shape {tuple(out.shape)} for {what}, "
+                        f"but the tasks have {high + 1} classes: expected (n, >= {high + 1}) "
+                        f"logits")
+            elif self.loss is None and out.shape != y.shape:
+                raise BilevelInputError(f"the model gives outputs of shape {tuple(out.shape)} "
+                                        f"for {what}: expected the targets' shape (a mean "
+                                        f"squared error would broadcast)")
+            try:
+                value = self._task_loss(tasks.is_classification)(out, y)
+            except Exception as exc:
+                raise BilevelInputError(f"the loss fails on the model's outputs "
+                                        f"{tuple(out.shape)} and {what}: {type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                                        ) from exc
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise BilevelInputError(f"loss(pred, target) must return a task's mean loss "
+                                        f"(a scalar), got "
+                                        f"{getattr(value, 'shape', type(value).__name__)}")
 
     def _task_loss(self, classification: bool) -> Loss:
         return self.loss if self.loss is not None else default_loss(classification)
@@ -528,13 +631,31 @@ class MetaLearner:
             return self.batching_used == "vmap"
         x = tasks.support_x if isinstance(tasks, TaskBatch) else tasks
         probe = x[:2]
+        # a forward and backward pass as the inner steps make them, with the random state
+        # put back afterwards (a resumed run must draw what a straight one draws)
         try:
-            with torch.no_grad():
-                theta = self._theta(self.hparams)
-                feats = self.net.features(theta, probe, True)
-                self.net.outputs(theta, set(), feats, True)
-        except Exception as exc:  # noqa: BLE001 -- any failure of vmap means: loop instead
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                theta = {k: v.detach().requires_grad_() for k, v in
+                         self._theta(self._hparams).items()}
+                adapted = set(self.net.adapted)
+                phi = {k: v.expand(probe.shape[0], *v.shape) if k in adapted else v
+                       for k, v in theta.items()}
+                feats = self.net.features(phi, probe, True)
+                out = self.net.outputs(phi, adapted, feats, True)
+                torch.autograd.grad(out.sum(), list(theta.values()), allow_unused=True)
+        except Exception as exc:  # noqa: BLE001 -- a failure of vmap alone means: loop instead
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            try:
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    theta = {k: v.detach() for k, v in self._theta(self._hparams).items()}
+                    feats = self.net.features(theta, probe[:1], False)
+                    self.net.outputs(theta, set(), feats, False)
+            except Exception as plain:
+                raise BilevelInputError(
+                    f"the model cannot run on inputs of shape {tuple(probe.shape[1:])} "
+                    f"({probe.dtype}) per task, with or without vmap: "
+                    f"{type(plain).__name__}: {str(plain).splitlines()[0] if str(plain) else ''}"
+                ) from plain
             self.batching_used, self.batching_reason = "loop", (
                 f"torch.func.vmap cannot run this model ({reason})")
             warnings.warn(f"MetaLearner(batching='auto'): {self.batching_reason}; the tasks "
@@ -778,8 +899,33 @@ class MetaLearner:
         if not isinstance(x, Tensor) or x.dim() < 2:
             raise BilevelInputError(f"x must be a tensor (B, n, *features), got "
                                     f"{getattr(x, 'shape', type(x).__name__)}")
-        if x.is_floating_point():
-            x = x.to(self.dtype)
+        if x.device != self.device:
+            raise BilevelInputError(f"x is on {x.device} but the model is on {self.device}")
+        x = x.to(self.dtype)
+        if not isinstance(adapted, Mapping):
+            raise BilevelInputError(f"adapted must be the dict learner.adapt(tasks) returns, got "
+                                    f"{type(adapted).__name__}")
+        missing = [k for k in self.net.names if k not in adapted]
+        if missing:
+            raise BilevelInputError(f"adapted lacks parameters {missing}: give the whole dict "
+                                    f"learner.adapt(tasks) returns")
+        for k in self.net.adapted:
+            v = adapted[k]
+            if v.dim() != self._hparams[k].dim() + 1 or v.shape[0] != x.shape[0]:
+                raise BilevelInputError(f"adapted[{k!r}] has shape {tuple(v.shape)}: expected "
+                                        f"a task axis of {x.shape[0]} (x has shape "
+                                        f"{tuple(x.shape)}) before {tuple(self._hparams[k].shape)}")
+        if tuple(x.shape[2:]) not in {k[0] for k in self._checked_kinds}:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                try:
+                    theta = {k: v.detach() for k, v in self._theta(self._hparams).items()}
+                    self.net.outputs(theta, set(), self.net.features(theta, x[:1], False),
+                                     False)
+                except Exception as exc:
+                    raise BilevelInputError(
+                        f"the model cannot run on inputs of shape {tuple(x.shape[1:])} per "
+                        f"task, with or without vmap: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
         vmapped = self._choose_batching(x)
         self.net.train(False)
         try:
@@ -794,59 +940,74 @@ class MetaLearner:
                  hparams: Mapping[str, Tensor] | None = None,
                  progress: bool | None = None) -> MetaEvaluation:
         """Mean query accuracy (classification) or MSE (regression) after adaptation, with
-        95% confidence intervals, over ``num_tasks`` tasks of ``sampler`` (drawn as
-        ``sampler.sample(batch, first_step + i)``, so a test set is fixed by its seed).
+        95% confidence intervals, over ``num_tasks`` tasks of ``sampler``.
 
-        ``steps``: the numbers of inner steps to report (default ``(0, inner_steps)``; 0 is
-        the unadapted model). Classification adds the nearest-centroid baseline. The model
-        runs in eval mode (dropout off; normalisation still uses each task's batch).
+        The test tasks are ``sampler.sample(100, first_step + i)`` for ``i = 0, 1, ...`` (the
+        last block cut to ``num_tasks``), so a test set is fixed by the sampler's seed and
+        ``first_step`` whatever ``batch`` is; ``batch`` only sets how many tasks are adapted
+        at once (memory). ``steps``: the numbers of inner steps to report (default
+        ``(0, inner_steps)``; 0 is the unadapted model). Classification adds the
+        nearest-centroid baseline. The model runs in eval mode (dropout off; normalisation
+        still uses each task's batch).
 
         Raises:
-            BilevelInputError: ``num_tasks`` or ``batch`` below 1, negative steps.
+            BilevelInputError: a sampler without ``sample(num_tasks, step)``, ``num_tasks`` or
+                ``batch`` below 1, ``steps`` not a collection of ints >= 0, a negative
+                ``first_step``, or ``hparams`` unlike :attr:`hparams`.
         """
+        if not callable(getattr(sampler, "sample", None)):
+            raise BilevelInputError(f"sampler must have sample(num_tasks, step) (an "
+                                    f"EpisodeSampler, SinusoidTasks, ...), got "
+                                    f"{type(sampler).__name__}")
         _positive_int("num_tasks", num_tasks)
         _positive_int("batch", batch)
+        _positive_int("first_step", first_step, 0)
+        if steps is not None and (isinstance(steps, (int, str)) or
+                                  not isinstance(steps, Iterable)):
+            raise BilevelInputError(f"steps must be a collection of inner step counts such as "
+                                    f"(0, 1, 10), got {steps!r}")
         wanted = sorted({0, self.inner_steps} if steps is None else
                         {_positive_int("steps", s, 0) for s in steps})
         if not wanted:
             raise BilevelInputError("steps is empty: give the inner step counts to report")
-        h = {k: v.detach() for k, v in (self.hparams if hparams is None else hparams).items()}
+        h = {k: v.detach() for k, v in
+             self._check_hparams(self.hparams if hparams is None else hparams).items()}
         per: dict[int, list[Tensor]] = {s: [] for s in wanted}
         centroid: list[Tensor] = []
         metric = None
-        done, i = 0, 0
+        done, block = 0, 0
         bar = _progress(num_tasks, progress)
         self.net.train(False)
         try:
             while done < num_tasks:
-                tasks = self._check_tasks(sampler.sample(min(batch, num_tasks - done),
-                                                         first_step + i))
-                vmapped = self._choose_batching(tasks)
-                cls = tasks.is_classification
-                metric = "accuracy" if cls else "mse"
-                feats_q: list[Tensor | None] = [None]
+                drawn = self._check_tasks(sampler.sample(min(EVAL_BLOCK, num_tasks - done),
+                                                         first_step + block))
+                block += 1
+                for tasks in drawn.chunks(batch):
+                    vmapped = self._choose_batching(tasks)
+                    cls = tasks.is_classification
+                    metric = "accuracy" if cls else "mse"
 
-                def record(t: int, phi: dict, tasks: TaskBatch = tasks, cls: bool = cls,
-                           vmapped: bool = vmapped) -> None:
-                    if t not in per:
-                        return
-                    with torch.no_grad():
-                        feats = self.net.features(phi, tasks.query_x, vmapped)
-                        outs = self.net.outputs(phi, set(self.net.adapted), feats, vmapped)
-                        if cls:
-                            value = (outs.argmax(-1) == tasks.query_y).double().mean(1)
-                        else:
-                            value = ((outs - tasks.query_y) ** 2).flatten(1).double().mean(1)
-                    per[t].append(value.cpu())
+                    def record(t: int, phi: dict, tasks: TaskBatch = tasks, cls: bool = cls,
+                               vmapped: bool = vmapped) -> None:
+                        if t not in per:
+                            return
+                        with torch.no_grad():
+                            feats = self.net.features(phi, tasks.query_x, vmapped)
+                            outs = self.net.outputs(phi, set(self.net.adapted), feats, vmapped)
+                            if cls:
+                                value = (outs.argmax(-1) == tasks.query_y).double().mean(1)
+                            else:
+                                err = outs - tasks.query_y
+                                value = (err ** 2).flatten(1).double().mean(1)
+                        per[t].append(value.cpu())
 
-                self._inner(h, tasks, max(wanted), vmapped, False, record)
-                del feats_q
-                if cls:
-                    centroid.append(nearest_centroid(tasks).double().cpu())
-                done += tasks.num_tasks
-                i += 1
-                if bar is not None:
-                    bar.update(tasks.num_tasks)
+                    self._inner(h, tasks, max(wanted), vmapped, False, record)
+                    if cls:
+                        centroid.append(nearest_centroid(tasks).double().cpu())
+                    done += tasks.num_tasks
+                    if bar is not None:
+                        bar.update(tasks.num_tasks)
         finally:
             self.net.train(True)
             if bar is not None:
@@ -888,6 +1049,22 @@ class MetaLearner:
             raise BilevelInputError("eval_every > 0 needs validation=<a task sampler>")
         probe = self._check_tasks(sampler.sample(1, 0))  # a sampler that cannot serve fails here
         metric = "accuracy" if probe.is_classification else "mse"
+        if validation is not None:
+            if not callable(getattr(validation, "sample", None)):
+                raise BilevelInputError(f"validation must be a task sampler with "
+                                        f"sample(num_tasks, step), got "
+                                        f"{type(validation).__name__}")
+            if validation is sampler:
+                warnings.warn("outer_loop: validation is the training sampler, so validation "
+                              "runs on training tasks; give a sampler of the validation "
+                              "classes or another seed", RuntimeWarning, stacklevel=2)
+            checked = validation.sample(1, 0)
+            if not isinstance(checked, TaskBatch) or \
+                    checked.is_classification != probe.is_classification:
+                raise BilevelInputError("validation tasks must be of the training tasks' kind "
+                                        "(classification or regression)")
+            self._check_tasks(checked)
+            _positive_int("val_tasks", val_tasks)
         evaluate = None
         if validation is not None:
             def evaluate(hparams: dict[str, Tensor], params: Any) -> dict[str, float]:
