@@ -919,3 +919,32 @@ def test_evaluate_and_outer_loop_arguments_are_checked_before_work():
                            eval_every=1)
     with pytest.warns(RuntimeWarning, match="validation is the training sampler"):
         learner.outer_loop(sampler, 2, validation=sampler, eval_every=1)
+
+
+def test_anil_default_head_is_the_last_module_with_parameters_of_its_own():
+    from bilevel.nets import MLP
+
+    net = MLP((1, 2, 3), WAYS).to(DT)
+    learner = MetaLearner(net, "anil")
+    last = [k for k, m in net.named_modules() if list(m.parameters(recurse=False))][-1]
+    assert learner.net.adapted == [f"{last}.weight", f"{last}.bias"]
+
+
+def test_evaluate_counts_diverged_tasks_and_averages_the_others():
+    sampler = SinusoidTasks(shots=5, dtype=DT, seed=3)
+    calm = MetaLearner(small_regressor(), "maml", inner_lr=0.01, inner_steps=1).evaluate(
+        sampler, 10, steps=(0, 1), progress=False)
+    assert calm.diverged == {} and calm.per_task[1].shape == (10,)
+    wild = MetaLearner(small_regressor(), "maml", inner_lr=1e3, inner_steps=1)
+    with pytest.warns(RuntimeWarning, match="diverged on 10 of 10 tasks after 200 steps"):
+        ev = wild.evaluate(sampler, 10, steps=(0, 200), progress=False)
+    assert ev.diverged == {200: 10} and math.isnan(ev.after[200][0])
+    assert ev.after[0] == calm.after[0] and "10 diverged tasks left out" in ev.table()
+
+
+def test_imaml_says_when_its_solve_is_useless_or_its_inner_steps_diverge():
+    tasks = class_tasks()
+    with pytest.raises(hg.DivergenceError, match="lower inner_lr"):
+        MetaLearner(mlp(), "imaml", inner_lr=1e200, inner_steps=3).meta_gradient(tasks)
+    result = MetaLearner(mlp(), "imaml", inner_lr=0.3, inner_steps=3).meta_gradient(tasks)
+    assert result.diagnostics.solve_residual < 1 and result.diagnostics.solve_converged is None

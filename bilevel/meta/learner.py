@@ -49,7 +49,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 import hypergrad as hg
-from hypergrad.errors import BilevelInputError
+from hypergrad.errors import BilevelInputError, DivergenceError
 from hypergrad.estimators.base import Diagnostics, EstimatorState, Hypergradient
 
 from ..private_copy import deepcopy_module, plain_weight_norms, structural_copy
@@ -262,36 +262,49 @@ class MetaEvaluation:
             1.96 · std / √n); 0 steps is the unadapted model.
         nearest_centroid: (mean, 95% half-width) of the raw-input nearest-centroid
             baseline on the same tasks (classification only).
+        diverged: inner steps -> the number of tasks whose adapted model gave a non-finite
+            metric there (the inner steps blew up); ``after`` then averages over the others,
+            :meth:`table` marks the row, and :meth:`~MetaLearner.evaluate` warns.
+        per_task: inner steps -> the metric of every task ``(num_tasks,)``, in test-set order.
     """
 
     metric: str
     num_tasks: int
     after: dict[int, tuple[float, float]]
     nearest_centroid: tuple[float, float] | None = None
+    diverged: dict[int, int] = field(default_factory=dict)
+    per_task: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def table(self) -> str:
         """A plain-text table, one row per number of inner steps (and the baseline)."""
         scale, unit = (100.0, " %") if self.metric == "accuracy" else (1.0, "")
-        rows = [f"{'inner steps':>12} | {self.metric} (mean ± 95% CI, {self.num_tasks} tasks)"]
+        rows = [f"{'inner steps':>14} | {self.metric} (mean ± 95% CI, {self.num_tasks} tasks)"]
         for steps, (mean, ci) in sorted(self.after.items()):
             label = f"{steps} (unadapted)" if steps == 0 else str(steps)
-            rows.append(f"{label:>12} | {mean * scale:.2f} ± {ci * scale:.2f}{unit}")
+            bad = self.diverged.get(steps, 0)
+            note = f"  ({bad} diverged tasks left out)" if bad else ""
+            rows.append(f"{label:>14} | {mean * scale:.2f} ± {ci * scale:.2f}{unit}{note}")
         if self.nearest_centroid is not None:
             mean, ci = self.nearest_centroid
-            rows.append(f"{'centroid':>12} | {mean * scale:.2f} ± {ci * scale:.2f}{unit} "
+            rows.append(f"{'centroid':>14} | {mean * scale:.2f} ± {ci * scale:.2f}{unit} "
                         f"(nearest centroid on raw inputs)")
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "num_tasks": self.num_tasks,
                 "after": {str(k): list(v) for k, v in self.after.items()},
+                "diverged": {str(k): v for k, v in self.diverged.items()},
                 "nearest_centroid": None if self.nearest_centroid is None
                 else list(self.nearest_centroid)}
 
 
 def _mean_ci(values: Tensor) -> tuple[float, float]:
+    """Mean and 95% half-width (1.96 · sample std / √n) of the finite values."""
     v = values.double()
+    v = v[torch.isfinite(v)]
     n = v.numel()
+    if n == 0:
+        return math.nan, math.nan
     std = float(v.std()) if n > 1 else 0.0
     return float(v.mean()), 1.96 * std / math.sqrt(n)
 
@@ -321,8 +334,8 @@ class MetaLearner:
             per-task offsets δ with a task axis, outer variable θ).
         window: ``estimator="truncated"``: the inner steps differentiated through.
         head: ANIL: the adapted parameters, as a parameter-name prefix (``"fc"``,
-            ``"4"``) or a list of names; default the parameters of the last child module
-            that has any.
+            ``"4"``) or a list of names; default the parameters of the last module that
+            holds parameters of its own (the last ``nn.Linear`` of an MLP).
         lam: iMAML's proximal strength λ (inner problem L + λ/2‖φ − θ‖²).
         cg_steps / cg_damping: iMAML's conjugate-gradient iterations and damping d: the
             system solved is ((1 + d/λ) I + H/λ) g = ∇L^query (the official recipe: 5
@@ -449,14 +462,11 @@ class MetaLearner:
                 raise BilevelInputError(f"head applies to algorithm='anil' only, not "
                                         f"{self.algorithm!r}")
             return names
-        if head is None:
-            children = [(k, m) for k, m in model.named_children()
-                        if any(p.requires_grad for p in m.parameters())]
-            if not children:
-                raise BilevelInputError("anil needs head=...: the model has no child module "
-                                        "with parameters to adapt")
-            key = children[-1][0]
-            chosen = [n for n in names if n.startswith(key + ".")]
+        if head is None:  # the last module holding parameters of its own
+            owners = [k for k, m in model.named_modules()
+                      if any(p.requires_grad for p in m.parameters(recurse=False))]
+            key = owners[-1] if owners else ""
+            chosen = [n for n in names if key and n.startswith(key + ".")]
         elif isinstance(head, str):
             chosen = [n for n in names if n == head or n.startswith(head + ".")]
         else:
@@ -760,9 +770,14 @@ class MetaLearner:
                     acc.add_(g)
             loss_sum += loss
             norms.append(norm)
+        useless = residual is not None and not residual < 1.0
         diag = Diagnostics(self.algorithm, loss_sum / num, sum(norms) / num, self.inner_steps,
                            solve_iterations=self.cg_steps if residual is not None else None,
-                           solve_residual=residual)
+                           solve_residual=residual, solve_converged=False if useless else None,
+                           solve_note=(f"a relative residual >= 1 is no better than no solve: "
+                                       f"(I + H/lam) is far from positive definite on some "
+                                       f"task; raise lam={self.lam} or cg_damping="
+                                       f"{self.cg_damping}") if useless else None)
         return Hypergradient(dict(zip(keys, total, strict=True)), None, {}, diag)
 
     def _query_losses(self, phi: Mapping[str, Tensor], feats_q: Tensor | None,
@@ -785,6 +800,14 @@ class MetaLearner:
                      num: int) -> tuple[list[Tensor | None], float, float, float]:
         net = self.net
         phi, feats_q, norm = self._inner(h, tasks, self.inner_steps, vmapped, False)
+        blown = sum((~torch.isfinite(phi[k])).reshape(tasks.num_tasks, -1).any(1).long()
+                    for k in net.adapted)
+        if bool(blown.any()):
+            raise DivergenceError(f"imaml: the inner steps diverged on {int(blown.gt(0).sum())} "
+                                  f"of {tasks.num_tasks} tasks (NaN or inf in the adapted "
+                                  f"parameters): lower inner_lr={self.inner_lr} (with "
+                                  f"lam={self.lam}, a step must stay below 2 / (L + lam) "
+                                  f"for the largest curvature L of a task's loss)")
         leaves = {k: phi[k].detach().requires_grad_() for k in net.adapted}
         cur = dict(phi)
         cur.update(leaves)
@@ -997,6 +1020,8 @@ class MetaLearner:
                             outs = self.net.outputs(phi, set(self.net.adapted), feats, vmapped)
                             if cls:
                                 value = (outs.argmax(-1) == tasks.query_y).double().mean(1)
+                                blown = ~torch.isfinite(outs.flatten(1)).all(1)
+                                value = value.masked_fill(blown, math.nan)
                             else:
                                 err = outs - tasks.query_y
                                 value = (err ** 2).flatten(1).double().mean(1)
@@ -1012,9 +1037,19 @@ class MetaLearner:
             self.net.train(True)
             if bar is not None:
                 bar.close()
+        values = {s: torch.cat(v) for s, v in per.items()}
+        diverged = {s: int((~torch.isfinite(v)).sum()) for s, v in values.items()}
+        diverged = {s: n for s, n in diverged.items() if n}
+        if diverged:
+            worst = max(diverged, key=lambda s: diverged[s])
+            warnings.warn(f"evaluate: the inner steps diverged on {diverged[worst]} of {done} "
+                          f"tasks after {worst} steps (non-finite {metric}); the means leave "
+                          f"them out (MetaEvaluation.diverged); lower inner_lr or the steps",
+                          RuntimeWarning, stacklevel=2)
         return MetaEvaluation(metric or "accuracy", done,
-                              {s: _mean_ci(torch.cat(v)) for s, v in per.items()},
-                              _mean_ci(torch.cat(centroid)) if centroid else None)
+                              {s: _mean_ci(v) for s, v in values.items()},
+                              _mean_ci(torch.cat(centroid)) if centroid else None,
+                              diverged, values)
 
     # ------------------------------------------------------------------ training
     def identity(self) -> dict[str, Any]:
