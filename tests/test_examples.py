@@ -91,3 +91,25 @@ def test_distill_example(tmp_path):
     assert s["dataset"] == "digits" and s["ipc"] == 1 and s["outer_steps"] == 3
     assert {p.name for p in out.iterdir()} >= {"images.png", "curves.png", "distilled.pt",
                                                "metrics.jsonl", "summary.json"}
+
+
+def test_maml_sinusoid_example(tmp_path):
+    """The sinusoid example's smoke run trains, tests at K = 5, 10, 20 and plots."""
+    plot = tmp_path / "sin.png"
+    out = tmp_path / "sin.json"
+    proc = run_example("maml_sinusoid.py", "--quick", "--algorithms", "maml,imaml", "--plot",
+                       str(plot), "--json", str(out), "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert plot.stat().st_size > 10_000 and "test MSE over" in proc.stdout
+    s = json.loads(out.read_text())
+    for name in ("maml", "imaml"):
+        cells = s["algorithms"][name]["test"]
+        assert set(cells) == {"5", "10", "20"} and {"0", "1", "10"} <= set(cells["10"])
+
+
+def test_fewshot_digits_example(tmp_path):
+    """The few-shot digits example's smoke run reports beside the nearest-centroid baseline."""
+    pytest.importorskip("sklearn")
+    proc = run_example("fewshot_digits.py", "--quick", "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "centroid" in proc.stdout
