@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench bench-distill lint clean
+.PHONY: demo test test-all bench bench-distill bench-maml lint clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ bench: $(STAMP)
 
 bench-distill: $(STAMP)
 	$(PY) benchmarks/distill.py --json benchmarks/results/distill_cpu.json --threads 1
+
+# the peers of the meta-learning benchmark (learn2learn does not build on Python 3.11:
+# benchmarks/maml.py --l2l-src DIR loads it from its unpacked sdist)
+bench-maml: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/maml.py --json benchmarks/results/maml_cpu.json --threads 1
 
 lint: $(STAMP)
 	$(PY) -m ruff check hypergrad bilevel tests benchmarks examples
