@@ -196,9 +196,12 @@ class TaskModel:
                 return self._call(self.head, pi, b, xi)
 
             return vmap(one, in_dims=(dims, 0), randomness="different")(p, feats)
+        # unbind, not v[i]: its backward stacks the B gradients once, where indexing would
+        # scatter each task's gradient into a zero tensor of all B tasks (B² work)
+        parts = {k: v.unbind(0) for k, v in p.items() if k in batched}
         outs = []
         for i, xi in enumerate(feats.unbind(0)):
-            pi = {k: v[i] if k in batched else v for k, v in p.items()}
+            pi = {k: parts[k][i] if k in batched else v for k, v in p.items()}
             outs.append(self._call(self.head, pi, b, xi))
         return torch.stack(outs)
 
