@@ -1,4 +1,5 @@
-"""Command-line interface: ``bilevel run CONFIG`` and ``bilevel resume DIR``.
+"""Command-line interface: ``bilevel run CONFIG``, ``bilevel resume DIR`` and
+``bilevel tune CONFIG --study NAME`` (:mod:`bilevel.tune.worker`).
 
 A run tunes the inner learning rate and/or per-layer weight decay of an MLP or a ConvNet
 on a scikit-learn dataset or an image dataset (Fashion-MNIST, a folder of IDX files or of
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +195,10 @@ class Run:
         return {"val_acc": accuracy(model, self.data["val"]), "val_loss": val_loss}
 
     def loop(self, out: Path, mode: str, document: dict[str, Any],
-             outputs: tuple[str, ...] = ()) -> OuterLoop:
+             outputs: tuple[str, ...] = (), callbacks: tuple[Any, ...] = ()) -> OuterLoop:
         """The :class:`OuterLoop` running in the folder ``out`` (opened in ``mode``: see
-        :class:`~bilevel.run_folder.RunFolder`), identified by the config ``document``."""
+        :class:`~bilevel.run_folder.RunFolder`), identified by the config ``document``, with
+        extra ``callbacks`` (e.g. :class:`~bilevel.tune.OptunaPruning`)."""
         o = self.cfg.outer
         opt_cls = getattr(torch.optim, o.optimizer)
         return OuterLoop(self.mp.problem, {k: self.initial[k] for k in self.tuned},
@@ -204,8 +207,8 @@ class Run:
                          lambda ps: opt_cls(ps, lr=o.lr),
                          reinit=self.reinit if self.cfg.inner.reinit else None,
                          clip_norm=o.clip_norm, evaluate=self.evaluate, eval_every=o.eval_every,
-                         run_dir=out, run_mode=mode, kind="run", config=document,
-                         growable=("config.outer.steps",),
+                         callbacks=callbacks, run_dir=out, run_mode=mode, kind="run",
+                         config=document, growable=("config.outer.steps",),
                          outputs=outputs or OUTPUTS, checkpoint_every=o.checkpoint_every,
                          progress=False, device=self.cfg.device, dtype=self.cfg.torch_dtype)
 
@@ -239,11 +242,15 @@ def _document(path: Path) -> dict[str, Any]:
         return tomllib.load(f)
 
 
+#: how a run's outer loop is driven: ``(loop, outer steps in total) -> history``
+Runner = Callable[[OuterLoop, int], list[dict[str, Any]]]
+
+
 def _execute(cfg: Config, loop: OuterLoop, run: Run, stop_after: int | None,
-             start: float) -> dict[str, Any]:
+             start: float, runner: Runner | None = None) -> dict[str, Any]:
     out = loop.folder.path
     target = cfg.outer.steps if stop_after is None else min(stop_after, cfg.outer.steps)
-    history = loop.run(target)
+    history = (runner or OuterLoop.run)(loop, target)
     _plot(history, out)
     hp = loop.current_hparams()
     loop.folder.save_torch("hparams.pt", hp)
@@ -283,22 +290,36 @@ def _config_file(path: str) -> Path:
     return p
 
 
+def run_config(cfg: Config, text: str, document: dict[str, Any], out: Path, mode: str, *,
+               outputs: tuple[str, ...] = OUTPUTS, stop_after: int | None = None,
+               callbacks: tuple[Any, ...] = (), runner: Runner | None = None,
+               start: float | None = None) -> dict[str, Any]:
+    """Build the run of ``cfg`` (data, model, problem) and its :class:`OuterLoop` in the
+    folder ``out`` (opened in ``mode``, identified by ``document``), write ``text`` there as
+    ``config.toml``, run it (``runner(loop, steps)``; default ``loop.run``) and write the
+    results; returns the summary. Used by ``bilevel run`` and by each ``bilevel tune``
+    trial. Data and model problems surface before the folder is touched."""
+    start = time.perf_counter() if start is None else start
+    run = Run(cfg)
+    with run.loop(out, mode, document, outputs, callbacks) as loop:
+        loop.folder.write_text(CONFIG_NAME, text)
+        return _execute(cfg, loop, run, stop_after, start, runner)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``bilevel run CONFIG``: a new run in its output folder; a folder holding another
-    run is refused unless ``--overwrite``."""
+    run is refused unless ``--overwrite``. A ``[search]`` table (``bilevel tune``) is
+    ignored."""
     start = time.perf_counter()
     path = _config_file(args.config)
     cfg = load_config(path)
     text, document = path.read_text(), _document(path)  # read before the folder is touched
     out = Path(args.output or cfg.output.dir)
-    run = Run(cfg)  # data and model problems surface before the folder is touched
     outputs = OUTPUTS
     if path.resolve() == (out / CONFIG_NAME).resolve():  # the config lives in the folder
         outputs = tuple(n for n in OUTPUTS if n != CONFIG_NAME)
-    with run.loop(out, "overwrite" if args.overwrite else "new", document,
-                  outputs) as loop:
-        loop.folder.write_text(CONFIG_NAME, text)
-        summary = _execute(cfg, loop, run, args.stop_after, start)
+    summary = run_config(cfg, text, document, out, "overwrite" if args.overwrite else "new",
+                         outputs=outputs, stop_after=args.stop_after, start=start)
     _print_summary(summary)
     return 0
 
@@ -355,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "images.png, curves.png, distilled.pt, metrics.jsonl and summary.json.")
     distill_app.add_arguments(d)
     d.set_defaults(func=distill_app.run)
+    from .tune import worker as tune_worker  # here: bilevel.tune imports bilevel.cli
+
+    t = sub.add_parser("tune", help="one Optuna worker over the config's [search] table",
+                       description=tune_worker.DESCRIPTION)
+    tune_worker.add_arguments(t)
+    t.set_defaults(func=tune_worker.cmd_tune)
     return p
 
 

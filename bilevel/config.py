@@ -445,8 +445,14 @@ def parse_config(data: dict[str, Any]) -> Config:
     return cfg
 
 
+#: the TOML table of ``bilevel tune``'s search space, ignored by :func:`load_config`
+SEARCH_TABLE = "search"
+
+
 def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML config file (:class:`ConfigError` on any problem)."""
+    """Read and validate a TOML config file (:class:`ConfigError` on any problem). A
+    top-level ``[search]`` table (the search space of ``bilevel tune``, checked there by
+    :class:`bilevel.tune.SearchSpace`) is ignored."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -455,6 +461,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    data.pop(SEARCH_TABLE, None)
     return parse_config(data)
 
 

@@ -1,0 +1,214 @@
+"""``bilevel tune``: one Optuna worker per process, sharing a study through a storage."""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+import bilevel.tune.worker as worker
+from bilevel.cli import main
+from bilevel.config import ConfigError, load_config
+from bilevel.tune.search import SEARCH_TABLE
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = """
+[search]
+"outer.lr" = { float = [1e-3, 1e-1], log = true }
+"inner.steps" = { int = [2, 4] }
+"""
+
+
+def config(tmp_path: Path, search: str = SEARCH) -> Path:
+    """The digits MLP example with few steps and a [search] table."""
+    text = (ROOT / "examples" / "configs" / "digits_mlp.toml").read_text()
+    for old, new in [("steps = 60", "steps = 3"), ("steps = 20", "steps = 2"),
+                     ("checkpoint_every = 5", "checkpoint_every = 1"),
+                     ('dir = "runs/digits_mlp"', f'dir = "{tmp_path / "plain"}"')]:
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "cfg.toml"
+    path.write_text(text + search)
+    return path
+
+
+def tune(path: Path, out: Path, *args: str) -> list[str]:
+    return ["tune", str(path), "--out", str(out), "--pruner", "none", *args]
+
+
+def worker_process(path: Path, out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bilevel", *tune(path, out, *args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=out.parent)
+
+
+def finish(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+
+
+def check_study(study: optuna.Study, out: Path, n: int) -> None:
+    trials = study.get_trials()
+    assert len(trials) == n
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sorted(t.number for t in trials) == list(range(n))
+    dirs = {t.user_attrs["run_dir"] for t in trials}
+    assert len(dirs) == n  # no trial ran twice or shared a folder
+    for t in trials:
+        folder = out / study.study_name / f"trial-{t.number}"
+        assert Path(t.user_attrs["run_dir"]) == folder.resolve()
+        assert (folder / "hparams.pt").is_file() and (folder / "summary.json").is_file()
+
+
+def test_in_memory_trials(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, out = config(tmp_path), tmp_path / "out"
+    assert main(tune(path, out, "--study", "s", "--n-trials", "3")) == 0
+    err = capsys.readouterr().err
+    assert "only this process sees it" in err
+    for i in range(3):
+        folder = out / "s" / f"trial-{i}"
+        assert (folder / "hparams.pt").is_file() and (folder / "summary.json").is_file()
+        assert json.loads((folder / "summary.json").read_text())["complete"]
+        text = (folder / "config.toml").read_text()
+        assert f"[{SEARCH_TABLE}]" not in text
+        cfg = load_config(folder / "config.toml")
+        assert 2 <= cfg.inner.steps <= 4 and Path(cfg.output.dir) == folder
+        assert f"trial {i}: value" in err
+    # an in-memory study restarts at trial 0: refused rather than mixed into old folders
+    assert main(tune(path, out, "--study", "s", "--n-trials", "1")) == 2
+    assert "holds an earlier study's trials" in capsys.readouterr().err
+
+
+def test_trial_value_and_attributes(tmp_path: Path) -> None:
+    path, out = config(tmp_path), tmp_path / "out"
+    args = argparse.Namespace(config=str(path), study="api", storage=None, out=str(out),
+                              monitor=None, pruner="none", direction=None)
+    s = worker.setup(args)
+    assert s.monitor == "eval_val_loss" and s.direction == "minimize"
+    study = worker.open_study(args, s.direction)
+    (trial,) = worker.work(s, study, 1)
+    records = [json.loads(line) for line in
+               (out / "api" / "trial-0" / "metrics.jsonl").read_text().splitlines()]
+    last = [r["eval_val_loss"] for r in records if "eval_val_loss" in r][-1]
+    assert trial.value == pytest.approx(last)
+    assert trial.user_attrs["values"] == trial.params
+    assert trial.user_attrs["config"]["inner"]["steps"] == trial.params["inner.steps"]
+    assert trial.user_attrs["curve_eval_val_loss"][-1][1] == pytest.approx(last)
+
+
+def test_invalid_combination_fails_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    path, out = config(tmp_path), tmp_path / "out"
+    real = worker.build_config
+
+    def build(cfg: dict, values: dict) -> tuple:
+        if values["inner.steps"] == 3:
+            raise ConfigError("search: the trial's values (inner.steps = 3) make an invalid "
+                              "config: no")
+        return real(cfg, values)
+
+    monkeypatch.setattr(worker, "build_config", build)
+    args = argparse.Namespace(config=str(path), study="bad", storage=None, out=str(out),
+                              monitor=None, pruner="none", direction=None)
+    s = worker.setup(args)
+    study = worker.open_study(args, s.direction)
+    study.enqueue_trial({"outer.lr": 0.01, "inner.steps": 3})
+    study.enqueue_trial({"outer.lr": 0.01, "inner.steps": 2})
+    failed, ok = worker.work(s, study, 2)  # the worker goes on after the failed trial
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert "inner.steps = 3" in failed.user_attrs["fail_reason"]
+    assert ok.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_sqlite_two_workers_and_best(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, out = config(tmp_path), tmp_path / "out"
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    finish([worker_process(path, out, "--study", "sq", "--storage", url, "--n-trials", "2")
+            for _ in range(2)])
+    check_study(optuna.load_study(study_name="sq", storage=url), out, 4)
+
+    assert main(tune(path, out, "--study", "sq", "--storage", url, "--best")) == 0
+    printed = capsys.readouterr().out
+    best = optuna.load_study(study_name="sq", storage=url).best_trial
+    assert f"best trial {best.number}:" in printed
+    assert all(k in printed for k in best.params)
+    text = (out / "sq" / "best.toml").read_text()
+    assert f"[{SEARCH_TABLE}]" not in text
+    cfg = load_config(out / "sq" / "best.toml")
+    assert cfg.inner.steps == best.params["inner.steps"]
+    assert cfg.outer.lr == best.params["outer.lr"]
+    assert (out / "sq" / "best_hparams.pt").read_bytes() == \
+        (out / "sq" / f"trial-{best.number}" / "hparams.pt").read_bytes()
+    assert main(["run", str(out / "sq" / "best.toml")]) == 0  # runnable
+    assert (out / "sq" / "best" / "hparams.pt").is_file()
+
+
+def test_journal_two_workers(tmp_path: Path) -> None:
+    path, out = config(tmp_path), tmp_path / "out"
+    storage = f"journal:{tmp_path / 'tune.log'}"
+    finish([worker_process(path, out, "--study", "j", "--storage", storage, "--n-trials", "2")
+            for _ in range(2)])
+    check_study(optuna.load_study(study_name="j", storage=worker.storage(storage)), out, 4)
+
+
+def test_diverging_trial_is_pruned(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = config(tmp_path, '\n[search]\n"hyperparameters.lr" = { categorical = [0.05, 1e6] }\n')
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    study = optuna.create_study(study_name="div", storage=url)
+    study.enqueue_trial({"hyperparameters.lr": 1e6})
+    study.enqueue_trial({"hyperparameters.lr": 0.05})
+    assert main(tune(path, tmp_path / "out", "--study", "div", "--storage", url,
+                     "--n-trials", "2")) == 0
+    assert "trial 0: pruned" in capsys.readouterr().err
+    diverged, ok = optuna.load_study(study_name="div", storage=url).get_trials()
+    assert diverged.state == optuna.trial.TrialState.PRUNED
+    assert "DivergenceError" in diverged.user_attrs["prune_reason"]
+    assert ok.state == optuna.trial.TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("search, expected", [
+    ('"outer.lrr" = { float = [0.1, 0.2] }', 'search."outer.lrr": unknown key'),
+    ('"data.val" = { float = [0.1, 0.2] }', 'search."data.val": cannot be searched'),
+    ('"inner.steps" = { int = [0, 4] }', 'search."inner.steps": low = 0'),
+    ('"outer.lr" = { int = [1, 2] }', 'search."outer.lr": int needs an integer key'),
+    ("", "no [search] table"),
+])
+def test_bad_search_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture, search: str,
+                            expected: str) -> None:
+    path, out = config(tmp_path, f"\n[search]\n{search}\n" if search else ""), tmp_path / "out"
+    assert main(tune(path, out, "--study", "s")) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()  # before any work
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--best"], "--best needs the --storage"),
+    (["--monitor", "eval_val_acc", "--direction", "minimize", "--storage", "journal:"],
+     "journal: needs a file"),
+    (["--monitor", "eval_nothing"], "--monitor eval_nothing"),
+    (["--study", "a/b"], "--study"),
+])
+def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
+                              expected: str) -> None:
+    if "--study" not in args:
+        args = ["--study", "s", *args]
+    assert main(tune(config(tmp_path), tmp_path / "out", *args)) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_study_direction_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    optuna.create_study(study_name="d", storage=url, direction="maximize")
+    assert main(tune(config(tmp_path), tmp_path / "out", "--study", "d", "--storage", url,
+                     "--n-trials", "1")) == 2
+    assert "is to maximize" in capsys.readouterr().err
+
+
+def test_run_ignores_search_table(tmp_path: Path) -> None:
+    path = config(tmp_path)
+    assert main(["run", str(path), "--stop-after", "1"]) == 0
+    assert (tmp_path / "plain" / "hparams.pt").is_file()
