@@ -201,8 +201,8 @@ class ModuleProblem:
 
         The trainable parameters are substituted by copies, so the output must not depend
         on the module's own registered parameter tensors: a gradient reaching one of them
-        (from the output dotted with a seeded random cotangent) means ``forward`` reads it
-        from somewhere else (a Python list, another attribute) and would train on the stale
+        (from the output dotted with a seeded random cotangent) means ``forward`` reads the
+        parameter elsewhere (a Python list, another attribute) and would train on the stale
         tensor; that raises :class:`BilevelInputError`. Layers still calling PyTorch's fused
         weight norm (wrong double backward) get a ``RuntimeWarning``. One forward and one
         backward; the global RNG is left as it was. A forward that fails here is left to

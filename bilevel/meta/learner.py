@@ -138,7 +138,7 @@ class TaskModel:
         self.adapted = [n for n in names if n in set(adapted)]
         copy_ = structural_copy(module)
         plain_weight_norms(copy_)
-        self.batchnorm = _no_running_stats(copy_)
+        _no_running_stats(copy_)
         copy_.train()
         self.module = copy_
         # private copies: a forward that writes a buffer (a counter, spectral norm's u) must
@@ -155,7 +155,6 @@ class TaskModel:
                 self.head = nn.Sequential(OrderedDict(children[split:]))
                 body_keys = {key for key, _ in children[:split]}
                 self.body_names = [n for n in names if n.split(".", 1)[0] in body_keys]
-        self.head_names = [n for n in names if n not in set(self.body_names)]
 
     def train(self, mode: bool) -> None:
         self.module.train(mode)
