@@ -124,6 +124,29 @@ def test_every_third_value_is_reported_and_a_resumed_loop_keeps_the_cadence(tmp_
     assert list(reported(trial)) == [4, 8]
 
 
+
+def test_a_new_trial_resuming_a_folder_gets_the_earlier_curve(tmp_path):
+    """The re-run of a trial whose worker died: a new trial and callback on the resumed
+    folder report the checkpoint's earlier values first, then go on at the same cadence."""
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    dead = study.ask()
+    pruning = OptunaPruning(dead, "outer_loss", every=2)
+    loop = ridge_loop(callbacks=[pruning], run_dir=tmp_path / "run")
+    run_trial(loop, 5, pruning)
+    loop.close()
+    first = dict(reported(dead))
+    assert list(first) == [2, 4]
+    again = study.ask()
+    pruning = OptunaPruning(again, "outer_loss", every=2)
+    loop = ridge_loop(callbacks=[pruning], run_dir=tmp_path / "run")
+    assert loop.resume() == 5
+    run_trial(loop, 8, pruning)
+    loop.close()
+    values = reported(again)
+    assert list(values) == [2, 4, 6, 8]
+    assert values[2] == first[2] and values[4] == first[4]
+    assert [s for s, _ in again.user_attrs["curve_outer_loss"]] == [2, 4, 6, 8]
+
 # Each pruner on four trials of shift 0..3 (each worse than the last at every step):
 # True: trials 1-3 are pruned; False: none is; None: some are (Hyperband's brackets
 # depend on a hash of the study name and trial number).

@@ -1,6 +1,7 @@
 """``bilevel tune``: one Optuna worker per process, sharing a study through a storage."""
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -212,3 +213,90 @@ def test_run_ignores_search_table(tmp_path: Path) -> None:
     path = config(tmp_path)
     assert main(["run", str(path), "--stop-after", "1"]) == 0
     assert (tmp_path / "plain" / "hparams.pt").is_file()
+
+
+def test_multi_objective_with_constraint_and_pareto(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    path, out = config(tmp_path), tmp_path / "out"
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    common = ["--study", "mo", "--storage", url, "--objective", "eval_val_loss",
+              "--objective", "train_seconds"]
+    assert main(tune(path, out, *common, "--n-trials", "3", "--sampler", "nsga2",
+                     "--constraint", "peak_memory_mib<=1e9",
+                     "--constraint", "eval_val_acc>=0")) == 0
+    assert "trial 2: value" in capsys.readouterr().err
+    study = optuna.load_study(study_name="mo", storage=url)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    for t in study.get_trials():
+        records = [json.loads(line) for line in
+                   Path(t.user_attrs["run_dir"], "metrics.jsonl").read_text().splitlines()]
+        assert t.values[0] == pytest.approx(records[-1]["eval_val_loss"])
+        assert t.values[1] == pytest.approx(sum(r["step_seconds"] for r in records))
+        assert t.constraints["peak_memory_mib<=1e+09"] < 0  # feasible
+        assert t.constraints["eval_val_acc>=0"] == pytest.approx(
+            -records[-1]["eval_val_acc"])
+        assert t.user_attrs["curve_eval_val_loss"]  # the curve, as report() is single-only
+        assert not t.intermediate_values
+    # --best on several objectives prints the front and writes pareto.json, no best.toml
+    assert main(tune(path, out, *common, "--best")) == 0
+    printed = capsys.readouterr().out
+    assert "Pareto front of study mo" in printed
+    assert not (out / "mo" / "best.toml").exists()
+    rows = json.loads((out / "mo" / "pareto.json").read_text())
+    assert {r["number"] for r in rows} <= {0, 1, 2} and rows
+    pick = rows[0]["number"]
+    assert main(tune(path, out, *common, "--best", "--trial", str(pick))) == 0
+    assert load_config(out / "mo" / "best.toml").inner.steps == \
+        study.trials[pick].params["inner.steps"]
+    assert main(tune(path, out, *common, "--best", "--trial", "99")) == 2
+    assert "--trial 99: not a complete trial" in capsys.readouterr().err
+
+
+def test_single_objective_constraint_makes_best_infeasible(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture
+                                                          ) -> None:
+    path, out = config(tmp_path), tmp_path / "out"
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    args = ["--study", "c", "--storage", url, "--constraint", "eval_val_acc>=2"]
+    assert main(tune(path, out, *args, "--n-trials", "1")) == 0  # accuracy can't reach 2
+    assert "over budget: eval_val_acc>=2" in capsys.readouterr().err
+    assert main(tune(path, out, *args, "--best")) == 2
+    assert "No feasible trials" in capsys.readouterr().err
+    mo = [*args, "--objective", "eval_val_loss", "--objective", "train_seconds"]
+    assert main(tune(path, out, *[a if a != "c" else "c2" for a in mo], "--n-trials",
+                     "1")) == 0
+    assert main(tune(path, out, *[a if a != "c" else "c2" for a in mo], "--best")) == 2
+    assert "within its --constraint budgets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--objective", "eval_val_loss", "--objective", "eval_val_loss"], "repeats a key"),
+    (["--objective", "wall"], "--objective wall: not a key of the run's records"),
+    (["--objective", "eval_val_loss", "--objective", "train_seconds", "--direction",
+      "minimize"], "--direction: 1 given for 2 objective(s)"),
+    (["--objective", "eval_val_acc", "--monitor", "eval_val_loss"],
+     "improves in the other direction"),
+    (["--constraint", "nothing<=3"], "--constraint nothing"),
+    (["--monitor", "train_seconds"], "--monitor train_seconds: not a key"),
+    (["--storage", "journal:x.log", "--heartbeat", "5"], "journal storage records no "
+     "heartbeats"),
+    (["--sampler", "cmaes"] if importlib.util.find_spec("cmaes") is None else
+     ["--trial", "1"], "pip install cmaes" if importlib.util.find_spec("cmaes") is None
+     else "--trial NUMBER goes with --best"),
+    (["--trial", "1"], "--trial NUMBER goes with --best"),
+])
+def test_bad_objective_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                        args: list[str], expected: str) -> None:
+    out = tmp_path / "out"
+    assert main(tune(config(tmp_path), out, "--study", "s", *args)) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["x<3", "x<=inf", "<=3", "x<=three"])
+def test_constraint_syntax(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY<=LIMIT"):
+        worker.constraint(text)
+    c = worker.constraint(" eval_val_acc >= 0.9 ")
+    assert (c.key, c.op, c.limit, c.violation(0.95)) == ("eval_val_acc", ">=", 0.9,
+                                                         pytest.approx(-0.05))

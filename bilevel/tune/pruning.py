@@ -177,20 +177,37 @@ class OptunaPruning(Callback):
         if not math.isfinite(value):
             self.prune(loop, f"{self.monitor}={value} (not reported)")
             return
-        if self._count is None:  # a resumed loop keeps counting from its history
-            self._count = sum(r.get(self.monitor) is not None for r in loop.history[:-1])
+        if self._count is None:
+            self._replay(loop.history[:-1])
         self._count += 1
         if self._count % self.every:
             return
-        self.curve.append([step, value])
-        self.trial.set_user_attr(self.curve_key, [list(p) for p in self.curve])
+        self._report(step, value)
         if self.multi_objective:
             return
-        self.trial.report(value, step=step)
         if self.trial.should_prune():
             pruner = getattr(getattr(self.trial, "study", None), "pruner", None)
             by = f" ({type(pruner).__name__})" if pruner is not None else ""
             self.prune(loop, f"{self.monitor}={value:.6g}{by}")
+
+    def _report(self, step: int, value: float) -> None:
+        self.curve.append([step, value])
+        self.trial.set_user_attr(self.curve_key, [list(p) for p in self.curve])
+        if not self.multi_objective:
+            self.trial.report(value, step=step)
+
+    def _replay(self, earlier: list[dict[str, Any]]) -> None:
+        """A resumed loop (e.g. the re-run of a trial whose worker died) keeps the cadence
+        and reports the values its checkpoint already holds to this trial, so the pruner
+        and the ``curve_<monitor>`` attribute see the whole curve."""
+        self._count = 0
+        for record in earlier:
+            value = self._value(record.get(self.monitor))
+            if value is None:
+                continue
+            self._count += 1
+            if self._count % self.every == 0 and math.isfinite(value):
+                self._report(int(record["step"]) + 1, value)
 
     def _value(self, value: Any) -> float | None:
         """The monitored value as a float (the records hold evaluation and ``metrics``

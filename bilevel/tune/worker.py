@@ -4,28 +4,43 @@ Each trial draws the ``[search]`` values (:meth:`SearchSpace.suggest`), builds t
 config (:func:`build_config`) and runs it exactly as ``bilevel run`` does
 (:func:`bilevel.cli.run_config`) in the run folder ``OUT/<study>/trial-<number>``, with an
 :class:`OptunaPruning` callback on the monitored metric (``eval_val_loss`` by default).
-The trial's value is the final monitored value; its user attributes hold the run folder
-(``run_dir``), the drawn values (``values``) and the whole config (``config``). A draw that
-makes an invalid config is a failed trial (``fail_reason``), a diverging run a pruned one;
-the worker goes on.
+The trial's value is the final monitored value, or the values of the ``--objective`` keys
+(a multi-objective study, e.g. validation loss against ``train_seconds``); ``--constraint``
+budgets become :meth:`optuna.trial.Trial.set_constraint`. Its user attributes hold the run
+folder (``run_dir``), the drawn values (``values``) and the whole config (``config``). A
+draw that makes an invalid config is a failed trial (``fail_reason``), a diverging run a
+pruned one; the worker goes on.
 
 ``--storage`` shares the study between processes: an Optuna storage URL
-(``sqlite:///tune.db``, ``postgresql://...``) or ``journal:PATH`` (a
+(``sqlite:///tune.db``, ``postgresql://user@host/db``) or ``journal:PATH`` (a
 :class:`optuna.storages.JournalStorage` on a file). Starting the same command N times
 makes N workers on one study (``create_study(load_if_exists=True)``). Without it the study
-lives in this process only. ``--best`` prints the best trial and writes
-``OUT/<study>/best.toml`` (its config, runnable with ``bilevel run``) and
-``OUT/<study>/best_hparams.pt`` (a copy of its tuned ``hparams.pt``).
+lives in this process only. On an RDB storage each running trial records a heartbeat
+(``--heartbeat``); a trial whose worker died (killed, machine lost) is failed by the next
+worker that starts a trial, and re-run (:class:`optuna.storages.RetryHeartbeatStaleTrialCallback`,
+``--max-retry``) with the same values **in the dead trial's folder, resuming from its last
+checkpoint**. Re-runs do not count towards a worker's ``--n-trials``; a worker finishes the
+re-runs it finds waiting before it exits. ``--best`` prints the best trial (the Pareto
+front of a multi-objective study) and writes ``OUT/<study>/best.toml`` (its config,
+runnable with ``bilevel run``) and ``OUT/<study>/best_hparams.pt`` (a copy of its tuned
+``hparams.pt``, loadable with ``torch.load``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import json
+import math
+import os
+import re
 import shutil
+import socket
 import sys
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +49,18 @@ import optuna
 
 from ..arguments import non_negative_int
 from ..config import Config, ConfigError, parse_config, tomllib
+from ..sinks import BASE_COLUMNS
 from .pruning import DIRECTIONS, OptunaPruning, run_trial
 from .search import SearchSpace, build_config, split_search, to_toml
 
 DESCRIPTION = (
     "Run one Optuna worker on the study NAME: each trial draws the values of CONFIG's "
     "[search] table, runs the resulting config as `bilevel run` does into "
-    "OUT/NAME/trial-<number> and scores it by the final monitored metric; bad trials are "
-    "pruned. Start the same command several times with one --storage to share the study. "
-    "--best writes OUT/NAME/best.toml and best_hparams.pt from the best trial.")
+    "OUT/NAME/trial-<number> and scores it by the final monitored metric (or the "
+    "--objective keys); bad trials are pruned. Start the same command several times with "
+    "one --storage to share the study; on sqlite:// or postgresql:// storages a trial whose "
+    "worker died is re-run from its last checkpoint. --best writes OUT/NAME/best.toml and "
+    "best_hparams.pt from the best trial.")
 
 #: ``--pruner`` choices: name -> factory
 PRUNERS: dict[str, Any] = {
@@ -50,12 +68,66 @@ PRUNERS: dict[str, Any] = {
     "percentile": lambda: optuna.pruners.PercentilePruner(25.0),
     "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
     "hyperband": lambda: optuna.pruners.HyperbandPruner(),
+    "patient": lambda: optuna.pruners.PatientPruner(optuna.pruners.MedianPruner(), patience=2),
     "none": lambda: optuna.pruners.NopPruner(),
+}
+#: ``--sampler`` choices: name -> (factory, the module it needs beyond optuna)
+SAMPLERS: dict[str, tuple[Any, str | None]] = {
+    "tpe": (lambda: optuna.samplers.TPESampler(), None),
+    "random": (lambda: optuna.samplers.RandomSampler(), None),
+    "qmc": (lambda: optuna.samplers.QMCSampler(), "scipy"),
+    "gp": (lambda: optuna.samplers.GPSampler(), "scipy"),
+    "cmaes": (lambda: optuna.samplers.CmaEsSampler(), "cmaes"),
+    "nsga2": (lambda: optuna.samplers.NSGAIISampler(), None),
+    "nsga3": (lambda: optuna.samplers.NSGAIIISampler(), None),
 }
 #: the evaluation metrics a `bilevel run` records (as ``eval_<name>``)
 EVAL_METRICS = ("val_loss", "val_acc")
+#: objectives summarising a whole run rather than read from its last record
+RUN_TOTALS = {
+    "train_seconds": "seconds spent in the outer loop (sum of step_seconds, resumes included)",
+    "peak_memory_mib": "peak memory of the run in MiB (CUDA allocator, or the process's RSS)",
+}
 DEFAULT_OUT = "runs/tune"
 JOURNAL = "journal:"
+#: heartbeat interval (s) on RDB storages when ``--heartbeat`` is not given
+DEFAULT_HEARTBEAT = 60
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=)\s*(\S+)\s*$")
+_FOLDER = "trial_folder"  # user attribute: the trial number naming the run folder
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A budget ``key <= limit`` or ``key >= limit`` on a run's final value of ``key``;
+    the trial's constraint value (feasible when ≤ 0) is ``value - limit`` (``<=``) or
+    ``limit - value`` (``>=``)."""
+
+    key: str
+    op: str
+    limit: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.key}{self.op}{self.limit:g}"
+
+    def violation(self, value: float) -> float:
+        return value - self.limit if self.op == "<=" else self.limit - value
+
+
+def constraint(text: str) -> Constraint:
+    """``--constraint``: ``KEY<=LIMIT`` or ``KEY>=LIMIT`` with a finite LIMIT."""
+    m = _CONSTRAINT.match(text)
+    limit = None
+    if m:
+        try:
+            limit = float(m.group(3))
+        except ValueError:
+            limit = None
+    if m is None or limit is None or not math.isfinite(limit):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY<=LIMIT or KEY>=LIMIT with a finite number, e.g. "
+            f"'train_seconds<=60', got {text!r}")
+    return Constraint(m.group(1), m.group(2), limit)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,39 +135,68 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG", help="TOML config file with a [search] table")
     p.add_argument("--study", required=True, metavar="NAME", help="Optuna study name")
     p.add_argument("--storage", metavar="URL",
-                   help="Optuna storage shared by the workers: sqlite:///PATH.db (any "
-                   "RDB URL) or journal:PATH (a journal file); default: in-memory (this "
-                   "process only)")
+                   help="Optuna storage shared by the workers: sqlite:///PATH.db, "
+                   "postgresql://USER@HOST/DB (any RDB URL) or journal:PATH (a journal "
+                   "file); default: in-memory (this process only)")
     p.add_argument("--n-trials", type=non_negative_int, default=10, metavar="N",
-                   help="trials this worker runs (default: 10)")
+                   help="new trials this worker runs (default: 10); re-runs of trials "
+                   "whose worker died come on top")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"trials go into DIR/NAME/trial-<number> (default: {DEFAULT_OUT})")
     p.add_argument("--monitor", metavar="KEY",
-                   help="record key reported to the pruner and scored: eval_val_loss "
-                   "(default; outer_loss when outer.eval_every = 0), eval_val_acc, "
-                   "outer_loss, ...")
+                   help="record key reported to the pruner: eval_val_loss (default; "
+                   "outer_loss when outer.eval_every = 0), eval_val_acc, outer_loss, ...")
+    p.add_argument("--objective", action="append", metavar="KEY",
+                   help="the trial's value: the run's final KEY (default: the monitor); "
+                   "repeat for a multi-objective study. Besides record keys: "
+                   + ", ".join(f"{k} ({v})" for k, v in RUN_TOTALS.items()))
+    p.add_argument("--direction", action="append", choices=DIRECTIONS,
+                   help="one per objective (default: maximize for an accuracy, minimize "
+                   "otherwise)")
+    p.add_argument("--constraint", action="append", type=constraint, default=[],
+                   metavar="KEY<=LIMIT",
+                   help="a budget on the run's final KEY (any objective key), e.g. "
+                   "train_seconds<=60 or eval_val_acc>=0.9; repeatable; trials over it are "
+                   "kept but marked infeasible")
     p.add_argument("--pruner", choices=tuple(PRUNERS), default="median",
-                   help="Optuna pruner (default: median)")
-    p.add_argument("--direction", choices=DIRECTIONS,
-                   help="study direction (default: maximize for an accuracy monitor, "
-                   "minimize otherwise)")
+                   help="Optuna pruner (default: median; single-objective studies only)")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), default="tpe",
+                   help="Optuna sampler (default: tpe, which handles several objectives "
+                   "and constraints)")
+    p.add_argument("--heartbeat", type=non_negative_int, metavar="SECONDS",
+                   help="on sqlite:// and postgresql:// storages, each running trial "
+                   f"records a heartbeat every SECONDS (default: {DEFAULT_HEARTBEAT}; 0: "
+                   "off); a trial silent for twice that is failed and re-run")
+    p.add_argument("--max-retry", type=non_negative_int, default=3, metavar="N",
+                   help="re-run a trial whose worker died at most N times (default: 3)")
     p.add_argument("--best", action="store_true",
-                   help="do not run: print the study's best trial and write "
-                   "DIR/NAME/best.toml and best_hparams.pt")
+                   help="do not run: print the study's best trial (the Pareto front of a "
+                   "multi-objective study) and write DIR/NAME/best.toml and best_hparams.pt")
+    p.add_argument("--trial", type=non_negative_int, metavar="NUMBER",
+                   help="with --best: write this trial's settings instead (e.g. one of the "
+                   "Pareto front)")
 
 
 # -- setup --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Setup:
-    """A checked ``bilevel tune`` invocation: the base config, its space, the monitor."""
+    """A checked ``bilevel tune`` invocation: the base config, its space, the monitored
+    key, the objectives with their directions, the constraints."""
 
     config: dict[str, Any]
     base: Config
     space: SearchSpace
     monitor: str
-    direction: str
+    objectives: tuple[str, ...]
+    directions: tuple[str, ...]
+    constraints: tuple[Constraint, ...]
     study_dir: Path
+
+    @property
+    def direction(self) -> str:
+        """The direction of the first objective."""
+        return self.directions[0]
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -110,115 +211,206 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def _monitor(base: Config, monitor: str | None) -> str:
-    if monitor is None:
-        return "eval_val_loss" if base.outer.eval_every else "outer_loss"
-    if monitor.startswith("eval_"):
+def _check_key(base: Config, key: str, option: str, totals: bool) -> str:
+    """A key the run's records (or, when ``totals``, its run totals) hold."""
+    if key.startswith("eval_"):
         if not base.outer.eval_every:
-            raise ConfigError(f"--monitor {monitor}: the config never evaluates "
-                              "(outer.eval_every = 0); monitor outer_loss")
-        if monitor[5:] not in EVAL_METRICS:
-            raise ConfigError(f"--monitor {monitor}: a run evaluates "
+            raise ConfigError(f"{option} {key}: the config never evaluates "
+                              "(outer.eval_every = 0); use outer_loss")
+        if key[5:] not in EVAL_METRICS:
+            raise ConfigError(f"{option} {key}: a run evaluates "
                               f"{', '.join('eval_' + m for m in EVAL_METRICS)}")
-    return monitor
+        return key
+    allowed = [k for k in BASE_COLUMNS if k != "step"] + (list(RUN_TOTALS) if totals else [])
+    if key not in allowed:
+        raise ConfigError(f"{option} {key}: not a key of the run's records; choose "
+                          f"eval_val_loss, eval_val_acc or one of {', '.join(allowed)}")
+    return key
+
+
+def _default_direction(key: str) -> str:
+    return "maximize" if key.endswith("acc") else "minimize"
 
 
 def setup(args: argparse.Namespace) -> Setup:
-    """Read and check CONFIG, its ``[search]`` table and the monitor (ConfigError naming
-    the key), before any work."""
+    """Read and check CONFIG, its ``[search]`` table, the monitor, objectives, directions
+    and constraints (ConfigError naming the key or option), before any work."""
     config, table = split_search(_read(Path(args.config)))
     if not table:
         raise ConfigError(f"{args.config}: no [search] table: add one, e.g. "
                           '[search] "outer.lr" = { float = [1e-3, 1e-1], log = true }')
     base = parse_config(copy.deepcopy(config))
     space = SearchSpace.from_table(table, config)
-    monitor = _monitor(base, args.monitor)
-    direction = args.direction or ("maximize" if monitor.endswith("acc") else "minimize")
+    default = "eval_val_loss" if base.outer.eval_every else "outer_loss"
+    given = [_check_key(base, k, "--objective", totals=True)
+             for k in getattr(args, "objective", None) or ()]
+    monitor = args.monitor
+    if monitor is None:
+        monitor = given[0] if given and given[0] not in RUN_TOTALS else default
+    monitor = _check_key(base, monitor, "--monitor", totals=False)
+    objectives = tuple(given or [monitor])
+    if len(set(objectives)) < len(objectives):
+        raise ConfigError(f"--objective: {', '.join(objectives)} repeats a key")
+    directions = tuple(getattr(args, "direction", None) or
+                       [_default_direction(k) for k in objectives])
+    if len(directions) != len(objectives):
+        raise ConfigError(f"--direction: {len(directions)} given for {len(objectives)} "
+                          f"objective(s) ({', '.join(objectives)}): give one per objective")
+    if len(objectives) == 1 and monitor != objectives[0] and \
+            _default_direction(monitor) != directions[0]:
+        raise ConfigError(f"--monitor {monitor} improves in the other direction than the "
+                          f"objective ({directions[0]} {objectives[0]}): pruners compare "
+                          "the reported values in the study's direction")
+    constraints = tuple(getattr(args, "constraint", None) or ())
+    for c in constraints:
+        _check_key(base, c.key, "--constraint", totals=True)
     if "/" in args.study or args.study in ("", ".", ".."):
         raise ConfigError(f"--study: {args.study!r} must be usable as a folder name")
-    return Setup(config, base, space, monitor, direction, Path(args.out) / args.study)
+    return Setup(config, base, space, monitor, objectives, directions, constraints,
+                 Path(args.out) / args.study)
 
+
+# -- storage and study --------------------------------------------------------------------
 
 #: SQLAlchemy errors of workers creating a new database's tables at the same time
-_RACES = ("OperationalError", "IntegrityError")
+_RACES = ("OperationalError", "IntegrityError", "ProgrammingError")
 
 
-def _rdb(url: str) -> Any:
-    """An :class:`optuna.storages.RDBStorage`; workers starting together on a new SQLite
-    file race to create its tables (``table ... already exists``, a ``UNIQUE`` constraint
-    on ``alembic_version``), so that is retried, and
-    SQLite waits up to a minute for a locked database."""
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+def _rdb(url: str, heartbeat: int | None, max_retry: int) -> Any:
+    """An :class:`optuna.storages.RDBStorage` with a heartbeat (when ``heartbeat``) whose
+    stale trials are re-run. Workers starting together on a new database race to create
+    its tables (``table ... already exists``, a ``UNIQUE`` constraint on
+    ``alembic_version``), so that is retried, and SQLite waits up to a minute for a
+    locked database."""
+    kwargs: dict[str, Any] = {"engine_kwargs": {"connect_args": {"timeout": 60}}} \
+        if url.startswith("sqlite") else {}
     for attempt in range(10):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if heartbeat:
+                    kwargs.update(heartbeat_interval=heartbeat, heartbeat_stale_trial_callback=(
+                        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry)
+                        if max_retry else None))
+                return optuna.storages.RDBStorage(url, **kwargs)
+        except ImportError as exc:
+            raise ConfigError(f"--storage {url}: {exc} (for PostgreSQL: "
+                              "pip install bilevel[postgres])") from None
         except Exception as exc:
             if type(exc).__name__ not in _RACES or attempt == 9:
                 raise ConfigError(f"--storage {url}: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0]}") from None
+                                  f"{str(exc).strip().splitlines()[0]}") from None
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def storage(url: str | None) -> Any:
-    """``--storage``: ``None`` (in-memory), ``journal:PATH`` or an Optuna storage URL."""
+def storage(url: str | None, heartbeat: int | None = None, max_retry: int = 3) -> Any:
+    """``--storage``: ``None`` (in-memory), ``journal:PATH`` or an Optuna RDB URL.
+
+    ``heartbeat`` (seconds; ``None``: 60 on RDB storages, 0: off) is only available on RDB
+    storages: Optuna's journal storage has none (ConfigError when asked for one)."""
     if url is None:
         return None
     if not url.startswith(JOURNAL):
-        return _rdb(url)
+        return _rdb(url, DEFAULT_HEARTBEAT if heartbeat is None else heartbeat, max_retry)
     path = url[len(JOURNAL):]
     if not path:
         raise ConfigError("--storage: journal: needs a file, e.g. journal:tune.log")
+    if heartbeat:
+        raise ConfigError(f"--heartbeat {heartbeat}: Optuna's journal storage records no "
+                          "heartbeats, so trials of dead workers cannot be re-run there; "
+                          "use sqlite:///PATH.db or postgresql://... for that")
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     return JournalStorage(JournalFileBackend(path))
 
 
-def open_study(args: argparse.Namespace, direction: str | None = None,
+def _sampler(name: str) -> Any:
+    factory, needs = SAMPLERS[name]
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        raise ConfigError(f"--sampler {name} needs the {needs} package: pip install {needs}")
+    return factory()
+
+
+def open_study(args: argparse.Namespace, directions: Sequence[str] | str | None = None,
                create: bool = True) -> optuna.Study:
-    """Create or load (``load_if_exists``) the study; a study of the other direction is
+    """Create or load (``load_if_exists``) the study; a study of other directions is
     refused."""
-    where = storage(args.storage)
+    if isinstance(directions, str):
+        directions = [directions]
+    where = storage(args.storage, getattr(args, "heartbeat", None),
+                    getattr(args, "max_retry", 3))
     try:
         if not create:
             return optuna.load_study(study_name=args.study, storage=where)
-        study = optuna.create_study(study_name=args.study, storage=where, load_if_exists=True,
-                                    direction=direction, pruner=PRUNERS[args.pruner]())
+        study = optuna.create_study(
+            study_name=args.study, storage=where, load_if_exists=True,
+            directions=list(directions) if directions else None,
+            pruner=PRUNERS[getattr(args, "pruner", "median")](),
+            sampler=_sampler(getattr(args, "sampler", "tpe")))
     except KeyError:
         raise ConfigError(f"--study: no study {args.study!r} in {args.storage}") from None
     except (ValueError, ImportError, OSError, RuntimeError) as exc:
         raise ConfigError(f"--storage {args.storage}: {type(exc).__name__}: {exc}") from None
-    have = study.direction.name.lower()
-    if direction is not None and have != direction:
-        raise ConfigError(f"--direction {direction}: the study {args.study!r} in "
-                          f"{args.storage} is to {have}")
+    have = [d.name.lower() for d in study.directions]
+    if directions and have != list(directions):
+        raise ConfigError(f"--direction {' '.join(directions)}: the study {args.study!r} in "
+                          f"{args.storage} is to {' '.join(have)}")
     return study
 
 
 # -- trials -------------------------------------------------------------------------------
 
-def _final(history: list[dict[str, Any]], monitor: str) -> float:
-    for record in reversed(history):
-        if record.get(monitor) is not None:
-            return float(record[monitor])
-    raise ConfigError(f"--monitor {monitor}: not in the run's records")
+def final_value(history: Sequence[Mapping[str, Any]], key: str) -> float:
+    """The run's final ``key``: the last record holding it, or a run total
+    (:data:`RUN_TOTALS`). Raises ConfigError when no record holds it."""
+    if key == "train_seconds":
+        return float(sum(r.get("step_seconds") or 0.0 for r in history))
+    values = [r[key] for r in history if r.get(key) is not None]
+    if not values:
+        raise ConfigError(f"{key}: not in the run's records")
+    if key == "peak_memory_mib":
+        return float(max(values))
+    return float(values[-1])
 
 
-def run_one(s: Setup, trial: optuna.Trial) -> float:
-    """One trial: draw, build, run with pruning; returns the final monitored value.
+def _reset_peak_memory() -> None:
+    """Peak memory per trial: reset the process's RSS high-water mark (Linux) and the CUDA
+    allocator's peak before a trial; elsewhere the peak covers the worker's earlier trials
+    too."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_one(s: Setup, trial: optuna.Trial) -> float | list[float]:
+    """One trial: draw, build, run with pruning; returns the final objective value(s).
+
+    A re-run of a trial whose worker died (it inherits the ``trial_folder`` user
+    attribute) resumes in that trial's folder from its last checkpoint.
 
     Raises :class:`ConfigError` (invalid draw) or :class:`optuna.TrialPruned`."""
     start = time.perf_counter()
+    inherited = trial.user_attrs.get(_FOLDER)
     values = s.space.suggest(trial)
+    number = trial.number if inherited is None else int(inherited)
+    trial.set_user_attr(_FOLDER, number)
     trial.set_user_attr("values", values)
-    out = s.study_dir / f"trial-{trial.number}"
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    out = s.study_dir / f"trial-{number}"
     trial.set_user_attr("run_dir", str(out.resolve()))
     base = {**s.config, "output": {**s.config.get("output", {}), "dir": str(out)}}
     document, cfg = build_config(base, values)
     trial.set_user_attr("config", document)
     shown = ", ".join(f"{k} = {v!r}" for k, v in values.items())
-    text = to_toml(document, header=f"trial {trial.number} of study {trial.study.study_name}: "
+    text = to_toml(document, header=f"trial {number} of study {trial.study.study_name}: "
                                      f"{shown}")
     from ..cli import run_config  # bilevel.cli imports this module
 
@@ -226,56 +418,149 @@ def run_one(s: Setup, trial: optuna.Trial) -> float:
     history: list[dict[str, Any]] = []
 
     def runner(loop: Any, steps: int) -> list[dict[str, Any]]:
-        history.extend(run_trial(loop, steps, pruning))
+        if loop.folder.resumed:
+            step = loop.resume()
+            trial.set_user_attr("resumed_step", step)
+            print(f"trial {trial.number}: re-run of trial {number}, resumed in {out} at "
+                  f"outer step {step}", file=sys.stderr)
+        try:
+            history.extend(run_trial(loop, steps, pruning))
+        except optuna.TrialPruned:
+            _set_constraints(s, trial, loop.history)
+            raise
         return history
 
-    run_config(cfg, text, document, out, "new", callbacks=(pruning,), runner=runner,
-               start=start)
-    return _final(history, s.monitor)
+    _reset_peak_memory()
+    run_config(cfg, text, document, out, "new" if inherited is None else "auto",
+               callbacks=(pruning,), runner=runner, start=start)
+    _set_constraints(s, trial, history)
+    result = [final_value(history, k) for k in s.objectives]
+    return result[0] if len(result) == 1 else result
+
+
+def _set_constraints(s: Setup, trial: optuna.Trial, history: Sequence[Mapping]) -> None:
+    for c in s.constraints:
+        try:
+            trial.set_constraint(c.name, c.violation(final_value(history, c.key)))
+        except ConfigError:  # a run pruned before its first evaluation
+            continue
 
 
 def _state(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state == optuna.trial.TrialState.COMPLETE:
-        return f"value {trial.value:.6g}"
+        shown = ", ".join(f"{v:.6g}" for v in trial.values)
+        bad = [k for k, v in trial.constraints.items() if v > 0]
+        return f"value {shown}" + (f" (over budget: {', '.join(bad)})" if bad else "")
     reason = trial.user_attrs.get("prune_reason") or trial.user_attrs.get("fail_reason", "")
     return f"{trial.state.name.lower()}{': ' + reason if reason else ''}"
 
 
+def retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the dead trial that ``trial`` re-runs (the system attribute set by
+    :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`), or None."""
+    return trial.system_attrs.get("failed_trial")
+
+
+def _retries_waiting(study: optuna.Study) -> bool:
+    """Fail the trials whose heartbeat stopped (queuing their re-runs), then tell whether
+    re-runs are waiting."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return any(retry_of(t) is not None for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
 def work(s: Setup, study: optuna.Study, n_trials: int) -> list[optuna.trial.FrozenTrial]:
-    """Run ``n_trials`` trials of ``study`` (ask/tell); returns them. An invalid draw fails
-    its trial (``fail_reason``), a pruned run prunes it; any other error fails the trial
-    and propagates."""
-    done = []
-    for _ in range(n_trials):
-        trial = study.ask()
+    """Run ``n_trials`` new trials of ``study``, plus the re-runs of dead workers' trials
+    it finds (before its own, and waiting when it is done); returns them in order.
+
+    Each trial runs through :meth:`optuna.Study.optimize`, which keeps its heartbeat and
+    fails stale trials first. An invalid draw fails its trial (``fail_reason``), a pruned
+    run prunes it; any other error fails the trial and propagates."""
+    done: list[optuna.trial.FrozenTrial] = []
+    new = 0
+
+    def objective(trial: optuna.Trial) -> float | list[float]:
         try:
-            value = run_one(s, trial)
+            return run_one(s, trial)
         except optuna.TrialPruned:
-            frozen = study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        except ConfigError as exc:
-            trial.set_user_attr("fail_reason", str(exc))
-            frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        except BaseException as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        else:
-            frozen = study.tell(trial, value)
-        print(f"trial {frozen.number}: {_state(frozen)}", file=sys.stderr)
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, ConfigError) else \
+                f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("fail_reason", reason)
+            raise
+
+    def record(_: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         done.append(frozen)
+        again = retry_of(frozen)
+        label = f"trial {frozen.number}" + ("" if again is None else
+                                           f" (re-run of trial {again})")
+        print(f"{label}: {_state(frozen)}", file=sys.stderr)
+
+    while new < n_trials or _retries_waiting(study):
+        before = len(done)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=1, catch=(ConfigError,), callbacks=[record])
+        if len(done) > before and retry_of(done[-1]) is None:
+            new += 1
     return done
 
 
 # -- best ---------------------------------------------------------------------------------
 
-def write_best(s: Setup, study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """Print the best trial; write ``best.toml`` and ``best_hparams.pt`` beside the trials."""
-    try:
-        best = study.best_trial
-    except ValueError:
+def _show(trial: optuna.trial.FrozenTrial, s: Setup) -> str:
+    return ", ".join(f"{k} = {v:.6g}" for k, v in zip(s.objectives, trial.values,
+                                                      strict=True))
+
+
+def _pick(s: Setup, study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial | None:
+    """The trial ``--best`` writes: ``--trial NUMBER``, the best of a single-objective
+    study, or None (the Pareto front printed, ``pareto.json`` written) for several."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
         raise ConfigError(f"--best: the study {study.study_name!r} has no complete trial "
-                          "yet") from None
-    print(f"best trial {best.number}: {s.monitor} = {best.value:.6g}")
+                          "yet")
+    if number is not None:
+        found = [t for t in complete if t.number == number]
+        if not found:
+            raise ConfigError(f"--trial {number}: not a complete trial of the study "
+                              f"{study.study_name!r} (complete: "
+                              f"{', '.join(str(t.number) for t in complete)})")
+        return found[0]
+    if len(study.directions) == 1:
+        try:
+            return study.best_trial
+        except ValueError as exc:  # no feasible trial
+            raise ConfigError(f"--best: {exc} (relax --constraint, or pick one with "
+                              "--trial NUMBER)") from None
+    front = sorted(study.best_trials, key=lambda t: t.number)
+    if not front:
+        raise ConfigError(f"--best: no complete trial of the study {study.study_name!r} is "
+                          "within its --constraint budgets (pick one with --trial NUMBER)")
+    print(f"Pareto front of study {study.study_name} ({len(front)} trials; "
+          f"{', '.join(f'{d} {k}' for k, d in zip(s.objectives, s.directions, strict=True))})")
+    for t in front:
+        print(f"  trial {t.number}: {_show(t, s)}; {t.params}")
+    s.study_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"number": t.number, "values": dict(zip(s.objectives, t.values, strict=True)),
+             "params": t.params, "run_dir": t.user_attrs.get("run_dir")} for t in front]
+    (s.study_dir / "pareto.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {s.study_dir / 'pareto.json'}; write one trial's config with "
+          "--best --trial NUMBER")
+    return None
+
+
+def write_best(s: Setup, study: optuna.Study,
+               number: int | None = None) -> optuna.trial.FrozenTrial | None:
+    """Print the best trial (or the Pareto front); write ``best.toml`` and
+    ``best_hparams.pt`` beside the trials for the best trial or trial ``number``."""
+    best = _pick(s, study, number)
+    if best is None:
+        return None
+    print(f"{'trial' if number is not None else 'best trial'} {best.number}: {_show(best, s)}")
     for k, v in best.params.items():
         print(f"  {k} = {v!r}")
     s.study_dir.mkdir(parents=True, exist_ok=True)
@@ -284,9 +569,9 @@ def write_best(s: Setup, study: optuna.Study) -> optuna.trial.FrozenTrial:
         document = build_config(s.config, best.params)[0]
     document = copy.deepcopy(dict(document))
     document.setdefault("output", {})["dir"] = str(s.study_dir / "best")
-    text = to_toml(document, header=f"best trial {best.number} of study {study.study_name} "
-                                    f"({s.monitor} = {best.value:.6g}); run it with "
-                                    "`bilevel run` (into output.dir)")
+    text = to_toml(document, header=f"trial {best.number} of study {study.study_name} "
+                                    f"({_show(best, s)}); run it with `bilevel run` (into "
+                                    "output.dir)")
     (s.study_dir / "best.toml").write_text(text)
     print(f"wrote {s.study_dir / 'best.toml'}")
     hparams = Path(best.user_attrs.get("run_dir", "")) / "hparams.pt"
@@ -299,15 +584,38 @@ def write_best(s: Setup, study: optuna.Study) -> optuna.trial.FrozenTrial:
     return best
 
 
+def _summary(study: optuna.Study, s: Setup) -> None:
+    n = {st: 0 for st in optuna.trial.TrialState}
+    for t in study.get_trials(deepcopy=False):
+        n[t.state] += 1
+    TS = optuna.trial.TrialState
+    print(f"study {study.study_name}: {n[TS.COMPLETE]} complete, {n[TS.PRUNED]} pruned, "
+          f"{n[TS.FAIL]} failed, {n[TS.RUNNING]} running, {n[TS.WAITING]} waiting")
+    if not n[TS.COMPLETE]:
+        return
+    if len(s.objectives) > 1:
+        front = ", ".join(str(t.number) for t in study.best_trials)
+        print(f"Pareto front so far: trials {front}")
+        return
+    try:
+        b = study.best_trial
+    except ValueError:
+        print("no trial within the --constraint budgets yet")
+        return
+    print(f"best so far: trial {b.number}, {s.objectives[0]} = {b.value:.6g}, {b.params}")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """``bilevel tune CONFIG --study NAME``: run a worker, or ``--best``."""
     s = setup(args)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line below
+    if getattr(args, "trial", None) is not None and not args.best:
+        raise ConfigError("--trial NUMBER goes with --best")
     if args.best:
         if args.storage is None:
             raise ConfigError("--best needs the --storage the workers used (an in-memory "
                               "study ends with its worker)")
-        write_best(s, open_study(args, create=False))
+        write_best(s, open_study(args, create=False), args.trial)
         return 0
     if args.storage is None:
         if s.study_dir.exists() and any(s.study_dir.iterdir()):
@@ -317,19 +625,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print("bilevel: the study is in memory: only this process sees it (share it "
               "between workers with --storage sqlite:///tune.db or journal:tune.log)",
               file=sys.stderr)
-    study = open_study(args, s.direction)
+    study = open_study(args, s.directions)
     work(s, study, args.n_trials)
-    n = {st: 0 for st in optuna.trial.TrialState}
-    for t in study.get_trials(deepcopy=False):
-        n[t.state] += 1
-    print(f"study {args.study}: {n[optuna.trial.TrialState.COMPLETE]} complete, "
-          f"{n[optuna.trial.TrialState.PRUNED]} pruned, {n[optuna.trial.TrialState.FAIL]} "
-          f"failed, {n[optuna.trial.TrialState.RUNNING]} running")
-    if n[optuna.trial.TrialState.COMPLETE]:
-        b = study.best_trial
-        print(f"best so far: trial {b.number}, {s.monitor} = {b.value:.6g}, {b.params}")
+    _summary(study, s)
     return 0
 
 
-__all__ = ["DESCRIPTION", "PRUNERS", "Setup", "add_arguments", "cmd_tune", "open_study",
-           "run_one", "setup", "storage", "work", "write_best"]
+__all__ = ["DESCRIPTION", "PRUNERS", "RUN_TOTALS", "SAMPLERS", "Constraint", "Setup",
+           "add_arguments", "cmd_tune", "constraint", "final_value", "open_study",
+           "retry_of", "run_one", "setup", "storage", "work", "write_best"]
