@@ -39,7 +39,15 @@ from .estimators import (
 )
 from .hvp import Linearization, hvp, hvp_batched, mixed_vjp
 from .implicit_diff import RootVJP, Stationarity, root_vjp
-from .linear_solve import GMRES, ConjugateGradient, Direct, FixedPoint, Neumann, SolveResult
+from .linear_solve import (
+    GMRES,
+    ConjugateGradient,
+    Direct,
+    FixedPoint,
+    Neumann,
+    SolveResult,
+    make_solver,
+)
 from .optim import OPTIMIZERS, SGD, Adam, AdamW, Chebyshev, Momentum, Nesterov, make_optimizer
 from .problem import Problem
 from .pytree import PyTree
@@ -76,6 +84,6 @@ __all__ = [
     "PyTree", "RootVJP", "SABA", "SGD", "SOBA", "SecondOrderError", "SecondOrderReport",
     "SecondOrderWarning", "SolveResult", "Stationarity", "Truncated", "Unrolled",
     "check_hypergradient", "check_problem", "check_second_order", "hvp", "hvp_batched",
-    "hypergradient", "make_estimator", "make_optimizer", "mix_seed", "mixed_vjp",
+    "hypergradient", "make_estimator", "make_solver", "make_optimizer", "mix_seed", "mixed_vjp",
     "OPTIMIZERS", "root_vjp", "soba_step_size",
 ]

@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+import hypergrad as hg
 from bilevel.config import ConfigError, parse_config, tomllib
 from bilevel.tune import (
     UNSEARCHABLE,
@@ -196,9 +197,9 @@ def test_unsearchable_reasons_and_seed_settings():
     config["estimator"] = {"name": "truncated", "settings": {"window": 10}}
     msg = error('"estimator.settings.seed" = { int = [0, 9] }', config)
     assert "a seed is not a setting" in msg
-    # a setting TOML cannot write (a linear solver object)
+    # a setting TOML cannot write (a preconditioner: a function)
     config["estimator"] = {"name": "implicit"}
-    msg = error('"estimator.settings.solver" = { categorical = ["cg"] }', config)
+    msg = error('"estimator.settings.solver.preconditioner" = { categorical = ["x"] }', config)
     assert "its value cannot be written in TOML" in msg
 
 
@@ -365,3 +366,87 @@ def test_toml_writer_value_types():
     assert math.isnan(nan)
     with pytest.raises(ValueError, match=r"table\.x: NoneType None cannot be written"):
         to_toml({"table": {"x": None}})
+
+
+# -- the linear solver of the implicit estimators -----------------------------------------
+
+IMPLICIT = {**MLP, "estimator": {"name": "implicit", "settings": {}}}
+SOLVER_SEARCH = """
+"estimator.name" = { categorical = ["truncated", "implicit", "fixed_point"] }
+"estimator.settings.solver.maxiter" = { int = [5, 50] }
+"estimator.settings.solver.damping" = { float = [1e-4, 1e-1], log = true }
+"""
+
+
+def test_solver_budget_and_damping_are_searched_on_each_estimators_default_solver():
+    s = space(SOLVER_SEARCH, IMPLICIT)
+    specs = {sp.path: sp for sp in s}
+    assert specs["estimator.settings.solver.maxiter"].estimators == ("implicit", "fixed_point")
+    for est, cls in [("implicit", hg.ConjugateGradient), ("fixed_point", hg.GMRES)]:
+        values = {"estimator.name": est, "estimator.settings.solver.maxiter": 7,
+                  "estimator.settings.solver.damping": 0.01}
+        assert s.suggest(optuna.trial.FixedTrial(values)) == values
+        document, cfg = build_config(IMPLICIT, values)
+        solver = hg.make_estimator(cfg.estimator.name, **cfg.estimator.settings).solver
+        assert type(solver) is cls and (solver.maxiter, solver.damping) == (7, 0.01)
+        # the trial's config as TOML gives the same solver back
+        again = parse_config(tomllib.loads(to_toml(document)))
+        assert again.estimator.settings == cfg.estimator.settings
+    values = {"estimator.name": "truncated"}  # takes no solver: none drawn
+    assert s.suggest(optuna.trial.FixedTrial(values)) == values
+    assert "solver" not in build_config(IMPLICIT, values)[1].estimator.settings
+
+
+def test_solver_kind_is_a_categorical_and_fields_follow_the_base_solver():
+    base = copy.deepcopy(IMPLICIT)
+    base["estimator"]["settings"]["solver"] = {"name": "gmres", "maxiter": 60}
+    text = ('"estimator.settings.solver" = { categorical = ["cg", "gmres"] }\n'
+            '"estimator.settings.solver.tol" = { float = [1e-8, 1e-4], log = true }')
+    s = space(text, base)
+    values = {"estimator.settings.solver": "cg", "estimator.settings.solver.tol": 1e-6}
+    assert s.suggest(optuna.trial.FixedTrial(values)) == values
+    assert build_config(base, values)[1].estimator.settings["solver"] == \
+        {"name": "cg", "maxiter": 60, "tol": 1e-6}
+    # a base setting one of the choices does not take: refused before any trial
+    base["estimator"]["settings"]["solver"]["restart"] = 10
+    assert "solver 'cg' takes tol, maxiter, damping, preconditioner; not restart" in \
+        error(text, base)
+    assert error('"estimator.settings.solver.restart" = { int = [5, 40] }', IMPLICIT) == \
+        ('search."estimator.settings.solver.restart": unknown key: the \'cg\' solver takes '
+         'tol, maxiter, damping, preconditioner')
+
+
+@pytest.mark.parametrize("text, message", [
+    ('"estimator.settings.solver" = { categorical = ["cg", "qr"] }',
+     "choice = 'qr' with estimator.name = 'implicit' is not a valid config value: "
+     "estimator.settings: invalid for 'implicit': solver name must be one of"),
+    ('"estimator.settings.solver.maxiter" = { int = [0, 9] }',
+     "low = 0 with estimator.name = 'implicit' is not a valid config value"),
+    ('"estimator.settings.solver.damping" = { float = [-1.0, 1.0] }',
+     "damping must be finite and >= 0, got -1.0"),
+    ('"estimator.settings.solver.name" = { categorical = ["cg"] }',
+     'search the solver as "estimator.settings.solver"'),
+    ('"estimator.settings.solver.preconditioner" = { categorical = ["x"] }',
+     "its value cannot be written in TOML"),
+    ('"estimator.settings.window.size" = { int = [1, 2] }', "except solver"),
+    ('"estimator.settings.solver" = { categorical = ["cg"] }\n'
+     '"estimator.name" = { categorical = ["fixed_point"] }',
+     "choice = 'cg' with estimator.name = 'fixed_point' is not a valid config value"),
+])
+def test_solver_search_errors_name_the_key(text, message):
+    assert message in error(text, IMPLICIT)
+
+
+def test_make_solver_and_make_estimator_take_names_and_tables():
+    assert hg.make_solver("gmres") == hg.GMRES()
+    assert hg.make_solver({"name": "cg", "maxiter": 3}) == hg.ConjugateGradient(maxiter=3)
+    cg = hg.ConjugateGradient(damping=0.5)
+    assert hg.make_solver(cg) is cg
+    assert hg.make_estimator("implicit", solver={"name": "neumann", "terms": 4}).solver == \
+        hg.Neumann(terms=4)
+    for bad, kind, message in [({"maxiter": 3}, ValueError, "got None"),
+                               ("lu", ValueError, "must be one of"),
+                               ({"name": "cg", "terms": 2}, ValueError, "not terms"),
+                               (3, TypeError, "solver must be a name")]:
+        with pytest.raises(kind, match=message):
+            hg.make_solver(bad)

@@ -27,6 +27,14 @@ taken by the estimator (or, when ``estimator.name`` is searched, by at least one
 choices) and is suggested only in trials whose estimator takes it. When a trial changes
 ``estimator.name``, settings of the base config the new estimator does not take are dropped.
 
+The linear solver of the implicit estimators is a setting too: ``"estimator.settings.solver"
+= { categorical = ["cg", "gmres"] }`` searches its kind (a
+:data:`hypergrad.linear_solve.SOLVERS` name) and ``"estimator.settings.solver.maxiter" = {
+int = [5, 50] }`` or ``"estimator.settings.solver.damping" = { float = [1e-4, 1e-1], log =
+true }`` its budget and damping, on the solver the base config names (``solver = { name =
+"cg", maxiter = 20 }`` in ``[estimator.settings]``) or the estimator's default (CG; GMRES for
+``fixed_point``).
+
 Not searchable (each refusal says why): ``[data]`` (the validation objective every trial
 is scored on), ``[output]`` (each trial writes its own folder), ``device`` and ``dtype``
 (the worker's setup, the same for every trial), every ``seed`` (a better seed is noise,
@@ -34,7 +42,7 @@ not a setting), ``hyperparameters.tune`` (the problem itself; search the initial
 ``hyperparameters.lr``/``weight_decay`` instead), ``model.kind`` (the other ``[model]``
 keys depend on it), ``outer.checkpoint_every``/``eval_every`` (bookkeeping),
 ``estimator.settings.self_check`` (a safety check) and settings TOML cannot express
-(``solver``). Any error is a :class:`~bilevel.config.ConfigError` naming the key as
+(a solver's ``preconditioner``). Any error is a :class:`~bilevel.config.ConfigError` naming the key as
 ``search."outer.lr"``; ``bilevel`` turns it into exit status 2.
 """
 
@@ -51,7 +59,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from hypergrad import ESTIMATORS
+from hypergrad import ESTIMATORS, make_estimator
+from hypergrad.linear_solve import SOLVERS
 
 from ..config import Config, ConfigError, parse_config
 
@@ -61,6 +70,9 @@ if TYPE_CHECKING:
 #: the TOML table holding the search space
 SEARCH_TABLE = "search"
 KINDS = ("int", "float", "categorical")
+#: the estimator setting holding a linear solver: a SOLVERS name or a table of its settings
+SOLVER = "solver"
+_SOLVER_PATH = f"estimator.settings.{SOLVER}"
 SPEC_FIELDS = (*KINDS, "log", "step")
 
 _SEEDS = "a seed is not a setting: searching it fits the noise of one draw"
@@ -139,6 +151,45 @@ def _setting_type(path: str, setting: str, candidates: tuple[str, ...]) -> tuple
     return typing.get_type_hints(ESTIMATORS[takers[0]][0])[setting], takers
 
 
+def default_solver(estimator: str) -> str | None:
+    """The :data:`hypergrad.linear_solve.SOLVERS` name of ``estimator``'s default linear
+    solver (``"cg"``; ``"gmres"`` for ``fixed_point``), None if it takes no solver."""
+    if estimator not in ESTIMATORS or not _takes(estimator, SOLVER):
+        return None
+    solver = getattr(make_estimator(estimator), "linear_solver", None)
+    return next((n for n, c in SOLVERS.items() if type(solver) is c), None)
+
+
+def _solver_name(settings: Any, estimator: str) -> str | None:
+    solver = settings.get(SOLVER) if isinstance(settings, dict) else None
+    if isinstance(solver, str):
+        return solver
+    if isinstance(solver, dict) and isinstance(solver.get("name"), str):
+        return solver["name"]
+    return default_solver(estimator)
+
+
+def _solver_field(path: str, field: str, base: Mapping[str, Any],
+                  estimators: tuple[str, ...]) -> tuple[Any, tuple]:
+    """``estimator.settings.solver.FIELD``: the field's annotation in the linear solver the
+    base config (or the estimator's default) uses, and the estimators taking a solver."""
+    takers = _setting_type(path, SOLVER, estimators)[1]
+    est = base.get("estimator", {}) if isinstance(base.get("estimator"), dict) else {}
+    names = {_solver_name(est.get("settings"), e) for e in takers} - {None}
+    if field == "name":
+        raise _error(path, f"search the solver as \"estimator.settings.{SOLVER}\" = "
+                           f"{{ categorical = {sorted(SOLVERS)} }}")
+    for name in sorted(names):
+        cls = SOLVERS.get(name)
+        if cls is None:
+            raise _error(path, f"unknown solver {name!r} in estimator.settings.solver "
+                               f"(choose from {sorted(SOLVERS)})")
+        if not any(f.name == field and f.init for f in dataclasses.fields(cls)):
+            raise _error(path, f"unknown key: the {name!r} solver takes "
+                               f"{', '.join(f.name for f in dataclasses.fields(cls) if f.init)}")
+    return typing.get_type_hints(SOLVERS[sorted(names)[0]])[field], takers
+
+
 def _resolve(path: str, base: Mapping[str, Any], estimators: tuple[str, ...]) -> tuple[Any, tuple]:
     """The schema annotation of ``path`` (an element's for ``key[i]``), and for an estimator
     setting the estimators taking it (``()`` otherwise). Refuses unknown and unsearchable
@@ -158,9 +209,15 @@ def _resolve(path: str, base: Mapping[str, Any], estimators: tuple[str, ...]) ->
     takers: tuple = ()
     for i, part in enumerate(parts):
         if cls is dict:  # estimator.settings.NAME
+            if part == SOLVER and i == len(parts) - 2:  # estimator.settings.solver.FIELD
+                tp, takers = _solver_field(path, parts[-1], base, estimators)
+                break
             if i != len(parts) - 1:
-                raise _error(path, "unknown key (estimator settings are not tables)")
+                raise _error(path, "unknown key (estimator settings are not tables, except "
+                                   "solver: e.g. \"estimator.settings.solver.maxiter\")")
             tp, takers = _setting_type(path, part, estimators)
+            if part == SOLVER:  # a SOLVERS name
+                tp = str
             break
         hints = typing.get_type_hints(cls)
         if cls is not Config and "kind" in hints:  # [model]: the base config's kind
@@ -416,6 +473,10 @@ def apply(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any
     for path, value in values.items():
         name_part, _, index = path.partition("[")
         *tables, leaf = name_part.split(".")
+        if tables[:3] == ["estimator", "settings", SOLVER] or name_part == _SOLVER_PATH:
+            _apply_solver(out, leaf if len(tables) == 3 else None, value,
+                          name if name is not None else out.get("estimator", {}).get("name"))
+            continue
         node = out
         for t in tables:
             node = node.setdefault(t, {})
@@ -424,6 +485,25 @@ def apply(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any
         else:
             node[leaf] = value
     return out
+
+
+def _apply_solver(out: dict[str, Any], field: str | None, value: Any,
+                  estimator: Any) -> None:
+    """Set the solver's name (``field`` None) or one of its settings, turning a solver
+    given by name (or the estimator's default) into a table ``{name = ..., FIELD = ...}``."""
+    settings = out.setdefault("estimator", {}).setdefault("settings", {})
+    solver = settings.get(SOLVER)
+    if field is None:
+        if isinstance(solver, dict):
+            solver["name"] = value
+        else:
+            settings[SOLVER] = value
+        return
+    if not isinstance(solver, dict):
+        solver = {"name": solver if isinstance(solver, str) else
+                  default_solver(estimator) if isinstance(estimator, str) else None}
+        settings[SOLVER] = solver
+    solver[field] = value
 
 
 def build_config(config: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[dict, Config]:
@@ -484,4 +564,5 @@ def to_toml(document: Mapping[str, Any], header: str = "") -> str:
 
 
 __all__ = ["SEARCH_TABLE", "UNSEARCHABLE", "SearchSpace", "Spec", "apply", "build_config",
+           "default_solver",
            "split_search", "to_toml"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from ..linear_solve import make_solver
 from .base import Diagnostics, Estimator, EstimatorState, Hypergradient
 from .implicit import Implicit
 from .kkt import KKTImplicit
@@ -29,7 +31,16 @@ ESTIMATORS: dict[str, tuple[type[Estimator], dict[str, Any]]] = {
 
 
 def make_estimator(name: str | Estimator, **settings: Any) -> Estimator:
-    """An estimator from its registry name (``"implicit"``, ``"truncated"``, …) and settings."""
+    """An estimator from its registry name (``"implicit"``, ``"truncated"``, …) and settings.
+
+    A ``solver`` setting may be a solver object, a :data:`hypergrad.linear_solve.SOLVERS`
+    name or a table ``{"name": "cg", "maxiter": 20, "damping": 1e-3}``
+    (:func:`~hypergrad.linear_solve.make_solver`), so configs can choose and budget it.
+
+    Raises:
+        ValueError: an unknown name or solver; TypeError: settings the estimator does not
+            take, or settings given with an estimator object.
+    """
     if isinstance(name, Estimator):
         if settings:
             raise TypeError("settings can only be given with an estimator name")
@@ -37,6 +48,8 @@ def make_estimator(name: str | Estimator, **settings: Any) -> Estimator:
     if name not in ESTIMATORS:
         raise ValueError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
     cls, defaults = ESTIMATORS[name]
+    if isinstance(settings.get("solver"), (str, Mapping)):
+        settings = {**settings, "solver": make_solver(settings["solver"])}
     return cls(**{**defaults, **settings})
 
 
