@@ -25,7 +25,7 @@ from torch import nn
 import hypergrad as hg
 
 from . import checkpoint as ckpt
-from .arguments import non_negative_int
+from .arguments import non_negative_int, positive_int
 from .config import Config, ConfigError, ConvNetModelConfig, load_config, tomllib
 from .data import DataError, load_dataset
 from .distill import app as distill_app
@@ -361,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the logs and checkpoints of an existing run in the folder")
     r.add_argument("--stop-after", type=non_negative_int, metavar="N",
                    help="stop after N outer steps in total (continue later with resume)")
+    _threads(r)
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("resume", help="continue a stopped or killed run",
                        description="Continue the run in DIR from its newest good checkpoint "
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", metavar="DIR", help="output folder of an earlier `bilevel run`")
     s.add_argument("--stop-after", type=non_negative_int, metavar="N",
                    help="stop after N outer steps in total")
+    _threads(s)
     s.set_defaults(func=cmd_resume)
     d = sub.add_parser("distill", help="distil an image dataset into a few images per class",
                        description="Dataset distillation: learn IPC synthetic images per class "
@@ -381,14 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="one Optuna worker over the config's [search] table",
                        description=tune_worker.DESCRIPTION)
     tune_worker.add_arguments(t)
+    _threads(t, " (with several workers on one machine: its cores / the workers)")
     t.set_defaults(func=tune_worker.cmd_tune)
     return p
+
+
+def _threads(p: argparse.ArgumentParser, hint: str = "") -> None:
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help=f"torch CPU threads (default: torch's, one per core){hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for configuration errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (ConfigError, hg.BilevelInputError) as exc:

@@ -35,6 +35,8 @@ other kind are unknown keys. Example (``examples/configs/digits_mlp.toml``)::
     [estimator]
     name = "truncated"    # a key of hypergrad.ESTIMATORS
     settings = { window = 20 }
+    # implicit / fixed_point: the linear solver by name or as a table of its settings,
+    # settings = { solver = { name = "cg", maxiter = 20, damping = 1e-3 } }
 
     [outer]
     optimizer = "Adam"    # a torch.optim class

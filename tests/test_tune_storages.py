@@ -54,8 +54,8 @@ def start_worker(path: Path, out: Path, study: str, storage: str, *args: str
                  ) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "bilevel", "tune", str(path), "--out", str(out), "--study",
-         study, "--storage", storage, "--pruner", "none", *args],
+        [sys.executable, "-m", "bilevel", "tune", str(path), "--threads", "1", "--out",
+         str(out), "--study", study, "--storage", storage, "--pruner", "none", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent, env=env)
 
 

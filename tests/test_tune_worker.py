@@ -3,14 +3,17 @@
 import argparse
 import importlib.util
 import json
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
 import pytest
 
 import bilevel.tune.worker as worker
+import hypergrad as hg
 from bilevel.cli import main
 from bilevel.config import ConfigError, load_config
 from bilevel.tune.search import SEARCH_TABLE
@@ -41,7 +44,8 @@ def tune(path: Path, out: Path, *args: str) -> list[str]:
 
 
 def worker_process(path: Path, out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bilevel", *tune(path, out, *args)],
+    return subprocess.Popen([sys.executable, "-m", "bilevel", *tune(path, out, *args),
+                             "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=out.parent)
 
@@ -300,3 +304,23 @@ def test_constraint_syntax(text: str) -> None:
     c = worker.constraint(" eval_val_acc >= 0.9 ")
     assert (c.key, c.op, c.limit, c.violation(0.95)) == ("eval_val_acc", ">=", 0.9,
                                                          pytest.approx(-0.05))
+
+
+def test_solver_budget_searched_and_convergence_warnings_counted(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One CG iteration cannot solve the implicit system: every outer step warns; the trial
+    counts the warnings instead of printing each, and its config holds the drawn solver."""
+    path = config(tmp_path, '\n[search]\n"estimator.settings.solver.maxiter" = '
+                            '{ int = [1, 1] }\n')
+    path.write_text(path.read_text().replace('name = "unrolled"', 'name = "implicit"'))
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.ConvergenceWarning)  # none may escape the trial
+        assert main(tune(path, out, "--study", "w", "--n-trials", "1", "--threads", "1")) == 0
+    err = capsys.readouterr().err
+    assert "trial 0: value" in err
+    counted = re.search(r"(\d+) ConvergenceWarning\(s\), the last: implicit: the linear "
+                        r"solve stopped", err)
+    assert counted and int(counted.group(1)) >= 2  # at least one per outer step
+    cfg = load_config(out / "w" / "trial-0" / "config.toml")
+    assert cfg.estimator.settings["solver"] == {"name": "cg", "maxiter": 1}

@@ -42,8 +42,8 @@ not a setting), ``hyperparameters.tune`` (the problem itself; search the initial
 ``hyperparameters.lr``/``weight_decay`` instead), ``model.kind`` (the other ``[model]``
 keys depend on it), ``outer.checkpoint_every``/``eval_every`` (bookkeeping),
 ``estimator.settings.self_check`` (a safety check) and settings TOML cannot express
-(a solver's ``preconditioner``). Any error is a :class:`~bilevel.config.ConfigError` naming the key as
-``search."outer.lr"``; ``bilevel`` turns it into exit status 2.
+(a solver's ``preconditioner``). Any error is a :class:`~bilevel.config.ConfigError`
+naming the key as ``search."outer.lr"``; ``bilevel`` turns it into exit status 2.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ runnable with ``bilevel run``) and ``OUT/<study>/best_hparams.pt`` (a copy of it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
@@ -40,12 +41,14 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+
+from hypergrad.errors import ConvergenceWarning
 
 from ..arguments import non_negative_int
 from ..config import Config, ConfigError, parse_config, tomllib
@@ -431,11 +434,32 @@ def run_one(s: Setup, trial: optuna.Trial) -> float | list[float]:
         return history
 
     _reset_peak_memory()
-    run_config(cfg, text, document, out, "new" if inherited is None else "auto",
-               callbacks=(pruning,), runner=runner, start=start)
+    with _convergence_warnings(trial):
+        run_config(cfg, text, document, out, "new" if inherited is None else "auto",
+                   callbacks=(pruning,), runner=runner, start=start)
     _set_constraints(s, trial, history)
     result = [final_value(history, k) for k in s.objectives]
     return result[0] if len(result) == 1 else result
+
+
+@contextlib.contextmanager
+def _convergence_warnings(trial: optuna.Trial) -> Iterator[None]:
+    """Count the trial's :class:`hypergrad.ConvergenceWarning` s (an inner run or linear
+    solve stopping short, often every outer step of a trial with a small budget) into the
+    user attributes ``convergence_warnings`` and ``convergence_warning`` (the last
+    message) instead of printing each; other warnings are shown as usual."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        try:
+            yield
+        finally:
+            ours = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+            for w in caught:
+                if not issubclass(w.category, ConvergenceWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            if ours:
+                trial.set_user_attr("convergence_warnings", len(ours))
+                trial.set_user_attr("convergence_warning", str(ours[-1].message))
 
 
 def _set_constraints(s: Setup, trial: optuna.Trial, history: Sequence[Mapping]) -> None:
@@ -453,6 +477,12 @@ def _state(trial: optuna.trial.FrozenTrial) -> str:
         return f"value {shown}" + (f" (over budget: {', '.join(bad)})" if bad else "")
     reason = trial.user_attrs.get("prune_reason") or trial.user_attrs.get("fail_reason", "")
     return f"{trial.state.name.lower()}{': ' + reason if reason else ''}"
+
+
+def _warned(trial: optuna.trial.FrozenTrial) -> str:
+    n = trial.user_attrs.get("convergence_warnings")
+    return f"\n  {n} ConvergenceWarning(s), the last: {trial.user_attrs['convergence_warning']}" \
+        if n else ""
 
 
 def retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
@@ -497,7 +527,7 @@ def work(s: Setup, study: optuna.Study, n_trials: int) -> list[optuna.trial.Froz
         again = retry_of(frozen)
         label = f"trial {frozen.number}" + ("" if again is None else
                                            f" (re-run of trial {again})")
-        print(f"{label}: {_state(frozen)}", file=sys.stderr)
+        print(f"{label}: {_state(frozen)}{_warned(frozen)}", file=sys.stderr)
 
     while new < n_trials or _retries_waiting(study):
         before = len(done)
