@@ -5,7 +5,8 @@ It re-exports the core, and adds :func:`wrap` / :class:`ModuleProblem` (an ordin
 ``torch.func.functional_call``, with a buffer/BatchNorm policy and a user-written-loop
 path) and the outer loop (:class:`OuterLoop`: any ``torch.optim`` optimizer on the
 hyperparameters, metrics, logs, callbacks, and a locked :class:`RunFolder` with atomic
-checkpoints and resume). Applications (``bilevel.distill``) and the CLI sit on top.
+checkpoints and resume). Applications (``bilevel.distill``, ``bilevel.meta``,
+``bilevel.cleaning``), the Optuna integration (``bilevel.tune``) and the CLI sit on top.
 """
 
 from hypergrad import *  # noqa: F401,F403

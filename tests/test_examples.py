@@ -113,3 +113,19 @@ def test_fewshot_digits_example(tmp_path):
     proc = run_example("fewshot_digits.py", "--quick", "--no-progress", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "centroid" in proc.stdout
+
+
+def test_hyper_cleaning():
+    pytest.importorskip("sklearn")
+    proc = run_example("hyper_cleaning.py", "--budget-seconds", "5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line[:34].strip(): line[34:].split() for line in proc.stdout.splitlines()
+            if line.startswith(("no cleaning", "validation set", "oracle", "Optuna alone",
+                                "hybrid ("))}
+    assert len(rows) == 5, proc.stdout
+    acc = {k: float(v[0].rstrip("%")) for k, v in rows.items()}
+    # even a 5 s search learns weights that flag flipped labels far better than chance
+    # (F1 0.5 at this noise rate) and beat training on the noisy labels
+    assert float(rows["hybrid (Optuna + hypergradients)"][1]) > 0.8, proc.stdout
+    assert acc["hybrid (Optuna + hypergradients)"] > acc["no cleaning"], proc.stdout
+    assert acc["oracle (clean examples only)"] > acc["no cleaning"], proc.stdout
