@@ -132,7 +132,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     subprocess.run([*run_as, pg_ctl, "-D", str(data), "-o", opts, "-l", str(log), "-w",
                     "start"], check=True, capture_output=True)
     try:
-        yield f"postgresql+psycopg2://bilevel@127.0.0.1:{port}/postgres"
+        yield f"postgresql://bilevel@127.0.0.1:{port}/postgres"  # the form the docs give
     finally:
         subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
@@ -230,3 +230,30 @@ def test_killed_workers_trials_rerun_from_checkpoint(kind: str, tmp_path: Path,
     assert len(new) == 4
     assert all(t.state == TS.COMPLETE or t.number in killed for t in new)
     assert len(trials) == 6 and not [t for t in trials if t.state in (TS.RUNNING, TS.WAITING)]
+
+
+def test_ctrl_c_ends_the_worker_with_a_resumable_folder(tmp_path: Path) -> None:
+    """SIGINT mid-trial: exit status 130, one line saying which trial and how to continue
+    its folder (whose checkpoint ``bilevel resume`` takes up)."""
+    storage = f"sqlite:///{tmp_path / 'tune.db'}"
+    path, out = config(tmp_path, outer_steps=40), tmp_path / "out"
+    proc = start_worker(path, out, "int", storage, "--n-trials", "1")
+    folder = out / "int" / "trial-0"
+    end = time.monotonic() + 240
+    while not list(folder.glob("checkpoints/step-*")) and time.monotonic() < end:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"bilevel: interrupted: trial 0 is marked failed; continue its folder with "
+        f"`bilevel resume {folder.resolve()}`")
+    assert "Traceback" not in err
+    (trial,) = optuna.load_study(study_name="int", storage=storage).trials
+    assert trial.state == TS.FAIL
+    done = subprocess.run([sys.executable, "-m", "bilevel", "resume", str(folder),
+                           "--threads", "1"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert "resumed" in done.stderr and "at outer step 0" not in done.stderr
+    assert json.loads((folder / "summary.json").read_text())["complete"]

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -324,3 +325,71 @@ def test_solver_budget_searched_and_convergence_warnings_counted(
     assert counted and int(counted.group(1)) >= 2  # at least one per outer step
     cfg = load_config(out / "w" / "trial-0" / "config.toml")
     assert cfg.estimator.settings["solver"] == {"name": "cg", "maxiter": 1}
+
+
+def test_a_study_keeps_its_objective_keys(tmp_path: Path, capsys: pytest.CaptureFixture
+                                          ) -> None:
+    path, out = config(tmp_path), tmp_path / "out"
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    two = ["--objective", "eval_val_loss", "--objective", "train_seconds"]
+    assert main(tune(path, out, "--study", "k", "--storage", url, *two, "--n-trials",
+                     "1")) == 0
+    assert optuna.load_study(study_name="k", storage=url).metric_names == \
+        ["eval_val_loss", "train_seconds"]
+    capsys.readouterr()
+    # a worker scoring other keys (same directions) is refused before any trial
+    for other, said in [(["--objective", "train_seconds", "--objective", "eval_val_loss"],
+                         "the study 'k' scores eval_val_loss, train_seconds"),
+                        ([], "is to minimize eval_val_loss, minimize train_seconds")]:
+        assert main(tune(path, out, "--study", "k", "--storage", url, *other,
+                         "--n-trials", "1")) == 2
+        assert said in capsys.readouterr().err
+    assert len(optuna.load_study(study_name="k", storage=url).trials) == 1
+    # --best without --objective reads the study's keys
+    assert main(tune(path, out, "--study", "k", "--storage", url, "--best")) == 0
+    assert "minimize eval_val_loss, minimize train_seconds" in capsys.readouterr().out
+
+
+def test_solver_fields_are_checked_against_every_searched_solver(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = config(tmp_path, '\n[search]\n"estimator.settings.solver" = { categorical = '
+                            '["cg", "direct"] }\n"estimator.settings.solver.maxiter" = '
+                            '{ int = [5, 10] }\n')
+    path.write_text(path.read_text().replace('name = "unrolled"', 'name = "implicit"'))
+    assert main(tune(path, tmp_path / "out", "--study", "s")) == 2
+    assert ('search."estimator.settings.solver.maxiter": unknown key: the \'direct\' solver '
+            'takes') in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--out", "FILE"], "--out/--study: cannot create"),
+    (["--study", "x" * 300, "--storage", "sqlite:///DB"], "--out/--study: cannot create"),
+    (["--storage", "journal:/nonexistent/dir/j.log"], "the folder of /nonexistent/dir/j.log"),
+    (["--storage", "sqlite:////nonexistent/dir/x.db"], "--storage sqlite:////nonexistent"),
+    (["--heartbeat", "5"], "--heartbeat: an in-memory study"),
+    (["--study", "a\nb"], "must be usable as a folder name"),
+])
+def test_bad_places_exit_2_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            args: list[str], expected: str) -> None:
+    (tmp_path / "FILE").write_text("")
+    db = tmp_path / "t.db"
+    args = [a.replace("FILE", str(tmp_path / "FILE")).replace("DB", str(db)) for a in args]
+    if "--study" not in args:
+        args = ["--study", "s", *args]
+    start = time.perf_counter()
+    assert main(tune(config(tmp_path), tmp_path / "out", *args)) == 2
+    assert expected in capsys.readouterr().err
+    assert time.perf_counter() - start < 5  # no retries of a storage that cannot open
+    if db.exists():
+        assert not optuna.get_all_study_summaries(f"sqlite:///{db}")
+
+
+def test_plain_postgresql_urls_get_the_installed_driver(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    found = {"psycopg": None, "psycopg2": object()}
+    monkeypatch.setattr(worker.importlib.util, "find_spec", lambda name: found.get(name))
+    assert worker._driver("postgresql://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert worker._driver("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert worker._driver("sqlite:///x.db") == "sqlite:///x.db"
+    found["psycopg"] = object()  # psycopg 3, SQLAlchemy's default, is there: unchanged
+    assert worker._driver("postgresql://u@h/db") == "postgresql://u@h/db"

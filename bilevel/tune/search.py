@@ -170,12 +170,14 @@ def _solver_name(settings: Any, estimator: str) -> str | None:
 
 
 def _solver_field(path: str, field: str, base: Mapping[str, Any],
-                  estimators: tuple[str, ...]) -> tuple[Any, tuple]:
+                  estimators: tuple[str, ...], solvers: tuple[str, ...] = ()
+                  ) -> tuple[Any, tuple]:
     """``estimator.settings.solver.FIELD``: the field's annotation in the linear solver the
-    base config (or the estimator's default) uses, and the estimators taking a solver."""
+    base config (or the estimator's default) uses, or in every one of ``solvers`` (the
+    choices when the solver is searched too), and the estimators taking a solver."""
     takers = _setting_type(path, SOLVER, estimators)[1]
     est = base.get("estimator", {}) if isinstance(base.get("estimator"), dict) else {}
-    names = {_solver_name(est.get("settings"), e) for e in takers} - {None}
+    names = set(solvers) or {_solver_name(est.get("settings"), e) for e in takers} - {None}
     if field == "name":
         raise _error(path, f"search the solver as \"estimator.settings.{SOLVER}\" = "
                            f"{{ categorical = {sorted(SOLVERS)} }}")
@@ -190,7 +192,8 @@ def _solver_field(path: str, field: str, base: Mapping[str, Any],
     return typing.get_type_hints(SOLVERS[sorted(names)[0]])[field], takers
 
 
-def _resolve(path: str, base: Mapping[str, Any], estimators: tuple[str, ...]) -> tuple[Any, tuple]:
+def _resolve(path: str, base: Mapping[str, Any], estimators: tuple[str, ...],
+             solvers: tuple[str, ...] = ()) -> tuple[Any, tuple]:
     """The schema annotation of ``path`` (an element's for ``key[i]``), and for an estimator
     setting the estimators taking it (``()`` otherwise). Refuses unknown and unsearchable
     keys, tables and whole arrays."""
@@ -210,7 +213,7 @@ def _resolve(path: str, base: Mapping[str, Any], estimators: tuple[str, ...]) ->
     for i, part in enumerate(parts):
         if cls is dict:  # estimator.settings.NAME
             if part == SOLVER and i == len(parts) - 2:  # estimator.settings.solver.FIELD
-                tp, takers = _solver_field(path, parts[-1], base, estimators)
+                tp, takers = _solver_field(path, parts[-1], base, estimators, solvers)
                 break
             if i != len(parts) - 1:
                 raise _error(path, "unknown key (estimator settings are not tables, except "
@@ -405,9 +408,13 @@ class SearchSpace:
         candidates = (base.estimator.name,)
         if isinstance(names, dict) and isinstance(names.get("categorical"), list):
             candidates = tuple(c for c in names["categorical"] if isinstance(c, str))
+        drawn = next((s for p, s in pairs if p == _SOLVER_PATH), None)
+        solvers: tuple[str, ...] = ()
+        if isinstance(drawn, dict) and isinstance(drawn.get("categorical"), list):
+            solvers = tuple(c for c in drawn["categorical"] if isinstance(c, str))
         specs = []
         for path, raw in pairs:
-            tp, takers = _resolve(path, config, candidates)
+            tp, takers = _resolve(path, config, candidates, solvers)
             specs.append(_parse_spec(path, raw, tp, takers))
         # plain keys first, so that estimator.name is drawn before the settings it gates
         space = cls(tuple(sorted(specs, key=lambda s: s.estimators is not None)))

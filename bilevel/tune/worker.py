@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -224,7 +225,8 @@ def _check_key(base: Config, key: str, option: str, totals: bool) -> str:
             raise ConfigError(f"{option} {key}: a run evaluates "
                               f"{', '.join('eval_' + m for m in EVAL_METRICS)}")
         return key
-    allowed = [k for k in BASE_COLUMNS if k != "step"] + (list(RUN_TOTALS) if totals else [])
+    allowed = [k for k in BASE_COLUMNS if k != "step" and k not in RUN_TOTALS] + \
+        [k for k in RUN_TOTALS if totals or k in BASE_COLUMNS]
     if key not in allowed:
         raise ConfigError(f"{option} {key}: not a key of the run's records; choose "
                           f"eval_val_loss, eval_val_acc or one of {', '.join(allowed)}")
@@ -267,16 +269,45 @@ def setup(args: argparse.Namespace) -> Setup:
     constraints = tuple(getattr(args, "constraint", None) or ())
     for c in constraints:
         _check_key(base, c.key, "--constraint", totals=True)
-    if "/" in args.study or args.study in ("", ".", ".."):
+    if "/" in args.study or args.study in ("", ".", "..") or \
+            not args.study.isprintable():
         raise ConfigError(f"--study: {args.study!r} must be usable as a folder name")
+    study_dir = Path(args.out) / args.study
+    _check_creatable(study_dir)
     return Setup(config, base, space, monitor, objectives, directions, constraints,
-                 Path(args.out) / args.study)
+                 study_dir)
+
+
+def _check_creatable(folder: Path) -> None:
+    """The trials' folder can be made (checked before the study is touched, made by the
+    first trial): no file in the way, names the file system takes, a writable parent."""
+    too_long = [p for p in folder.parts if len(os.fsencode(p)) > 255]
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = (f"the name {too_long[0][:40]!r}... is longer than 255 bytes" if too_long else
+           f"{existing} is a file" if not existing.is_dir() else
+           f"{existing} is not writable" if not os.access(existing, os.W_OK | os.X_OK)
+           else None)
+    if why:
+        raise ConfigError(f"--out/--study: cannot create {folder}: {why}")
 
 
 # -- storage and study --------------------------------------------------------------------
 
-#: SQLAlchemy errors of workers creating a new database's tables at the same time
-_RACES = ("OperationalError", "IntegrityError", "ProgrammingError")
+#: what SQLAlchemy says when workers create a new database's tables at the same time
+_RACES = ("already exists", "unique constraint", "duplicate key", "database is locked")
+
+
+def _driver(url: str) -> str:
+    """``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; the ``postgres`` extra installs
+    psycopg2, so a plain PostgreSQL URL is given the driver that is installed."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres") and \
+            importlib.util.find_spec("psycopg") is None and \
+            importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return url
 
 
 def _rdb(url: str, heartbeat: int | None, max_retry: int) -> Any:
@@ -287,6 +318,7 @@ def _rdb(url: str, heartbeat: int | None, max_retry: int) -> Any:
     locked database."""
     kwargs: dict[str, Any] = {"engine_kwargs": {"connect_args": {"timeout": 60}}} \
         if url.startswith("sqlite") else {}
+    given, url = url, _driver(url)
     for attempt in range(10):
         try:
             with warnings.catch_warnings():
@@ -297,12 +329,13 @@ def _rdb(url: str, heartbeat: int | None, max_retry: int) -> Any:
                         if max_retry else None))
                 return optuna.storages.RDBStorage(url, **kwargs)
         except ImportError as exc:
-            raise ConfigError(f"--storage {url}: {exc} (for PostgreSQL: "
-                              "pip install bilevel[postgres])") from None
+            hint = " (pip install bilevel[postgres])" if url.startswith("postgres") else ""
+            raise ConfigError(f"--storage {given}: {exc}{hint}") from None
         except Exception as exc:
-            if type(exc).__name__ not in _RACES or attempt == 9:
-                raise ConfigError(f"--storage {url}: {type(exc).__name__}: "
-                                  f"{str(exc).strip().splitlines()[0]}") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if not any(r in first.lower() for r in _RACES) or attempt == 9:
+                raise ConfigError(f"--storage {given}: {type(exc).__name__}: {first}"
+                                  ) from None
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -319,6 +352,8 @@ def storage(url: str | None, heartbeat: int | None = None, max_retry: int = 3) -
     path = url[len(JOURNAL):]
     if not path:
         raise ConfigError("--storage: journal: needs a file, e.g. journal:tune.log")
+    if not Path(path).resolve().parent.is_dir():
+        raise ConfigError(f"--storage {url}: the folder of {path} does not exist")
     if heartbeat:
         raise ConfigError(f"--heartbeat {heartbeat}: Optuna's journal storage records no "
                           "heartbeats, so trials of dead workers cannot be re-run there; "
@@ -354,13 +389,40 @@ def open_study(args: argparse.Namespace, directions: Sequence[str] | str | None 
             sampler=_sampler(getattr(args, "sampler", "tpe")))
     except KeyError:
         raise ConfigError(f"--study: no study {args.study!r} in {args.storage}") from None
+    except ConfigError:
+        raise
     except (ValueError, ImportError, OSError, RuntimeError) as exc:
         raise ConfigError(f"--storage {args.storage}: {type(exc).__name__}: {exc}") from None
     have = [d.name.lower() for d in study.directions]
     if directions and have != list(directions):
-        raise ConfigError(f"--direction {' '.join(directions)}: the study {args.study!r} in "
-                          f"{args.storage} is to {' '.join(have)}")
+        names = study.metric_names or [""] * len(have)
+        shown = ", ".join(f"{d} {n}".strip() for d, n in zip(have, names, strict=True))
+        raise ConfigError(f"--objective/--direction {' '.join(directions)}: the study "
+                          f"{args.study!r} in {args.storage} is to {shown}")
     return study
+
+
+def check_objectives(study: optuna.Study, s: Setup, given: bool) -> Setup:
+    """The study records its objectives' keys (Optuna's metric names): a worker scoring
+    other keys is refused, and one that named none (``--best``) takes the study's."""
+    names = study.metric_names
+    if names is None:
+        if study.get_trials(deepcopy=False) and len(study.directions) != len(s.objectives):
+            raise ConfigError(f"--objective: the study {study.study_name!r} has "
+                              f"{len(study.directions)} objective(s), not "
+                              f"{len(s.objectives)}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(s.objectives))
+        return s
+    if tuple(names) == s.objectives:
+        return s
+    if not given:
+        return dataclasses.replace(s, objectives=tuple(names), directions=tuple(
+            d.name.lower() for d in study.directions))
+    raise ConfigError(f"--objective {' '.join(s.objectives)}: the study "
+                      f"{study.study_name!r} scores {', '.join(names)}; give the same "
+                      "--objective keys (or another --study)")
 
 
 # -- trials -------------------------------------------------------------------------------
@@ -625,7 +687,8 @@ def _summary(study: optuna.Study, s: Setup) -> None:
         return
     if len(s.objectives) > 1:
         front = ", ".join(str(t.number) for t in study.best_trials)
-        print(f"Pareto front so far: trials {front}")
+        print(f"Pareto front so far: trials {front}" if front else
+              "no trial within the --constraint budgets yet")
         return
     try:
         b = study.best_trial
@@ -641,12 +704,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line below
     if getattr(args, "trial", None) is not None and not args.best:
         raise ConfigError("--trial NUMBER goes with --best")
+    given = bool(getattr(args, "objective", None))
     if args.best:
         if args.storage is None:
             raise ConfigError("--best needs the --storage the workers used (an in-memory "
                               "study ends with its worker)")
-        write_best(s, open_study(args, create=False), args.trial)
+        study = open_study(args, create=False)
+        write_best(check_objectives(study, s, given), study, args.trial)
         return 0
+    if args.storage is None and getattr(args, "heartbeat", None):
+        raise ConfigError("--heartbeat: an in-memory study has no other workers to re-run "
+                          "its trials; give --storage sqlite:///tune.db or postgresql://...")
     if args.storage is None:
         if s.study_dir.exists() and any(s.study_dir.iterdir()):
             raise ConfigError(f"--out: {s.study_dir} holds an earlier study's trials; an "
@@ -656,7 +724,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
               "between workers with --storage sqlite:///tune.db or journal:tune.log)",
               file=sys.stderr)
     study = open_study(args, s.directions)
-    work(s, study, args.n_trials)
+    s = check_objectives(study, s, given)
+    try:
+        work(s, study, args.n_trials)
+    except KeyboardInterrupt:
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        mine = [t for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("worker") == me and t.state == optuna.trial.TrialState.FAIL
+                and "KeyboardInterrupt" in str(t.user_attrs.get("fail_reason"))]
+        what = "" if not mine else (
+            f": trial {mine[-1].number} is marked failed; continue its folder with "
+            f"`bilevel resume {mine[-1].user_attrs['run_dir']}`")
+        print(f"bilevel: interrupted{what}", file=sys.stderr)
+        return 130
     _summary(study, s)
     return 0
 
