@@ -7,12 +7,17 @@ Usage::
         --plot docs/img/hyper_cleaning_weights.png
     python benchmarks/hyper_cleaning.py --dataset fashion_mnist --seeds 0,1,2 \\
         --budget-seconds 90 --json benchmarks/results/hyper_cleaning_fashion_mnist.json
+    # add (or redo) some methods in an existing file, the other rows kept as they are:
+    python benchmarks/hyper_cleaning.py --dataset digits --seeds 0,1,2,3,4 \\
+        --only disagreement --merge --json benchmarks/results/hyper_cleaning_digits.json
 
 Per seed (the seed draws the splits, the flips, the network initialisation and the
 samplers), on a training split with 50 % of its labels flipped (each to a uniformly random
 other class), a small clean validation split and a clean test split:
 
 - no cleaning, the validation set alone, the oracle (clean training examples only);
+- validation-classifier disagreement: the validation-set-alone classifier drops the
+  training examples whose label it disagrees with (a detector with no hypergradient);
 - hyper-cleaning at one fixed configuration (unrolled, no search);
 - Optuna alone over the plain fit's learning rate and weight decay, ``--budget-seconds``
   of wall clock;
@@ -31,6 +36,13 @@ sizes: digits 800 train / 200 validation / 797 test (the rest); Fashion-MNIST 10
 250 validation (drawn from the official training images) / 10000 test (the official test
 images), the digits proportions on 784 features. Progress goes to stderr, a line per
 trial.
+
+``--only KEYS`` runs only some methods (keys: ``no_cleaning``, ``validation_only``,
+``oracle``, ``disagreement``, ``hyper_cleaning``, ``optuna_alone``, ``hybrid``);
+with ``--merge`` their rows replace the rows of the same methods in the existing ``--json``
+file (``summary`` and ``per_seed``; the rest is kept) and ``meta.later_runs`` records which
+methods were added later, with which command. A merge requires the file's dataset, seeds,
+sizes and the settings the merged methods depend on.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -55,9 +68,21 @@ import optuna  # noqa: E402
 from bilevel import cleaning  # noqa: E402
 
 SIZES = {"digits": (800, 200, None), "fashion_mnist": (1000, 250, 10000)}
-METHODS = ("no cleaning", "validation set alone", "oracle (clean examples only)",
-           "hyper-cleaning (unrolled, fixed)", "Optuna alone (lr, weight decay)",
-           "hybrid (Optuna + hypergradients)")
+#: method key (for --only) -> the method's name in the results, in table order
+METHODS = {
+    "no_cleaning": "no cleaning",
+    "validation_only": "validation set alone",
+    "oracle": "oracle (clean examples only)",
+    "disagreement": "validation-classifier disagreement",
+    "hyper_cleaning": "hyper-cleaning (unrolled, fixed)",
+    "optuna_alone": "Optuna alone (lr, weight decay)",
+    "hybrid": "hybrid (Optuna + hypergradients)",
+}
+#: the settings every method depends on, and those of some methods only (a merge checks them)
+COMMON_SETTINGS = ("dataset", "noise", "model", "hidden")
+METHOD_SETTINGS = {"hyper_cleaning": ("outer_steps",),
+                   "optuna_alone": ("budget_seconds", "trials"),
+                   "hybrid": ("budget_seconds", "trials", "outer_steps")}
 
 
 def log(msg: str) -> None:
@@ -75,27 +100,37 @@ def trial_logger(tag: str):
     return callback
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> tuple[list[cleaning.MethodResult], Any]:
+def run_seed(args: argparse.Namespace, seed: int, keys: list[str]
+             ) -> tuple[list[cleaning.MethodResult], Any]:
+    """The methods ``keys`` (in :data:`METHODS` order) on the task of ``seed``."""
     n_train, n_val, n_test = SIZES[args.dataset]
     data = cleaning.load_cleaning_data(args.dataset, n_train, n_val, args.noise, seed, n_test)
     log(f"seed {seed}: {data.name}")
     kw = dict(model=args.model, hidden=args.hidden, seed=seed)
     base = cleaning.CleaningConfig(model=args.model, hidden=args.hidden,
                                    outer_steps=args.outer_steps)
-    results = [cleaning.no_cleaning(data, **kw), cleaning.validation_only(data, **kw),
-               cleaning.oracle(data, **kw), cleaning.hyper_cleaning(data, base, seed)]
-    for r in results:
-        log(f"  {r.method}: test acc {r.test_acc:.4f} ({r.seconds:.1f}s)")
     trials = args.trials or None
-    r = cleaning.optuna_alone(data, args.budget_seconds, trials, **kw,
-                              callback=trial_logger("optuna") if args.verbose else None)
-    log(f"  {r.method}: test acc {r.test_acc:.4f}, {r.trials} ({r.seconds:.1f}s)")
-    results.append(r)
-    r = cleaning.hybrid(data, args.budget_seconds, trials, base, seed,
-                        callback=trial_logger("hybrid"))
-    log(f"  {r.method}: test acc {r.test_acc:.4f}, F1 {r.f1:.3f}, {r.params} "
-        f"({r.seconds:.1f}s)")
-    results.append(r)
+    runs = {
+        "no_cleaning": lambda: cleaning.no_cleaning(data, **kw),
+        "validation_only": lambda: cleaning.validation_only(data, **kw),
+        "oracle": lambda: cleaning.oracle(data, **kw),
+        "disagreement": lambda: cleaning.disagreement(data, **kw),
+        "hyper_cleaning": lambda: cleaning.hyper_cleaning(data, base, seed),
+        "optuna_alone": lambda: cleaning.optuna_alone(
+            data, args.budget_seconds, trials, **kw,
+            callback=trial_logger("optuna") if args.verbose else None),
+        "hybrid": lambda: cleaning.hybrid(data, args.budget_seconds, trials, base, seed,
+                                          callback=trial_logger("hybrid")),
+    }
+    results = []
+    for key in keys:
+        r = runs[key]()
+        assert r.method == METHODS[key], (r.method, METHODS[key])
+        extra = "".join([f", F1 {r.f1:.3f}" if r.f1 is not None else "",
+                         f", {r.trials}" if r.trials is not None else "",
+                         f", {r.params}" if key == "hybrid" else ""])
+        log(f"  {r.method}: test acc {r.test_acc:.4f}{extra} ({r.seconds:.1f}s)")
+        results.append(r)
     return results, data
 
 
@@ -108,7 +143,7 @@ def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
 
 def aggregate(per_seed: list[list[cleaning.MethodResult]]) -> list[dict[str, Any]]:
     rows = []
-    for i, name in enumerate(METHODS):
+    for i, name in enumerate(r.method for r in per_seed[0]):
         rs = [seed_results[i] for seed_results in per_seed]
         assert all(r.method == name for r in rs)
         row: dict[str, Any] = {"method": name}
@@ -137,6 +172,49 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{fmt(r['precision'], False):9s} | {fmt(r['recall'], False):6s} | "
                      f"{r['seconds']['mean']:7.1f} |")
     return "\n".join(lines)
+
+
+def method_order(name: str) -> int:
+    """A row's place in the table: :data:`METHODS` order, unknown names last."""
+    names = list(METHODS.values())
+    return names.index(name) if name in names else len(names)
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` rows with those of ``new``'s methods replaced (or added), in table order."""
+    replaced = {r["method"] for r in new}
+    rows = [r for r in old if r["method"] not in replaced] + list(new)
+    return sorted(rows, key=lambda r: method_order(r["method"]))
+
+
+def parse_only(text: str | None) -> list[str]:
+    """The method keys of ``--only`` (all of them without it), in :data:`METHODS` order."""
+    if text is None:
+        return list(METHODS)
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in METHODS]
+    if unknown or not keys:
+        raise SystemExit(f"--only: unknown method key(s) {unknown or text!r}; choose from "
+                         f"{', '.join(METHODS)}")
+    return [k for k in METHODS if k in keys]
+
+
+def check_mergeable(old: dict[str, Any], args: argparse.Namespace, keys: list[str],
+                    seeds: list[int], sizes: dict[str, Any]) -> None:
+    """Refuse a merge whose rows would not be comparable with the file's."""
+    problems = []
+    if sorted(int(s) for s in old.get("per_seed", {})) != sorted(seeds):
+        problems.append(f"seeds {seeds} != the file's {sorted(map(int, old['per_seed']))}")
+    if old.get("sizes") != sizes:
+        problems.append(f"sizes {sizes} != the file's {old.get('sizes')}")
+    settings = old.get("settings", {})
+    needed = set(COMMON_SETTINGS).union(*(METHOD_SETTINGS.get(k, ()) for k in keys))
+    for name in sorted(needed):
+        if settings.get(name) != getattr(args, name):
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)!r} != the "
+                            f"file's {settings.get(name)!r}")
+    if problems:
+        raise SystemExit(f"--merge into {args.json}: " + "; ".join(problems))
 
 
 def plot(path: Path, weights: torch.Tensor, flipped: torch.Tensor, title: str,
@@ -188,26 +266,65 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--verbose", action="store_true", help="log Optuna-alone trials too")
+    parser.add_argument("--only", metavar="NAMES",
+                        help="comma-separated method keys to run (default: all): "
+                             + ", ".join(METHODS))
+    parser.add_argument("--merge", action="store_true",
+                        help="merge the rows of the methods run into the existing --json file "
+                             "(replacing those of the same methods, keeping the rest)")
     args = parser.parse_args(argv)
+    keys = parse_only(args.only)
+    old = None
+    if args.merge:
+        if args.json is None or not args.json.exists():
+            raise SystemExit("--merge needs an existing --json file")
+        old = json.loads(args.json.read_text())
+    if args.plot and "hybrid" not in keys:
+        raise SystemExit("--plot draws the hybrid's weights: include hybrid in --only")
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    n_train, n_val, n_test = SIZES[args.dataset]
+    if old is not None:
+        # n_test None (digits: the rest of the pool) is resolved from the first seed's task
+        n_used = n_test if n_test is not None else old.get("sizes", {}).get("test")
+        check_mergeable(old, args, keys, seeds, {"train": n_train, "val": n_val,
+                                                 "test": n_used})
     start = time.perf_counter()
     per_seed, first, n_test_used = [], None, None
     for seed in seeds:
-        results, data = run_seed(args, seed)
+        results, data = run_seed(args, seed, keys)
         n_test_used = int(data.y_test.numel())
         per_seed.append(results)
-        if first is None:
+        if first is None and keys[-1] == "hybrid":
             first = (results[-1].weights, data.flipped, seed)
     rows = aggregate(per_seed)
-    n_train, n_val, n_test = SIZES[args.dataset]
     print(f"\n{args.dataset}: {n_train} train ({100 * args.noise:g}% flipped), {n_val} clean "
           f"validation, seeds {seeds}, {args.budget_seconds:g} s per search\n")
     print(table(rows))
     total = time.perf_counter() - start
     print(f"\ntotal {total:.0f} s")
-    if args.json:
+    if old is not None:
+        if old["sizes"]["test"] != n_test_used:
+            raise SystemExit(f"test size {n_test_used} != the file's {old['sizes']['test']}")
+        old["summary"] = merge_rows(old["summary"], rows)
+        for s, rs in zip(seeds, per_seed, strict=True):
+            old["per_seed"][str(s)] = merge_rows(old["per_seed"][str(s)],
+                                                 [r.summary() for r in rs])
+        if first is not None:
+            old.update(weights_seed=first[2], weights=[round(float(w), 5) for w in first[0]],
+                       flipped=[bool(f) for f in first[1]])
+        later = old.setdefault("meta", {}).setdefault("later_runs", [])
+        later.append({
+            "methods": [METHODS[k] for k in keys], "keys": keys, "seeds": seeds,
+            "command": shlex.join(["python", *sys.argv]) if argv is None
+            else shlex.join(["python", "benchmarks/hyper_cleaning.py", *argv]),
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "total_seconds": total})
+        args.json.write_text(json.dumps(old, indent=1) + "\n")
+        print(f"\nmerged into {args.json}:\n")
+        print(table(old["summary"]))
+    elif args.json:
         out = {
             "dataset": args.dataset,
             "sizes": {"train": n_train, "val": n_val, "test": n_test_used},

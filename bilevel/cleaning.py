@@ -23,7 +23,9 @@ Pieces, from data to the Optuna study:
 - :func:`cleaning_problem` (``bilevel.wrap`` with batches ``(x, y, index)``) and
   :func:`run_cleaning` (``bilevel.OuterLoop``);
 - the methods compared by ``benchmarks/hyper_cleaning.py``: :func:`no_cleaning`,
-  :func:`validation_only`, :func:`oracle`, :func:`hyper_cleaning` (one fixed
+  :func:`validation_only`, :func:`oracle`, :func:`disagreement` (a classifier fitted on the
+  validation split alone drops the training examples whose label it disagrees with; a
+  detector baseline with no hypergradient), :func:`hyper_cleaning` (one fixed
   configuration), :func:`optuna_alone` (Optuna over the weight decay and learning rate of
   the plain fit) and :func:`hybrid` (Optuna over estimator, T, outer and inner learning
   rates and the inner weight decay; hypergradients inside each trial on half the validation
@@ -31,7 +33,8 @@ Pieces, from data to the Optuna study:
 
 Evaluation rule, the same for every method: a method yields example weights ``ω`` on the
 training split (1 for no cleaning, 0 for the validation set alone, the clean indicator for
-the oracle, ``σ(h)`` for hyper-cleaning). Its final model is a fresh network (the same
+the oracle, the agreement indicator for the disagreement detector, ``σ(h)`` for
+hyper-cleaning). Its final model is a fresh network (the same
 initialisation for every method) fitted by :data:`DEFAULT_RECIPE` on the training split
 weighted by ``ω`` together with the whole validation split at weight 1 (``test_acc``;
 ``test_acc_train_only`` is the same fit without the validation split). The fit's weight
@@ -766,12 +769,13 @@ class MethodResult:
         return out
 
 
-def final_accuracy(data: CleaningData, weights: torch.Tensor | None, model: str = "mlp",
-                   hidden: int = 64, recipe: FitRecipe = DEFAULT_RECIPE, seed: int = 0,
-                   include_val: bool = True) -> float:
-    """Test accuracy of a fresh ``model`` (initialised by ``seed``) fitted by ``recipe`` on
-    the training split weighted by ``weights`` (``(n_train,)``; ``None``: all ones) and,
-    with ``include_val``, the validation split at weight 1."""
+def fit_weighted(data: CleaningData, weights: torch.Tensor | None, model: str = "mlp",
+                 hidden: int = 64, recipe: FitRecipe = DEFAULT_RECIPE, seed: int = 0,
+                 include_val: bool = True) -> nn.Module:
+    """A fresh ``model`` (initialised by ``seed``) fitted by ``recipe`` on the training split
+    weighted by ``weights`` (``(n_train,)``; ``None``: all ones) and, with ``include_val``,
+    the validation split at weight 1 (the fit of :func:`final_accuracy`; it reads neither
+    the test split nor the flip labels)."""
     n = data.n_train
     w = torch.ones(n, dtype=data.x_train.dtype) if weights is None else \
         weights.to(data.x_train.dtype)
@@ -783,7 +787,17 @@ def final_accuracy(data: CleaningData, weights: torch.Tensor | None, model: str 
         x, y = data.x_train, data.y_train
     net = make_model(model, data.num_features, data.num_classes, hidden, seed,
                      data.x_train.dtype)
-    return accuracy(fit_classifier(net, x, y, w, recipe), data.x_test, data.y_test)
+    return fit_classifier(net, x, y, w, recipe)
+
+
+def final_accuracy(data: CleaningData, weights: torch.Tensor | None, model: str = "mlp",
+                   hidden: int = 64, recipe: FitRecipe = DEFAULT_RECIPE, seed: int = 0,
+                   include_val: bool = True) -> float:
+    """Test accuracy of a fresh ``model`` (initialised by ``seed``) fitted by ``recipe`` on
+    the training split weighted by ``weights`` (``(n_train,)``; ``None``: all ones) and,
+    with ``include_val``, the validation split at weight 1 (:func:`fit_weighted`)."""
+    net = fit_weighted(data, weights, model, hidden, recipe, seed, include_val)
+    return accuracy(net, data.x_test, data.y_test)
 
 
 def select_recipe(data: CleaningData, weights: torch.Tensor | None, model: str = "mlp",
@@ -867,6 +881,57 @@ def oracle(data: CleaningData, model: str = "mlp", hidden: int = 64, seed: int =
     start = time.perf_counter()
     return _result("oracle (clean examples only)", data, (~data.flipped).float(), start, model,
                    hidden, recipe, seed, flags=True)
+
+
+def disagreement_weights(data: CleaningData, model: str = "mlp", hidden: int = 64,
+                         seed: int = 0) -> tuple[torch.Tensor, FitRecipe]:
+    """The example weights of :func:`disagreement` and the detector's recipe.
+
+    The detector is the final model of :func:`validation_only`: a fresh ``model``
+    (initialised by ``seed``) fitted by :data:`DEFAULT_RECIPE` on the validation split
+    (every training example at weight 0, so their labels do not enter the fit), its weight
+    decay chosen by :func:`select_recipe`'s 2-fold cross-validation on the validation split.
+    ``ω_i = 1`` where its arg-max prediction on ``x_i`` equals the training label ``ỹ_i``,
+    else 0. Reads the training features and labels and the validation split only (never
+    the test split, ``y_true`` or ``flipped``).
+
+    Returns:
+        ``(weights, recipe)``: ``(n_train,)`` float weights in ``{0, 1}`` (dtype of the
+        features) and the detector's fit recipe.
+    """
+    zeros = torch.zeros(data.n_train, dtype=data.x_train.dtype)
+    recipe, _ = select_recipe(data, zeros, model, hidden, seed)
+    net = fit_weighted(data, zeros, model, hidden, recipe, seed)
+    with torch.no_grad():
+        agree = net(data.x_train).argmax(1) == data.y_train
+    return agree.to(data.x_train.dtype), recipe
+
+
+def disagreement(data: CleaningData, model: str = "mlp", hidden: int = 64, seed: int = 0,
+                 recipe: FitRecipe | None = None) -> MethodResult:
+    """Validation-classifier disagreement: drop the training examples whose label a
+    classifier fitted on the clean validation split alone disagrees with.
+
+    The weights are those of :func:`disagreement_weights` (``ω_i = 1`` when the detector
+    predicts the training label, else 0, so an example is flagged exactly when the two
+    disagree); the final model, its weight decay and the metrics then follow the rule of
+    every method (:func:`select_recipe`, :func:`final_accuracy`, :func:`flag_scores`).
+
+    Why it is a baseline: it uses exactly the information hyper-cleaning uses (the noisy
+    training split and the clean validation split), needs no hypergradient, no
+    per-example hyperparameter and no search, and costs one cross-validated plain fit
+    (that of the validation set alone). A flip to a uniformly random other class is rarely
+    the class a reasonable classifier predicts, so with a validation split large enough for
+    a decent classifier it is a strong noisy-label detector; hyper-cleaning's flags are
+    worth their cost only where they beat it. ``params`` records the detector's weight
+    decay and the number flagged.
+    """
+    start = time.perf_counter()
+    weights, detector = disagreement_weights(data, model, hidden, seed)
+    params = {"detector_weight_decay": detector.weight_decay,
+              "flagged": int((weights < THRESHOLD).sum())}
+    return _result("validation-classifier disagreement", data, weights, start, model, hidden,
+                   recipe, seed, flags=True, params=params)
 
 
 def hyper_cleaning(data: CleaningData, config: CleaningConfig = CleaningConfig(),
@@ -1011,7 +1076,8 @@ def hybrid(data: CleaningData, budget_seconds: float | None = 60.0,
 __all__ = ["CLEANING_ESTIMATORS", "DATASETS", "DEFAULT_RECIPE", "FINAL_WEIGHT_DECAYS",
            "HYBRID_SPACE", "MODELS", "THRESHOLD", "CleaningConfig", "CleaningData",
            "CleaningRun", "FitRecipe", "MethodResult", "accuracy", "cleaning_problem",
-           "cross_entropy", "final_accuracy", "fit_classifier", "flag_scores", "flip_labels",
+           "cross_entropy", "disagreement", "disagreement_weights", "final_accuracy",
+           "fit_classifier", "fit_weighted", "flag_scores", "flip_labels",
            "hybrid", "hyper_cleaning", "l2_penalty", "load_cleaning_data", "make_cleaning_data",
            "make_cleaning_estimator", "make_model", "no_cleaning", "optuna_alone", "oracle",
            "run_cleaning", "select_recipe", "split_selection", "stratified_split",

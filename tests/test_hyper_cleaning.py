@@ -4,8 +4,8 @@ respect to the per-example logits, argument errors and a tiny end-to-end hybrid 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
-import optuna
 import pytest
 import torch
 
@@ -16,12 +16,7 @@ from hypergrad.errors import BilevelInputError
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
 
-@pytest.fixture(autouse=True)
-def quiet_optuna():
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +233,31 @@ def test_cold_start_and_selection_split():
     assert run.select_loss == pytest.approx(min(curve))
     assert run.best_step == curve.index(min(curve))
     assert torch.isfinite(run.weights).all()
+
+
+def test_disagreement_weights_are_binary_test_blind_and_flag_flips():
+    """The validation-classifier detector: 0/1 weights, the validation-set-alone classifier's
+    agreement with the training labels, computed without the test split or the flip labels."""
+    d = small(5)
+    weights, recipe = C.disagreement_weights(d, hidden=16, seed=5)
+    assert weights.shape == (100,) and set(weights.unique().tolist()) <= {0.0, 1.0}
+    assert recipe.weight_decay in C.FINAL_WEIGHT_DECAYS
+    # other test labels and features, other flip labels: the same weights
+    gen = torch.Generator().manual_seed(0)
+    blind = replace(d, y_test=(d.y_test + 1) % d.num_classes,
+                    x_test=torch.randn(d.x_test.shape, generator=gen),
+                    y_true=d.y_train.clone(), flipped=torch.zeros_like(d.flipped))
+    again, again_recipe = C.disagreement_weights(blind, hidden=16, seed=5)
+    assert torch.equal(again, weights) and again_recipe == recipe
+    # flipped examples are flagged (weight 0) far more often than clean ones
+    flag = weights < C.THRESHOLD
+    assert flag[d.flipped].float().mean() > flag[~d.flipped].float().mean() + 0.3
+
+    r = C.disagreement(d, hidden=16, seed=5, recipe=C.FitRecipe(steps=20))
+    assert r.method == "validation-classifier disagreement"
+    assert torch.equal(r.weights, weights)
+    assert r.params["flagged"] == int(flag.sum())
+    scores = C.flag_scores(flag, d.flipped)
+    assert (r.precision, r.recall, r.f1) == (scores["precision"], scores["recall"],
+                                             scores["f1"])
+    assert r.test_acc_train_only is not None and 0.0 <= r.test_acc <= 1.0
