@@ -16,6 +16,7 @@ if "ATEN_CPU_CAPABILITY" in os.environ and "TORCHINDUCTOR_CACHE_DIR" not in os.e
         tempfile.gettempdir(),
         f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # The suite's problems are tiny: with several threads, thread hand-offs cost more than the
@@ -27,3 +28,14 @@ _threads = os.environ.get("BILEVEL_TEST_THREADS", "1")
 if not _threads.isdigit() or int(_threads) < 1:
     raise ValueError(f"BILEVEL_TEST_THREADS must be a positive integer, got {_threads!r}")
 torch.set_num_threads(int(_threads))
+
+
+@pytest.fixture
+def quiet_optuna():
+    """Optuna's INFO lines (one per trial) off for a test; its level restored after."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    yield
+    optuna.logging.set_verbosity(level)

@@ -140,13 +140,20 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             shutil.rmtree(base, ignore_errors=True)
 
 
+def storage_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh storage of ``kind``: a journal file, an SQLite file or the PostgreSQL
+    server (a study name per test keeps its studies apart)."""
+    return {"journal": f"journal:{tmp_path / 'tune.log'}",
+            "sqlite": f"sqlite:///{tmp_path / 'tune.db'}"}.get(kind) or \
+        request.getfixturevalue("postgres_url")
+
+
 # -- four workers, no failures ------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["journal", "postgres"])
 def test_four_workers_share_one_study(kind: str, tmp_path: Path,
                                       request: pytest.FixtureRequest) -> None:
-    storage = f"journal:{tmp_path / 'tune.log'}" if kind == "journal" else \
-        request.getfixturevalue("postgres_url")
+    storage = storage_url(kind, tmp_path, request)
     study_name = f"four-{kind}-{tmp_path.name}"
     path, out = config(tmp_path, outer_steps=2), tmp_path / "out"
     finish([start_worker(path, out, study_name, storage, "--n-trials", "2")
@@ -190,8 +197,7 @@ def _kill_two(procs: list[subprocess.Popen], storage: str, study_name: str,
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_killed_workers_trials_rerun_from_checkpoint(kind: str, tmp_path: Path,
                                                      request: pytest.FixtureRequest) -> None:
-    storage = f"sqlite:///{tmp_path / 'tune.db'}" if kind == "sqlite" else \
-        request.getfixturevalue("postgres_url")
+    storage = storage_url(kind, tmp_path, request)
     study_name = f"kill-{kind}-{tmp_path.name}"
     path, out = config(tmp_path, outer_steps=40), tmp_path / "out"
     args = ("--heartbeat", "1")
