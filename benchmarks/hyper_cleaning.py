@@ -21,10 +21,12 @@ other class), a small clean validation split and a clean test split:
 - hyper-cleaning at one fixed configuration (unrolled, no search);
 - Optuna alone over the plain fit's learning rate and weight decay, ``--budget-seconds``
   of wall clock;
-- the hybrid: Optuna over estimator, T, outer and inner learning rates and the inner weight
-  decay, hypergradients learning one weight per training example inside each trial (half
-  the validation split drives the hypergradients, the other half scores the trials), the
-  same wall clock.
+- the hybrid: Optuna over estimator, T, outer and inner learning rates, the inner weight
+  decay and the start of h (all zero, or ±c by the agreement of a classifier fitted on the
+  hypergradient half of the validation split with the training label, c drawn too),
+  hypergradients learning one weight per training example inside each trial (half the
+  validation split drives the hypergradients, the other half scores the trials), the same
+  wall clock (the detector's fit included).
 
 Every method's final model follows one rule (see :mod:`bilevel.cleaning`): a fresh MLP
 fitted on the training split weighted by the method's example weights plus the validation
@@ -42,7 +44,9 @@ trial.
 with ``--merge`` their rows replace the rows of the same methods in the existing ``--json``
 file (``summary`` and ``per_seed``; the rest is kept) and ``meta.later_runs`` records which
 methods were added later, with which command. A merge requires the file's dataset, seeds,
-sizes and the settings the merged methods depend on.
+sizes and the settings the merged methods depend on. ``--plot`` needs ``hybrid`` among the
+methods run (it draws the first seed's hybrid weights); with ``--merge`` its table shows
+every row of the merged file.
 """
 
 from __future__ import annotations
@@ -351,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot and first is not None:
         plot(args.plot, first[0], first[1],
              f"{args.dataset}, seed {first[2]}: hybrid's learned weights "
-             f"({int(first[1].sum())} of {len(first[1])} labels flipped)", rows)
+             f"({int(first[1].sum())} of {len(first[1])} labels flipped)",
+             old["summary"] if old is not None else rows)
         print(f"wrote {args.plot}")
 
 

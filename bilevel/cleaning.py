@@ -12,7 +12,9 @@ example ``i`` and ``λ`` a small fixed weight decay on the weight matrices. An e
 flagged as noisy when its learned weight ``σ(h_i) < 0.5`` (``h_i < 0``): the threshold is
 fixed beforehand at the midpoint of the weights' range and the start ``h = 0`` sits on it,
 so an example is flagged only when the hypergradient pushed it down; it is never chosen on
-the flip labels or the test set.
+the flip labels or the test set. (With the detector start of h, ``h_init="detector"``, the
+start flags exactly the training examples whose label a classifier fitted on the run's
+validation split disagrees with, and the hypergradients move h from there.)
 
 Pieces, from data to the Optuna study:
 
@@ -28,8 +30,9 @@ Pieces, from data to the Optuna study:
   detector baseline with no hypergradient), :func:`hyper_cleaning` (one fixed
   configuration), :func:`optuna_alone` (Optuna over the weight decay and learning rate of
   the plain fit) and :func:`hybrid` (Optuna over estimator, T, outer and inner learning
-  rates and the inner weight decay; hypergradients inside each trial on half the validation
-  split, trials scored on the other half and pruned by :class:`bilevel.tune.OptunaPruning`).
+  rates, the inner weight decay and the start of h, zero or :func:`detector_logits`;
+  hypergradients inside each trial on half the validation split, trials scored on the
+  other half and pruned by :class:`bilevel.tune.OptunaPruning`).
 
 Evaluation rule, the same for every method: a method yields example weights ``ω`` on the
 training split (1 for no cleaning, 0 for the validation set alone, the clean indicator for
@@ -74,6 +77,10 @@ MODELS = ("linear", "mlp")
 CLEANING_ESTIMATORS = ("unrolled", "truncated", "implicit")
 #: the flag threshold on σ(h_i): below it an example is flagged as noisy
 THRESHOLD = 0.5
+#: the starts of h a hyper-cleaning run (and the hybrid search) may use: every ``h_i`` at
+#: ``init_logit`` (``"constant"``), or ``±detector_scale`` by the agreement of a classifier
+#: fitted on the run's validation split with the training label (``"detector"``)
+H_INITS = ("constant", "detector")
 
 
 # --------------------------------------------------------------------------------------
@@ -486,14 +493,15 @@ def flag_scores(flags: torch.Tensor, flipped: torch.Tensor) -> dict[str, float]:
 
 def cleaning_problem(data: CleaningData, model: nn.Module, steps: int, inner_lr: float,
                      weight_decay: float = 1e-3, momentum: float = 0.9,
-                     init_logit: float = 0.0) -> ModuleProblem:
+                     init_logit: float | torch.Tensor = 0.0) -> ModuleProblem:
     """The hyper-cleaning bilevel problem over ``model`` (see the module docstring).
 
     Hyperparameters ``{"h": (n_train,)}`` (``σ(h_i)`` weighs example ``i``), starting at
-    ``init_logit``; the inner batch is ``(x_train, y_train, arange(n_train))`` so the
-    inner loss picks each example's weight by its index; ``steps`` (T) full-batch
-    heavy-ball steps (:class:`hypergrad.Momentum`) of rate ``inner_lr``; the outer loss is
-    the validation cross-entropy.
+    ``init_logit`` (a number for every ``h_i``, or an ``(n_train,)`` tensor of finite
+    starts, e.g. :func:`detector_logits`); the inner batch is
+    ``(x_train, y_train, arange(n_train))`` so the inner loss picks each example's weight
+    by its index; ``steps`` (T) full-batch heavy-ball steps (:class:`hypergrad.Momentum`)
+    of rate ``inner_lr``; the outer loss is the validation cross-entropy.
 
     Raises:
         BilevelInputError: bad sizes or rates.
@@ -503,11 +511,17 @@ def cleaning_problem(data: CleaningData, model: nn.Module, steps: int, inner_lr:
     weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
     if not (isinstance(momentum, numbers.Real) and 0 <= momentum < 1):
         raise BilevelInputError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not (isinstance(init_logit, numbers.Real) and math.isfinite(init_logit)):
-        raise BilevelInputError(f"init_logit must be a finite number, got {init_logit!r}")
     n = data.n_train
     dtype = data.x_train.dtype
-    hparams = {"h": torch.full((n,), float(init_logit), dtype=dtype)}
+    if isinstance(init_logit, torch.Tensor):
+        if init_logit.shape != (n,) or not torch.isfinite(init_logit).all():
+            raise BilevelInputError(f"init_logit must be a finite ({n},) tensor, got shape "
+                                    f"{tuple(init_logit.shape)}")
+        hparams = {"h": init_logit.detach().to(dtype).clone()}
+    elif isinstance(init_logit, numbers.Real) and math.isfinite(init_logit):
+        hparams = {"h": torch.full((n,), float(init_logit), dtype=dtype)}
+    else:
+        raise BilevelInputError(f"init_logit must be a finite number, got {init_logit!r}")
 
     def inner_loss(out: torch.Tensor, batch: tuple, h: dict[str, torch.Tensor]
                    ) -> torch.Tensor:
@@ -542,8 +556,13 @@ class CleaningConfig:
         inner_lr: the inner heavy-ball rate (momentum 0.9).
         model: one of :data:`MODELS`; hidden: the MLP's width.
         weight_decay: the inner problem's fixed L2 on weight matrices.
-        init_logit: the starting value of every ``h_i`` (0: weights 0.5, on the flag
-            threshold).
+        init_logit: the starting value of every ``h_i`` with ``h_init="constant"`` (0:
+            weights 0.5, on the flag threshold).
+        h_init: one of :data:`H_INITS`. ``"detector"`` starts ``h_i = +detector_scale``
+            where a classifier fitted on the run's validation split alone predicts the
+            training label ``ỹ_i`` and ``−detector_scale`` where it does not
+            (:func:`detector_logits`; the hypergradients then refine from there).
+        detector_scale: ``c > 0``, the magnitude of the detector start.
         warm_start: start each outer step's inner run from the previous one's solution
             (``False``: from the initialisation, every time).
     """
@@ -558,6 +577,8 @@ class CleaningConfig:
     weight_decay: float = 1e-3
     init_logit: float = 0.0
     warm_start: bool = True
+    h_init: str = "constant"
+    detector_scale: float = 2.0
 
     def __post_init__(self) -> None:
         if self.estimator not in CLEANING_ESTIMATORS:
@@ -574,6 +595,9 @@ class CleaningConfig:
         if not (isinstance(self.init_logit, numbers.Real) and math.isfinite(self.init_logit)):
             raise BilevelInputError(f"init_logit must be a finite number, got "
                                     f"{self.init_logit!r}")
+        if self.h_init not in H_INITS:
+            raise BilevelInputError(f"h_init must be one of {H_INITS}, got {self.h_init!r}")
+        _positive("detector_scale", self.detector_scale)
 
 
 def make_cleaning_estimator(name: str, steps: int) -> Any:
@@ -647,7 +671,8 @@ def split_selection(data: CleaningData, fraction: float = 0.5, seed: int = 0
 def run_cleaning(data: CleaningData, config: CleaningConfig = CleaningConfig(), seed: int = 0,
                  *, select: tuple[torch.Tensor, torch.Tensor] | None = None,
                  trial: Any = None, report_every: int = 10,
-                 deadline: float | None = None) -> CleaningRun:
+                 deadline: float | None = None,
+                 agreement: torch.Tensor | None = None) -> CleaningRun:
     """Learn the example weights by ``config.outer_steps`` hypergradient steps.
 
     The loop is a :class:`bilevel.OuterLoop` on :func:`cleaning_problem` (outer loss on
@@ -663,6 +688,11 @@ def run_cleaning(data: CleaningData, config: CleaningConfig = CleaningConfig(), 
     :class:`optuna.TrialPruned`. ``deadline`` (a ``time.perf_counter()`` value) stops the
     loop early, keeping what was learned. The CG convergence warnings of the implicit
     estimator are silenced (its solves are warm-started and capped).
+
+    With ``config.h_init == "detector"`` h starts at :func:`detector_logits`: the
+    ``agreement`` given (``(n_train,)`` in ``{0, 1}``, computed once by the caller), else
+    that of :func:`disagreement_weights` on ``data`` (its validation split, i.e. only the
+    examples the hypergradients fit, never ``select`` nor the test split).
 
     Raises:
         BilevelInputError: a bad config, data or selection split.
@@ -682,8 +712,13 @@ def run_cleaning(data: CleaningData, config: CleaningConfig = CleaningConfig(), 
     start = time.perf_counter()
     model = make_model(config.model, data.num_features, data.num_classes, config.hidden, seed,
                        data.x_train.dtype)
+    init: float | torch.Tensor = config.init_logit
+    if config.h_init == "detector":
+        if agreement is None:
+            agreement, _ = disagreement_weights(data, config.model, config.hidden, seed)
+        init = detector_logits(agreement, config.detector_scale)
     mp = cleaning_problem(data, model, config.steps, config.inner_lr, config.weight_decay,
-                          init_logit=config.init_logit)
+                          init_logit=init)
     best: dict[str, Any] = {"loss": math.inf, "h": mp.hparams["h"].detach().clone(),
                             "step": 0, "prev": mp.hparams["h"].detach().clone()}
     evaluate = None
@@ -907,6 +942,22 @@ def disagreement_weights(data: CleaningData, model: str = "mlp", hidden: int = 6
     return agree.to(data.x_train.dtype), recipe
 
 
+def detector_logits(agreement: torch.Tensor, scale: float) -> torch.Tensor:
+    """The detector start of h: ``+scale`` where ``agreement`` (:func:`disagreement_weights`,
+    ``(n,)`` in ``{0, 1}``) is 1, ``−scale`` where it is 0 (``σ(±scale)`` on either side of
+    the flag threshold, so the start flags exactly the detector's disagreements).
+
+    Raises:
+        BilevelInputError: a non-positive scale or an agreement outside ``{0, 1}``.
+    """
+    scale = _positive("scale", scale)
+    if not (isinstance(agreement, torch.Tensor) and agreement.dim() == 1
+            and bool(((agreement == 0) | (agreement == 1)).all())):
+        raise BilevelInputError("agreement must be a 1-d tensor of 0s and 1s")
+    a = agreement if agreement.is_floating_point() else agreement.to(torch.get_default_dtype())
+    return scale * (2.0 * a - 1.0)
+
+
 def disagreement(data: CleaningData, model: str = "mlp", hidden: int = 64, seed: int = 0,
                  recipe: FitRecipe | None = None) -> MethodResult:
     """Validation-classifier disagreement: drop the training examples whose label a
@@ -998,14 +1049,17 @@ def optuna_alone(data: CleaningData, budget_seconds: float | None = 60.0,
                    params=dict(best.params), trials=_trial_counts(study))
 
 
-#: the hybrid's search space: estimator, T, outer and inner learning rates, and the inner
-#: problem's weight decay
+#: the hybrid's search space: estimator, T, outer and inner learning rates, the inner
+#: problem's weight decay, the start of h (:data:`H_INITS`) and, for the detector start, its
+#: scale c (log-uniform)
 HYBRID_SPACE: dict[str, Any] = {
     "estimator": CLEANING_ESTIMATORS,
     "steps": (10, 20, 50),
     "outer_lr": (0.1, 10.0),
     "inner_lr": (0.02, 0.5),
     "weight_decay": (1e-4, 1e-1),
+    "h_init": H_INITS,
+    "detector_scale": (0.5, 4.0),
 }
 
 
@@ -1014,9 +1068,18 @@ def hybrid(data: CleaningData, budget_seconds: float | None = 60.0,
            seed: int = 0, recipe: FitRecipe | None = None, select_fraction: float = 0.5,
            callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
            pruner: optuna.pruners.BasePruner | None = None) -> MethodResult:
-    """Optuna chooses the estimator, T, the outer and inner learning rates and the inner
-    weight decay (:data:`HYBRID_SPACE`, TPE seeded by ``seed``); hypergradients learn the example
-    weights inside each trial (:func:`run_cleaning` with the other settings of ``base``).
+    """Optuna chooses the estimator, T, the outer and inner learning rates, the inner
+    weight decay and the start of h (:data:`HYBRID_SPACE`, TPE seeded by ``seed``);
+    hypergradients learn the example weights inside each trial (:func:`run_cleaning` with
+    the other settings of ``base``).
+
+    The start ``h_init`` is ``"constant"`` (every ``h_i`` at ``base.init_logit``) or
+    ``"detector"`` (``h_i = ±c``, ``c`` drawn from ``HYBRID_SPACE["detector_scale"]``, by
+    the agreement of the validation-classifier detector of :func:`disagreement_weights`
+    with the training label). The detector is fitted once per call, before the search and
+    inside its budget, on the part of the validation split that drives the hypergradients
+    only: the held-out part then stays unseen by everything a trial learns from, so the
+    trial scores that choose between the starts remain honest held-out estimates.
 
     The validation split is cut in two by :func:`split_selection` (``select_fraction``
     held out): the hypergradients fit one part, the other scores the trials. A trial's
@@ -1037,6 +1100,9 @@ def hybrid(data: CleaningData, budget_seconds: float | None = 60.0,
     deadline = None if budget_seconds is None else start + budget_seconds
     outer_data, select = split_selection(data, select_fraction, seed)
     weights: dict[int, torch.Tensor] = {}
+    agreement = None
+    if "detector" in HYBRID_SPACE["h_init"]:
+        agreement, _ = disagreement_weights(outer_data, base.model, base.hidden, seed)
 
     def objective(trial: optuna.Trial) -> float:
         config = replace(
@@ -1046,9 +1112,13 @@ def hybrid(data: CleaningData, budget_seconds: float | None = 60.0,
             outer_lr=trial.suggest_float("outer_lr", *HYBRID_SPACE["outer_lr"], log=True),
             inner_lr=trial.suggest_float("inner_lr", *HYBRID_SPACE["inner_lr"], log=True),
             weight_decay=trial.suggest_float("weight_decay", *HYBRID_SPACE["weight_decay"],
-                                             log=True))
+                                             log=True),
+            h_init=trial.suggest_categorical("h_init", list(HYBRID_SPACE["h_init"])))
+        if config.h_init == "detector":
+            config = replace(config, detector_scale=trial.suggest_float(
+                "detector_scale", *HYBRID_SPACE["detector_scale"], log=True))
         run = run_cleaning(outer_data, config, seed, select=select, trial=trial,
-                           deadline=deadline)
+                           deadline=deadline, agreement=agreement)
         weights[trial.number] = run.weights
         trial.set_user_attr("outer_steps_done", len(run.history))
         trial.set_user_attr("best_step", run.best_step)
@@ -1059,7 +1129,8 @@ def hybrid(data: CleaningData, budget_seconds: float | None = 60.0,
         n_startup_trials=3, n_warmup_steps=20)
     study = optuna.create_study(direction="minimize",
                                 sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
-    study.optimize(objective, n_trials=n_trials, timeout=budget_seconds,
+    timeout = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
+    study.optimize(objective, n_trials=n_trials, timeout=timeout,
                    callbacks=[callback] if callback is not None else None)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
@@ -1074,9 +1145,10 @@ def hybrid(data: CleaningData, budget_seconds: float | None = 60.0,
 
 
 __all__ = ["CLEANING_ESTIMATORS", "DATASETS", "DEFAULT_RECIPE", "FINAL_WEIGHT_DECAYS",
-           "HYBRID_SPACE", "MODELS", "THRESHOLD", "CleaningConfig", "CleaningData",
+           "HYBRID_SPACE", "H_INITS", "MODELS", "THRESHOLD", "CleaningConfig", "CleaningData",
            "CleaningRun", "FitRecipe", "MethodResult", "accuracy", "cleaning_problem",
-           "cross_entropy", "disagreement", "disagreement_weights", "final_accuracy",
+           "cross_entropy", "detector_logits", "disagreement", "disagreement_weights",
+           "final_accuracy",
            "fit_classifier", "fit_weighted", "flag_scores", "flip_labels",
            "hybrid", "hyper_cleaning", "l2_penalty", "load_cleaning_data", "make_cleaning_data",
            "make_cleaning_estimator", "make_model", "no_cleaning", "optuna_alone", "oracle",

@@ -3,11 +3,13 @@
 Half of the 800 training labels are flipped (each to a random other class); 200 clean
 validation examples are all we trust. Each training example i gets a weight σ(h_i) in the
 inner loss, and the validation loss is minimised over h by hypergradients (Franceschi et
-al., 2017). Optuna chooses the estimator, T, the learning rates and the inner weight decay
-around it, and its trials are pruned on their validation curve. An example is flagged as
-noisy when σ(h_i) < 0.5. Compared with no cleaning, the validation set alone, the oracle
-(clean examples only) and Optuna alone over the plain fit's learning rate and weight decay
-with the same wall clock. Run:  python examples/hyper_cleaning.py [--budget-seconds 30]
+al., 2017). Optuna chooses the estimator, T, the learning rates, the inner weight decay and
+the start of h (all zero, or ±c from a classifier fitted on the validation examples the
+hypergradients use) around it, and its trials are pruned on their validation curve. An
+example is flagged as noisy when σ(h_i) < 0.5. Compared with no cleaning, the validation
+set alone, the oracle (clean examples only) and Optuna alone over the plain fit's learning
+rate and weight decay with the same wall clock.
+Run:  python examples/hyper_cleaning.py [--budget-seconds 30]
 """
 
 import argparse
@@ -35,7 +37,7 @@ print(f"{data.name}: {int(data.flipped.sum())} training labels flipped")
 def show(study, trial):  # one line per hybrid trial
     value = "pruned" if trial.value is None else f"held-out loss {trial.value:.3f}"
     print(f"  trial {trial.number:2d} {trial.params['estimator']:9s} T={trial.params['steps']:<3d}"
-          f" {trial.state.name.lower():8s} {value}")
+          f" h0={trial.params['h_init']:8s} {trial.state.name.lower():8s} {value}")
 
 
 results = [

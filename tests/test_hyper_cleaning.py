@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import optuna
 import pytest
 import torch
 
@@ -203,7 +204,9 @@ def test_tiny_hybrid_run_gives_finite_numbers(monkeypatch):
     for v in (r.test_acc, r.test_acc_train_only, r.f1, r.precision, r.recall, r.val_loss):
         assert v is not None and math.isfinite(v)
     assert 0.0 <= r.test_acc <= 1.0 and 0.0 <= r.f1 <= 1.0
-    assert r.weights.shape == (100,) and ((r.weights > 0) & (r.weights < 1)).all()
+    # σ(h) in [0, 1]: float32 saturates at 0 or 1 once |h| > ~17 (e.g. from a detector start)
+    assert r.weights.shape == (100,) and ((r.weights >= 0) & (r.weights <= 1)).all()
+    assert r.params["h_init"] in C.H_INITS
     summary = r.summary()
     assert "weights" not in summary and summary["method"].startswith("hybrid")
 
@@ -261,3 +264,68 @@ def test_disagreement_weights_are_binary_test_blind_and_flag_flips():
     assert (r.precision, r.recall, r.f1) == (scores["precision"], scores["recall"],
                                              scores["f1"])
     assert r.test_acc_train_only is not None and 0.0 <= r.test_acc <= 1.0
+
+
+def test_detector_start_signs_and_test_blind():
+    """The detector start of h: +c where the validation-split classifier agrees with the
+    training label, −c where it disagrees; computed without the test split or flip labels."""
+    d = small(6)
+    agree, _ = C.disagreement_weights(d, hidden=16, seed=6)
+    h0 = C.detector_logits(agree, 1.5)
+    assert torch.equal(h0 > 0, agree == 1) and torch.equal(h0.abs(), torch.full((100,), 1.5,
+                                                                                  dtype=h0.dtype))
+    assert torch.equal(torch.sigmoid(h0) < C.THRESHOLD, agree == 0)  # starts on the detector
+    gen = torch.Generator().manual_seed(1)
+    blind = replace(d, y_test=(d.y_test + 3) % d.num_classes,
+                    x_test=torch.randn(d.x_test.shape, generator=gen),
+                    y_true=d.y_train.clone(), flipped=torch.zeros_like(d.flipped))
+    again, _ = C.disagreement_weights(blind, hidden=16, seed=6)
+    assert torch.equal(C.detector_logits(again, 1.5), h0)
+    # run_cleaning starts there: with a tiny outer rate the kept weights stay on the start
+    config = C.CleaningConfig(steps=3, outer_steps=1, hidden=16, outer_lr=1e-9,
+                              h_init="detector", detector_scale=1.5)
+    for data in (d, blind):
+        run = C.run_cleaning(data, config, seed=6)
+        assert torch.allclose(run.weights, torch.sigmoid(h0), atol=1e-5)
+    # the problem takes a tensor start; bad starts and scales are refused
+    mp = C.cleaning_problem(d, C.make_model("linear", 64, 10), 2, 0.1, init_logit=h0)
+    assert torch.equal(mp.hparams["h"], h0)
+    with pytest.raises(BilevelInputError, match="init_logit"):
+        C.cleaning_problem(d, C.make_model("linear", 64, 10), 2, 0.1, init_logit=h0[:5])
+    with pytest.raises(BilevelInputError, match="scale"):
+        C.detector_logits(agree, 0.0)
+    with pytest.raises(BilevelInputError, match="agreement"):
+        C.detector_logits(agree * 0.5, 1.0)
+    with pytest.raises(BilevelInputError, match="h_init"):
+        C.CleaningConfig(h_init="oracle")
+    with pytest.raises(BilevelInputError, match="detector_scale"):
+        C.CleaningConfig(detector_scale=-1.0)
+
+
+def test_tiny_hybrid_draws_the_start_of_h(monkeypatch):
+    """Both starts drawn in one tiny search (the first trials sample independently); the
+    detector is fitted on the hypergradient half of the validation split only."""
+    monkeypatch.setitem(C.HYBRID_SPACE, "steps", (3,))
+    d = small(7)
+    seen = []
+    real = C.disagreement_weights
+
+    def spy(data, *args, **kwargs):
+        seen.append(data.y_val.numel())
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(C, "disagreement_weights", spy)
+    chosen = []
+    r = C.hybrid(d, budget_seconds=None, n_trials=6, base=C.CleaningConfig(outer_steps=3,
+                                                                          hidden=8),
+                 seed=7, recipe=C.FitRecipe(steps=10),
+                 pruner=optuna.pruners.NopPruner(),
+                 callback=lambda study, trial: chosen.append(trial.params))
+    assert seen == [20]  # once, on the 20 hypergradient examples of the 40
+    assert {p["h_init"] for p in chosen} == set(C.H_INITS)
+    for p in chosen:
+        assert ("detector_scale" in p) == (p["h_init"] == "detector")
+        if "detector_scale" in p:
+            assert 0.5 <= p["detector_scale"] <= 4.0
+    assert r.params["h_init"] in C.H_INITS and math.isfinite(r.test_acc)
+    assert r.weights.shape == (100,) and torch.isfinite(r.weights).all()
