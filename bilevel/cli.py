@@ -350,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bilevel", description="Hyperparameter optimisation by hypergradients from a "
         "TOML config (see bilevel.config for the schema).")
+    p.add_argument("--version", action="version", version=f"bilevel {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="run a config into its output folder",
                        description="Validate CONFIG, tune its hyperparameters with OuterLoop and "
@@ -386,6 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     _threads(t, " (with several workers on one machine: its cores / the workers)")
     t.set_defaults(func=tune_worker.cmd_tune)
     return p
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own when run from a checkout)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("bilevel")
+    except PackageNotFoundError:  # pragma: no cover
+        from . import __version__
+
+        return __version__
 
 
 def _threads(p: argparse.ArgumentParser, hint: str = "") -> None:

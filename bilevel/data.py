@@ -420,7 +420,7 @@ def _pil_image() -> Any:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow comes with matplotlib
         raise DataError(
-            "reading an image folder needs Pillow: pip install 'bilevel[images]'"
+            "reading an image folder needs Pillow (a dependency of bilevel): pip install pillow"
         ) from None
     return Image
 

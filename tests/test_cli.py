@@ -250,3 +250,12 @@ def test_image_folder_run(tmp_path: Path, one_thread: None) -> None:
         assert summary["steps"] == 1 and 0 <= summary["test_acc"] <= 1
         # test accuracy is over the 4 test images
         assert summary["test_acc"] * 4 == pytest.approx(round(summary["test_acc"] * 4))
+
+
+def test_version(capsys):
+    import bilevel
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bilevel {bilevel.__version__}"

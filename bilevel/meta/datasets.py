@@ -98,8 +98,8 @@ def _pil_image() -> Any:
     try:
         from PIL import Image
     except ImportError:
-        raise DataError("load_omniglot reads PNG files with Pillow: pip install "
-                        "'bilevel[images]'") from None
+        raise DataError("load_omniglot reads PNG files with Pillow (a dependency of "
+                        "bilevel): pip install pillow") from None
     return Image
 
 
