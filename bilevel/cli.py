@@ -195,10 +195,13 @@ class Run:
         return {"val_acc": accuracy(model, self.data["val"]), "val_loss": val_loss}
 
     def loop(self, out: Path, mode: str, document: dict[str, Any],
-             outputs: tuple[str, ...] = (), callbacks: tuple[Any, ...] = ()) -> OuterLoop:
+             outputs: tuple[str, ...] = (), callbacks: tuple[Any, ...] = (),
+             progress: bool | None = None) -> OuterLoop:
         """The :class:`OuterLoop` running in the folder ``out`` (opened in ``mode``: see
         :class:`~bilevel.run_folder.RunFolder`), identified by the config ``document``, with
-        extra ``callbacks`` (e.g. :class:`~bilevel.tune.OptunaPruning`)."""
+        extra ``callbacks`` (e.g. :class:`~bilevel.tune.OptunaPruning`) and a progress bar
+        (``None``: when stderr is a terminal) showing the outer loss and the validation
+        metrics."""
         o = self.cfg.outer
         opt_cls = getattr(torch.optim, o.optimizer)
         return OuterLoop(self.mp.problem, {k: self.initial[k] for k in self.tuned},
@@ -210,7 +213,10 @@ class Run:
                          callbacks=callbacks, run_dir=out, run_mode=mode, kind="run",
                          config=document, growable=("config.outer.steps",),
                          outputs=outputs or OUTPUTS, checkpoint_every=o.checkpoint_every,
-                         progress=False, device=self.cfg.device, dtype=self.cfg.torch_dtype)
+                         progress=progress, device=self.cfg.device,
+                         dtype=self.cfg.torch_dtype,
+                         progress_fields={"loss": "outer_loss", "val loss": "eval_val_loss",
+                                          "val acc": "eval_val_acc"})
 
 
 #: result files of a `bilevel run` folder
@@ -272,6 +278,10 @@ def _execute(cfg: Config, loop: OuterLoop, run: Run, stop_after: int | None,
     return summary
 
 
+#: what the tuned hyperparameters are, as printed (summary.json holds exp of the logs)
+_HPARAM_NAMES = {"log_lr": "inner learning rate", "log_wd": "weight decay per layer"}
+
+
 def _print_summary(s: dict[str, Any]) -> None:
     if not s.get("complete"):
         return
@@ -279,6 +289,13 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"{'initial':<10} {s['initial_val_acc']:8.3f} {s['initial_test_acc']:9.3f}")
     print(f"{'tuned':<10} {s['val_acc']:8.3f} {s['test_acc']:9.3f}")
     print(f"{s['steps']} outer steps in {s['seconds']:.1f} s")
+    for name, value in s.get("hparams", {}).items():
+        shown = ", ".join(f"{v:.4g}" for v in value) if isinstance(value, list) \
+            else f"{value:.4g}"
+        print(f"tuned {_HPARAM_NAMES.get(name, name)}: {shown}")
+    if s.get("dir"):
+        print(f"outputs in {s['dir']}: hparams.pt, summary.json, metrics.jsonl/.csv, "
+              "outer_loss.png, val_accuracy.png")
 
 
 def _config_file(path: str) -> Path:
@@ -293,7 +310,7 @@ def _config_file(path: str) -> Path:
 def run_config(cfg: Config, text: str, document: dict[str, Any], out: Path, mode: str, *,
                outputs: tuple[str, ...] = OUTPUTS, stop_after: int | None = None,
                callbacks: tuple[Any, ...] = (), runner: Runner | None = None,
-               start: float | None = None) -> dict[str, Any]:
+               start: float | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Build the run of ``cfg`` (data, model, problem) and its :class:`OuterLoop` in the
     folder ``out`` (opened in ``mode``, identified by ``document``), write ``text`` there as
     ``config.toml``, run it (``runner(loop, steps)``; default ``loop.run``) and write the
@@ -301,7 +318,7 @@ def run_config(cfg: Config, text: str, document: dict[str, Any], out: Path, mode
     trial. Data and model problems surface before the folder is touched."""
     start = time.perf_counter() if start is None else start
     run = Run(cfg)
-    with run.loop(out, mode, document, outputs, callbacks) as loop:
+    with run.loop(out, mode, document, outputs, callbacks, progress) as loop:
         loop.folder.write_text(CONFIG_NAME, text)
         return _execute(cfg, loop, run, stop_after, start, runner)
 
@@ -320,7 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         outputs = tuple(n for n in OUTPUTS if n != CONFIG_NAME)
     summary = run_config(cfg, text, document, out, "overwrite" if args.overwrite else "new",
                          outputs=outputs, stop_after=args.stop_after, start=start)
-    _print_summary(summary)
+    _print_summary({**summary, "dir": str(out)})
     return 0
 
 
@@ -341,7 +358,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         step = loop.resume()
         print(f"resumed {out} at outer step {step}", file=sys.stderr)
         summary = _execute(cfg, loop, run, args.stop_after, start)
-    _print_summary(summary)
+    _print_summary({**summary, "dir": str(out)})
     return 0
 
 

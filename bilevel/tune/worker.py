@@ -498,7 +498,7 @@ def run_one(s: Setup, trial: optuna.Trial) -> float | list[float]:
     _reset_peak_memory()
     with _convergence_warnings(trial):
         run_config(cfg, text, document, out, "new" if inherited is None else "auto",
-                   callbacks=(pruning,), runner=runner, start=start)
+                   callbacks=(pruning,), runner=runner, start=start, progress=False)
     _set_constraints(s, trial, history)
     result = [final_value(history, k) for k in s.objectives]
     return result[0] if len(result) == 1 else result
