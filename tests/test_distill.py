@@ -339,3 +339,16 @@ def test_fashion_mnist_convnet3_smoke(tmp_path):
     summary = json.loads(write_outputs(tmp_path, d, report)["summary"].read_text())
     assert summary["dataset"] == "fashion_mnist" and summary["outer_steps"] == 2
     assert d.distilled.images.shape == (10, 1, 28, 28)
+
+
+def test_distilled_set_prints_one_line():
+    from bilevel.distill.core import DistilledSet
+
+    hard = DistilledSet(torch.zeros(20, 1, 8, 8), torch.eye(10).repeat(2, 1), 0.0123456,
+                        torch.zeros(1), torch.ones(1), 10, meta={"dataset": "digits"})
+    assert repr(hard) == ("DistilledSet(20 images = 2 per class x 10 classes, (1, 8, 8) "
+                          "float32, hard labels, lr=0.01235, dataset='digits')")
+    soft = DistilledSet(torch.zeros(10, 3, 4, 4), torch.full((10, 10), 0.1), 0.5,
+                        torch.zeros(3), torch.ones(3), 10)
+    assert str(soft) == ("DistilledSet(10 images = 1 per class x 10 classes, (3, 4, 4) "
+                         "float32, soft labels, lr=0.5)")

@@ -217,6 +217,15 @@ class DistilledSet:
     def ipc(self) -> int:
         return self.images.shape[0] // self.num_classes
 
+    def __repr__(self) -> str:
+        """One line: size, image shape, labels, learning rate and dataset, no tensors."""
+        soft = "hard" if bool(((self.labels == 0) | (self.labels == 1)).all()) else "soft"
+        where = self.meta.get("dataset")
+        return (f"DistilledSet({self.images.shape[0]} images = {self.ipc} per class x "
+                f"{self.num_classes} classes, {tuple(self.images.shape[1:])} "
+                f"{str(self.images.dtype).replace('torch.', '')}, {soft} labels, "
+                f"lr={self.lr:.4g}{f', dataset={where!r}' if where else ''})")
+
     @property
     def hard_labels(self) -> torch.Tensor:
         return self.labels.argmax(-1)
