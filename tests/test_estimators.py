@@ -232,6 +232,19 @@ def test_fixed_point_implicit_matches_unrolled_at_convergence(optimizer, steps):
     assert rel(implicit.grad["lam"], plain.grad["lam"]) < 1e-8
 
 
+@pytest.mark.parametrize("kw, match", [
+    ({"inner_steps": -3}, "inner_steps must be None or an int >= 0, got -3"),
+    ({"inner_steps": 2.5}, "inner_steps must be None or an int >= 0"),
+    ({"inner_steps": True}, "inner_steps must be None or an int >= 0"),
+    ({"inner_tol": -1.0}, "inner_tol must be None or a finite number >= 0"),
+    ({"inner_tol": float("nan")}, "inner_tol must be None or a finite number >= 0"),
+])
+def test_implicit_refuses_bad_inner_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        hg.Implicit(**kw)
+    hg.Implicit(inner_steps=0, inner_tol=None)  # w* = params, no warning: allowed
+
+
 def test_fixed_point_needs_a_nonsymmetric_solver():
     with pytest.raises(ValueError, match="non-symmetric"):
         hg.Implicit(fixed_point=True, solver=hg.ConjugateGradient())

@@ -25,6 +25,7 @@ of percent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -87,6 +88,16 @@ class Implicit(Estimator):
 
     def __post_init__(self) -> None:
         check_self_check("Implicit", self.self_check)
+        if self.inner_steps is not None and (
+                isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int)
+                or self.inner_steps < 0):
+            raise ValueError(f"Implicit.inner_steps must be None or an int >= 0, got "
+                             f"{self.inner_steps!r}")
+        if self.inner_tol is not None and not (
+                isinstance(self.inner_tol, (int, float)) and not isinstance(self.inner_tol, bool)
+                and math.isfinite(self.inner_tol) and self.inner_tol >= 0):
+            raise ValueError(f"Implicit.inner_tol must be None or a finite number >= 0, got "
+                             f"{self.inner_tol!r}")
         if self.hvp not in HVP_MODES:
             raise ValueError(f"Implicit.hvp must be one of {HVP_MODES}, got {self.hvp!r}")
         solver = self.linear_solver
