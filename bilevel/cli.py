@@ -152,6 +152,7 @@ class Run:
         # weight decay per layer: the weights of the conv and linear layers
         weights = [f"{name}.weight" for name, mod in self.model.named_modules()
                    if isinstance(mod, (nn.Linear, nn.Conv2d))]
+        self.weights = weights
         h = cfg.hyperparameters
         kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
         n_layers = len(weights)
@@ -188,6 +189,33 @@ class Run:
         params = self.mp.problem.solve_inner(self.reinit(), hparams, self.cfg.inner.steps)[0]
         return self.mp.export(params)
 
+    def values(self, hparams: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The tuned hyperparameters as the network uses them (not their logs): metrics
+        columns ``inner_lr`` and ``weight_decay.<layer weight>``, recorded every step."""
+        out: dict[str, float] = {}
+        if "log_lr" in hparams:
+            out["inner_lr"] = float(hparams["log_lr"].detach().exp())
+        if "log_wd" in hparams:
+            for name, v in zip(self.weights, hparams["log_wd"].detach().exp().tolist(),
+                               strict=True):
+                out[f"weight_decay.{name}"] = float(v)
+        return out
+
+    def hyperparameters(self, tuned: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """``summary.json``'s ``hyperparameters``: per hyperparameter, its initial and its
+        tuned value (equal when it was held fixed), weight decay per layer weight."""
+        final = {**self.initial, **tuned}
+        h = self.cfg.hyperparameters
+        lr0, wd0 = h.lr, [h.weight_decay] * len(self.weights)
+        lr1, wd1 = float(final["log_lr"].detach().exp()), final["log_wd"].detach().exp().tolist()
+        if "log_lr" not in tuned:
+            lr1 = lr0
+        if "log_wd" not in tuned:
+            wd1 = wd0
+        return {"inner_lr": {"initial": lr0, "tuned": lr1, "fixed": "log_lr" not in tuned},
+                "weight_decay": {"layers": list(self.weights), "initial": wd0, "tuned": wd1,
+                                 "fixed": "log_wd" not in tuned}}
+
     def evaluate(self, hparams: dict[str, torch.Tensor], params: Any) -> dict[str, float]:
         """Validation accuracy and loss of the inner solution ``params``."""
         model = self.mp.export(params)
@@ -210,7 +238,8 @@ class Run:
                          lambda ps: opt_cls(ps, lr=o.lr),
                          reinit=self.reinit if self.cfg.inner.reinit else None,
                          clip_norm=o.clip_norm, evaluate=self.evaluate, eval_every=o.eval_every,
-                         callbacks=callbacks, run_dir=out, run_mode=mode, kind="run",
+                         callbacks=callbacks, metrics=self.values, run_dir=out,
+                         run_mode=mode, kind="run",
                          config=document, growable=("config.outer.steps",),
                          outputs=outputs or OUTPUTS, checkpoint_every=o.checkpoint_every,
                          progress=progress, device=self.cfg.device,
@@ -220,26 +249,70 @@ class Run:
 
 
 #: result files of a `bilevel run` folder
-OUTPUTS = (CONFIG_NAME, "hparams.pt", "summary.json", "outer_loss.png", "val_accuracy.png")
+OUTPUTS = (CONFIG_NAME, "hparams.pt", "summary.json", "outer_loss.png", "val_accuracy.png",
+           "hyperparameters.png")
 
 
-def _plot(history: list[dict[str, Any]], out: Path) -> None:
+def _points(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"] + 1, r[key]) for r in history if isinstance(r.get(key), (int, float))]
+
+
+def _plot(history: list[dict[str, Any]], out: Path, initial: dict[str, float],
+          summary: dict[str, Any] | None = None) -> None:
+    """``outer_loss.png``, ``val_accuracy.png`` (with the validation accuracy of a network
+    trained at the initial and at the tuned hyperparameters, once the run is complete) and
+    ``hyperparameters.png`` (each tuned hyperparameter over the outer steps, from its
+    ``initial`` value at step 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    for key, name, label in [("outer_loss", "outer_loss.png", "outer (validation) loss"),
-                             ("eval_val_acc", "val_accuracy.png", "validation accuracy")]:
-        pts = [(r["step"] + 1, r[key]) for r in history if isinstance(r.get(key), (int, float))]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=".")
-        ax.set_xlabel("outer step")
-        ax.set_ylabel(label)
+    def save(fig: Any, name: str) -> None:
+        for ax in fig.axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
-        ckpt.atomic_write(out / name, lambda f, fig=fig: fig.savefig(f, dpi=100, format="png"))
+        ckpt.atomic_write(out / name, lambda f: fig.savefig(f, dpi=100, format="png"))
         plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if pts := _points(history, "outer_loss"):
+        ax.plot(*zip(*pts, strict=True), marker=".")
+    ax.set(xlabel="outer step", ylabel="outer (validation) loss")
+    save(fig, "outer_loss.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if pts := _points(history, "eval_val_acc"):
+        ax.plot(*zip(*pts, strict=True), marker=".", label="during tuning")
+    if summary and summary.get("complete"):
+        ax.axhline(summary["initial_val_acc"], color="grey", ls="--",
+                   label=f"initial hyperparameters: {summary['initial_val_acc']:.3f}")
+        ax.axhline(summary["val_acc"], color="C2", ls="-.",
+                   label=f"tuned hyperparameters: {summary['val_acc']:.3f}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set(xlabel="outer step", ylabel="validation accuracy")
+    save(fig, "val_accuracy.png")
+
+    lr = _points(history, "inner_lr")
+    wd = sorted({k for r in history for k in r if k.startswith("weight_decay.")})
+    panels = [p for p in (("inner learning rate", ["inner_lr"] if lr else []),
+                          ("weight decay", wd)) if p[1]]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 3.5),
+                             squeeze=False)
+    for ax, (label, keys) in zip(axes[0], panels, strict=False):
+        for key in keys:
+            if pts := ([(0, initial[key])] if key in initial else []) + _points(history, key):
+                ax.plot(*zip(*pts, strict=True), marker=".",
+                        label=key.removeprefix("weight_decay.") if len(keys) > 1 else None)
+        ax.set(xlabel="outer step", ylabel=label, yscale="log")
+        if len(keys) > 1:
+            ax.legend(fontsize=8, title="layer", title_fontsize=8)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no hyperparameter was tuned", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    save(fig, "hyperparameters.png")
 
 
 def _document(path: Path) -> dict[str, Any]:
@@ -257,45 +330,58 @@ def _execute(cfg: Config, loop: OuterLoop, run: Run, stop_after: int | None,
     out = loop.folder.path
     target = cfg.outer.steps if stop_after is None else min(stop_after, cfg.outer.steps)
     history = (runner or OuterLoop.run)(loop, target)
-    _plot(history, out)
     hp = loop.current_hparams()
     loop.folder.save_torch("hparams.pt", hp)
+    initial = run.values({k: run.initial[k] for k in run.tuned})
     if loop.global_step < cfg.outer.steps:
+        _plot(history, out, initial)
         print(f"stopped at outer step {loop.global_step}/{cfg.outer.steps}; continue with "
               f"`bilevel resume {out}`", file=sys.stderr)
         return {"steps": loop.global_step, "complete": False}
     base, tuned = run.train({k: run.initial[k] for k in run.tuned}), run.train(hp)
+
+    def val_loss(model: nn.Module) -> float:
+        return float(F.cross_entropy(predict(model, run.data["val"][0]), run.data["val"][1]))
+
     summary = {
         "steps": loop.global_step, "complete": True,
         "val_acc": accuracy(tuned, run.data["val"]), "test_acc": accuracy(tuned, run.data["test"]),
+        "val_loss": val_loss(tuned),
         "initial_val_acc": accuracy(base, run.data["val"]),
         "initial_test_acc": accuracy(base, run.data["test"]),
-        "hparams": {k: v.exp().tolist() for k, v in hp.items()},
+        "initial_val_loss": val_loss(base),
+        "hyperparameters": run.hyperparameters(hp),
         "seconds": time.perf_counter() - start,
         "train_seconds": sum(r.get("step_seconds", 0.0) for r in history),
     }
+    _plot(history, out, initial, summary)
     loop.folder.write_json("summary.json", summary)
     return summary
 
 
-#: what the tuned hyperparameters are, as printed (summary.json holds exp of the logs)
-_HPARAM_NAMES = {"log_lr": "inner learning rate", "log_wd": "weight decay per layer"}
+#: how ``summary.json``'s hyperparameters are printed
+_HPARAM_NAMES = {"inner_lr": "inner learning rate", "weight_decay": "weight decay"}
 
 
 def _print_summary(s: dict[str, Any]) -> None:
     if not s.get("complete"):
         return
-    print(f"{'':<10} {'val acc':>8} {'test acc':>9}")
-    print(f"{'initial':<10} {s['initial_val_acc']:8.3f} {s['initial_test_acc']:9.3f}")
-    print(f"{'tuned':<10} {s['val_acc']:8.3f} {s['test_acc']:9.3f}")
+    print(f"{'':<10} {'val acc':>8} {'test acc':>9} {'val loss':>9}")
+    print(f"{'initial':<10} {s['initial_val_acc']:8.3f} {s['initial_test_acc']:9.3f} "
+          f"{s['initial_val_loss']:9.4f}")
+    print(f"{'tuned':<10} {s['val_acc']:8.3f} {s['test_acc']:9.3f} {s['val_loss']:9.4f}")
     print(f"{s['steps']} outer steps in {s['seconds']:.1f} s")
-    for name, value in s.get("hparams", {}).items():
-        shown = ", ".join(f"{v:.4g}" for v in value) if isinstance(value, list) \
-            else f"{value:.4g}"
-        print(f"tuned {_HPARAM_NAMES.get(name, name)}: {shown}")
+    for name, h in s.get("hyperparameters", {}).items():
+        if h.get("fixed"):
+            continue
+        if "layers" in h:
+            for layer, a, b in zip(h["layers"], h["initial"], h["tuned"], strict=True):
+                print(f"{_HPARAM_NAMES.get(name, name)} of {layer}: {a:.4g} -> {b:.4g}")
+        else:
+            print(f"{_HPARAM_NAMES.get(name, name)}: {h['initial']:.4g} -> {h['tuned']:.4g}")
     if s.get("dir"):
-        print(f"outputs in {s['dir']}: hparams.pt, summary.json, metrics.jsonl/.csv, "
-              "outer_loss.png, val_accuracy.png")
+        print(f"outputs in {s['dir']}: hparams.pt (the log-hyperparameters), summary.json, "
+              "metrics.jsonl/.csv, outer_loss.png, val_accuracy.png, hyperparameters.png")
 
 
 def _config_file(path: str) -> Path:

@@ -118,6 +118,21 @@ def test_run_then_resume(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and 0 <= summary["test_acc"] <= 1
     assert {"val_acc", "initial_val_acc", "initial_test_acc", "seconds"} <= set(summary)
+    # summary.json names each hyperparameter by what it is and holds its values, not logs
+    hp = summary["hyperparameters"]
+    h = load_config(cfg).hyperparameters
+    assert hp["inner_lr"]["initial"] == h.lr and hp["weight_decay"]["initial"] == [h.weight_decay] * 2
+    assert hp["weight_decay"]["layers"] == ["0.weight", "2.weight"]
+    tuned = torch.load(out / "hparams.pt")
+    assert hp["inner_lr"]["tuned"] == pytest.approx(float(tuned["log_lr"].exp()), rel=1e-6)
+    assert hp["inner_lr"]["tuned"] != hp["inner_lr"]["initial"]
+    # the metrics hold every hyperparameter's trajectory, ending at the tuned values
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().split("\n") if line]
+    assert rows[-1]["inner_lr"] == pytest.approx(hp["inner_lr"]["tuned"], rel=1e-6)
+    assert [rows[-1][f"weight_decay.{n}"] for n in hp["weight_decay"]["layers"]] == \
+        pytest.approx(hp["weight_decay"]["tuned"], rel=1e-6)
+    assert (out / "hyperparameters.png").stat().st_size > 10_000
+    assert f"inner learning rate: {h.lr:.4g} -> {hp['inner_lr']['tuned']:.4g}" in r.stdout
     # a deleted last checkpoint is redone by resume
     last.unlink()
     r = bilevel("resume", str(out))
@@ -223,7 +238,8 @@ def test_digits_convnet_example(tmp_path: Path, capsys: pytest.CaptureFixture,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["complete"]
     assert 0 <= summary["test_acc"] <= 1 and summary["val_acc"] > 0.2  # 10 classes
-    assert len(summary["hparams"]["log_wd"]) == 3  # two conv layers and the classifier
+    wd = summary["hyperparameters"]["weight_decay"]
+    assert len(wd["tuned"]) == len(wd["layers"]) == 3  # two conv layers and the classifier
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and all(r["hypergrad_norm"] > 0 for r in rows)
 
