@@ -3,7 +3,8 @@
 Every result and checkpoint file is written to a temporary file in the same directory,
 flushed and fsynced, then moved into place with :func:`os.replace`, so a crash mid-write
 leaves the previous file untouched (at worst a stale ``.NAME.XXXXXXXX.tmp``, which
-:func:`remove_stale_temps` clears). Files get the permissions of any new file,
+:func:`remove_stale_temps` clears for checkpoint files, whose names start with
+``step-``). Files get the permissions of any new file,
 ``0o666 & ~umask``. Where checkpoints live and how they are named, loaded and pruned is
 :mod:`bilevel.run_folder`'s business.
 """
@@ -19,12 +20,18 @@ from typing import IO, Any
 
 import torch
 
-#: version of the checkpoint payload layout
+#: the prefix of the temp files of interrupted checkpoint writes (``.step-….tmp``)
 _TMP_PREFIX = ".step-"
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """RNG states of torch (CPU, and CUDA when initialised), ``random`` and numpy."""
+    """RNG states of torch (CPU, and CUDA when initialised), ``random`` and numpy.
+
+    Returns:
+        A dict with keys ``"torch"`` (a uint8 tensor), ``"python"``, and where present
+        ``"cuda"`` (a list, one state per device) and ``"numpy"``; picklable with
+        ``torch.save``.
+    """
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -38,7 +45,13 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`capture_rng_state` captured (missing entries are skipped)."""
+    """Restore what :func:`capture_rng_state` captured (missing entries are skipped; a
+    CUDA state is skipped without CUDA).
+
+    Raises:
+        RuntimeError, TypeError, ValueError: an entry of the wrong form (from torch,
+            ``random`` or numpy).
+    """
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "python" in state:
@@ -87,6 +100,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     The file gets ``0o666 & ~umask`` like any new file (``mkstemp`` alone would make it
     ``0o600``). If anything fails before the replace, the temp file is removed and the
     previous file at ``path`` (if any) is left as it was.
+
+    Args:
+        path: the file to write; its parent folders are created.
+        write: called with the temp file opened in binary mode.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: the folder or file cannot be written; anything ``write`` raises is
+            re-raised after the temp file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,12 +134,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`); returns the
+    path.
+
+    Raises:
+        OSError: ``path`` cannot be written; pickling errors of ``torch.save``.
+    """
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete temp files left by interrupted writes; return what was removed."""
+    """Delete the temp files left in ``directory`` by interrupted checkpoint writes
+    (``.step-….tmp``; temp files of other names are left); return what was removed
+    (``[]`` when ``directory`` does not exist)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []

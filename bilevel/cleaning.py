@@ -235,10 +235,12 @@ class CleaningData:
 
     @property
     def n_train(self) -> int:
+        """The number of training examples (the length of h)."""
         return int(self.y_train.numel())
 
     @property
     def num_features(self) -> int:
+        """d, the number of (flattened) features."""
         return int(self.x_train.shape[1])
 
     def to(self, dtype: torch.dtype) -> CleaningData:
@@ -425,7 +427,14 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     ``Σ_i weights_i · CE_i / n + ½ λ Σ ‖W‖²`` (``weights=None``: all ones); returns it.
 
     Args:
-        x: ``(n, d)`` features; y: ``(n,)`` int64 labels; weights: ``(n,)`` or None.
+        model: the network (trained in place).
+        x: ``(n, d)`` features.
+        y: ``(n,)`` int64 labels.
+        weights: ``(n,)`` per-example weights, or ``None``.
+        recipe: the :class:`FitRecipe` (steps, learning rate, momentum, weight decay).
+
+    Returns:
+        ``model`` itself, trained.
 
     Raises:
         BilevelInputError: mismatched shapes or a bad recipe.
@@ -451,13 +460,14 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The fraction of ``(n, d)`` inputs ``x`` whose arg-max class is ``y``."""
+    """The fraction (in [0, 1]) of ``(n, d)`` inputs ``x`` whose arg-max class is ``y``
+    (``(n,)`` int64)."""
     return float((model(x).argmax(1) == y).float().mean())
 
 
 @torch.no_grad()
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The mean cross-entropy of ``model`` on ``(x, y)``."""
+    """The mean cross-entropy (nats) of ``model`` on ``(x, y)``, ``(n, d)`` and ``(n,)``."""
     return float(F.cross_entropy(model(x), y))
 
 
@@ -503,8 +513,16 @@ def cleaning_problem(data: CleaningData, model: nn.Module, steps: int, inner_lr:
     by its index; ``steps`` (T) full-batch heavy-ball steps (:class:`hypergrad.Momentum`)
     of rate ``inner_lr``; the outer loss is the validation cross-entropy.
 
+    Returns:
+        The :class:`~bilevel.ModuleProblem`; its ``hparams`` are ``{"h": (n_train,)}``.
+
     Raises:
-        BilevelInputError: bad sizes or rates.
+        BilevelInputError: bad sizes or rates, a momentum outside [0, 1), or an
+            ``init_logit`` tensor that is not finite and of shape ``(n_train,)``.
+
+    References:
+        Franceschi, Donini, Frasconi, Pontil, "Forward and reverse gradient-based
+        hyperparameter optimization", ICML 2017, §5.1.
     """
     _int("steps", steps, 1)
     _positive("inner_lr", inner_lr)
@@ -554,7 +572,8 @@ class CleaningConfig:
             SGD (momentum 0.9) with rate ``outer_lr · n_train``, since the hypergradient of
             a loss averaged over n examples scales like 1/n.
         inner_lr: the inner heavy-ball rate (momentum 0.9).
-        model: one of :data:`MODELS`; hidden: the MLP's width.
+        model: one of :data:`MODELS`.
+        hidden: the MLP's width.
         weight_decay: the inner problem's fixed L2 on weight matrices.
         init_logit: the starting value of every ``h_i`` with ``h_init="constant"`` (0:
             weights 0.5, on the flag threshold).
@@ -565,6 +584,10 @@ class CleaningConfig:
         detector_scale: ``c > 0``, the magnitude of the detector start.
         warm_start: start each outer step's inner run from the previous one's solution
             (``False``: from the initialisation, every time).
+
+    Raises:
+        BilevelInputError: an unknown estimator, model or ``h_init``, a non-positive
+            size or rate, or a non-finite ``init_logit``.
     """
 
     estimator: str = "unrolled"
@@ -601,7 +624,13 @@ class CleaningConfig:
 
 
 def make_cleaning_estimator(name: str, steps: int) -> Any:
-    """The estimator object of a :class:`CleaningConfig` name at T = ``steps``."""
+    """The estimator object of a :class:`CleaningConfig` name at T = ``steps``:
+    :class:`~hypergrad.Unrolled`, :class:`~hypergrad.Truncated` with window
+    ``max(1, T // 4)``, or :class:`~hypergrad.Implicit` without an inner tolerance.
+
+    Raises:
+        BilevelInputError: a name outside :data:`CLEANING_ESTIMATORS`.
+    """
     if name == "unrolled":
         return Unrolled()
     if name == "truncated":
@@ -621,7 +650,8 @@ class CleaningRun:
         val_loss: the last outer loss (cross-entropy on the outer validation examples).
         select_loss: the lowest selection loss (``None`` without a selection split).
         best_step: the outer step whose weights were kept.
-        history: the loop's records; seconds: wall clock.
+        history: the loop's records (one dict per outer step).
+        seconds: wall-clock seconds of the run.
     """
 
     weights: torch.Tensor
@@ -987,7 +1017,15 @@ def disagreement(data: CleaningData, model: str = "mlp", hidden: int = 64, seed:
 
 def hyper_cleaning(data: CleaningData, config: CleaningConfig = CleaningConfig(),
                    seed: int = 0, recipe: FitRecipe | None = None) -> MethodResult:
-    """One hyper-cleaning run at a fixed ``config`` (no search)."""
+    """One hyper-cleaning run at a fixed ``config`` (no search), evaluated by the module's
+    rule (final fit weight decay by :func:`select_recipe` unless ``recipe`` is given).
+
+    Returns:
+        A :class:`MethodResult` with the flag scores of ``σ(h) < 0.5``.
+
+    Raises:
+        BilevelInputError: a bad config or data.
+    """
     start = time.perf_counter()
     run = run_cleaning(data, config, seed)
     return _result(f"hyper-cleaning ({config.estimator}, fixed)", data, run.weights, start,

@@ -29,6 +29,13 @@ def validate_hparams(hparams: Any, *, name: str = "hparams") -> dict[str, torch.
     string keys (a new dict holding the same tensors), or an ``nn.Module``'s named
     parameters (the Parameter objects themselves, so updating them updates the module).
 
+    Args:
+        hparams: a mapping ``str -> floating tensor`` (any shapes) or an ``nn.Module``.
+        name: how the hyperparameters are named in error messages.
+
+    Returns:
+        A new dict ``name -> tensor`` holding the same tensor objects.
+
     Raises:
         HyperparameterTypeError: ``hparams`` is neither a mapping nor a module, or a key
             is not a string.
@@ -63,7 +70,11 @@ def validate_hparams(hparams: Any, *, name: str = "hparams") -> dict[str, torch.
 
 
 def hparams_dict(hparams: Any) -> dict[str, torch.Tensor]:
-    """:func:`validate_hparams` (the name kept for existing callers)."""
+    """:func:`validate_hparams` (the name kept for existing callers).
+
+    Raises:
+        HyperparameterError, HyperparameterTypeError: as :func:`validate_hparams`.
+    """
     return validate_hparams(hparams)
 
 
@@ -76,6 +87,12 @@ def assign_grads(target: nn.Module | Mapping[str, torch.Tensor],
     Everything is checked before anything is written: every key of ``grads`` must name a
     hyperparameter and match its shape, and with ``complete`` every hyperparameter must
     have a gradient.
+
+    Args:
+        target: the hyperparameters (as :func:`validate_hparams` accepts them).
+        grads: ``name -> tensor`` with each hyperparameter's shape (e.g.
+            ``Hypergradient.grad``); a subset of the names unless ``complete``.
+        complete: require a gradient for every hyperparameter.
 
     Raises:
         HyperparameterError: an unknown key, a missing one (``complete``), a gradient that

@@ -108,7 +108,13 @@ class InnerLoop:
                 "loop could not be replayed. Work on copies (params[k].clone())")
 
     def step(self, batch: Any) -> Params:
-        """One inner step on ``batch`` (recorded); returns the new parameters."""
+        """One inner step on ``batch`` (recorded); returns the new parameters (a dict
+        keyed by parameter name, detached).
+
+        Raises:
+            InnerLoopError: the loop has ended, the hyperparameters changed since it
+                started, or the parameters it returned were modified in place.
+        """
         if self.closed:
             raise InnerLoopError("loop.step called after the `with mp.inner_loop()` block "
                                  "ended; start a new loop with mp.inner_loop()")
@@ -126,7 +132,11 @@ class InnerLoop:
         return params
 
     def problem(self) -> hg.Problem:
-        """The core problem that replays the recorded steps (``steps`` = their number)."""
+        """The core problem that replays the recorded steps (``steps`` = their number).
+
+        Raises:
+            InnerLoopError: no step was recorded.
+        """
         if not self.batches:
             raise InnerLoopError("the inner loop has no recorded step: call loop.step(batch) "
                                  "at least once before asking for a hypergradient")
@@ -141,6 +151,17 @@ class InnerLoop:
         replaces the problem's outer data. ``state`` is a previous result's state; its
         ``inner_state`` (a warm-started inner optimizer) is dropped so that the replay
         starts as the loop did. ``result.params`` equals ``loop.params``.
+
+        Returns:
+            :class:`hypergrad.Hypergradient` (``grad`` a dict matching ``hparams``).
+
+        Raises:
+            InnerLoopError: no recorded step, or hyperparameters/parameters changed.
+            BufferPolicyError: ``buffers="track"`` with an estimator other than
+                Unrolled/Truncated.
+            BilevelInputError: bad inputs, as :func:`hypergrad.hypergradient`.
+            DivergenceError, NonFiniteError, LinearSolveError, SecondOrderError: raised by
+                the estimator, as :func:`hypergrad.hypergradient`.
         """
         problem = self.problem()
         self._check_unchanged()

@@ -126,6 +126,43 @@ Params = dict[str, torch.Tensor]
 class ModuleProblem:
     """A bilevel problem over an ``nn.Module``; see the module docstring.
 
+    Args:
+        module: the model; never modified (it is run through private copies).
+        inner_loss: ``loss(outputs, batch, hparams) -> 0-d tensor``, minimised over the
+            model's trainable parameters.
+        outer_loss: ``loss(outputs, batch, hparams) -> 0-d tensor``, whose hypergradient
+            is sought (the model runs in eval mode unless ``outer_train``).
+        hparams: a dict ``name -> floating tensor`` (any shape), or an ``nn.Module``
+            whose parameters are the hyperparameters.
+        inner_data: one batch (a tensor, tuple/list such as ``(x, y)`` with tensors
+            ``(N, ...)`` and ``(N,)``, or dict), or an iterable of batches (a
+            ``DataLoader``), read one batch per inner step and cycled.
+        outer_data: the same for the outer loss (one batch per outer step for an
+            iterable).
+        optimizer: differentiable inner optimizer (default ``SGD(lr=0.1)``).
+        steps: number T of inner steps (int ≥ 0).
+        inputs: ``batch -> model input`` or ``(batch, hparams) -> model input``
+            (default: the batch, or its first element); a returned tuple is unpacked.
+        outer_inputs: the same for the outer loss (default ``inputs``).
+        penalty: ``(params, hparams) -> 0-d tensor`` added to the inner loss, with
+            ``params`` a dict keyed by ``model.named_parameters()`` names.
+        buffers: ``"batch_stats"``, ``"frozen"`` or ``"track"`` (running statistics,
+            :mod:`bilevel.buffers`).
+        train: training mode (Dropout on, batch statistics) in the inner loss.
+        outer_train: training mode in the outer loss.
+        seed: seed of random layers, mixed with the step index (``None``: unseeded).
+
+    Raises:
+        TypeError: ``module`` not an ``nn.Module``, a loss/``inputs``/``penalty`` not
+            callable, ``seed`` not an int or ``None``, or data that is neither a batch
+            nor an iterable of batches.
+        BilevelInputError: ``steps`` not a non-negative int, an unknown ``buffers``
+            policy, a model without trainable parameters, empty data, or a parameter
+            that ``forward`` reads from where ``functional_call`` cannot substitute it.
+        HyperparameterError: ``hparams`` empty or not floating tensors
+            (:class:`~bilevel.hparams.HyperparameterTypeError` for a wrong container).
+        ObjectiveError: a loss or ``penalty`` that does not return a scalar tensor.
+
     Attributes:
         problem: the core :class:`hypergrad.Problem` (losses in ``f(params, hparams,
             batch)`` form on tagged batches).
@@ -267,7 +304,21 @@ class ModuleProblem:
     def forward(self, params: Params, inputs: Any, outer: bool = False,
                 t: int | None = None) -> Any:
         """The model applied to ``inputs`` with ``params`` (inner or outer mode), random
-        layers seeded by (seed, t)."""
+        layers seeded by (seed, t).
+
+        Args:
+            params: a dict ``name -> tensor`` like :attr:`params`.
+            inputs: the model input (a tuple is passed as positional arguments).
+            outer: use the outer (eval-mode by default) copy of the model.
+            t: the inner step index (``None``: outside the inner steps).
+
+        Returns:
+            Whatever the module returns (e.g. logits ``(N, classes)``).
+
+        Raises:
+            BilevelInputError: a normalisation layer given a single sample, a random op
+                inside a ``vmap`` that refuses it, or a model writing a tensor in place.
+        """
         model = self._models[not outer]
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         if not outer:  # the inner model normalises by batch statistics
@@ -317,7 +368,12 @@ class ModuleProblem:
 
     def inner_loss(self, params: Params, hparams: Params, batch: Any,
                    t: int | None = None) -> torch.Tensor:
-        """The inner loss (plus ``penalty``) on a raw batch, as inner step ``t`` sees it."""
+        """The inner loss (plus ``penalty``) on a raw batch, as inner step ``t`` sees it:
+        a 0-d tensor.
+
+        Raises:
+            ObjectiveError: the loss or ``penalty`` did not return a scalar tensor.
+        """
         out = self._outputs(params, hparams, batch, False, t)
         loss = _scalar("inner_loss", self._inner_fn(out, batch, hparams))
         if self._penalty is not None:
@@ -325,12 +381,17 @@ class ModuleProblem:
         return loss
 
     def outer_loss(self, params: Params, hparams: Params, batch: Any) -> torch.Tensor:
-        """The outer loss on a raw batch."""
+        """The outer loss on a raw batch: a 0-d tensor.
+
+        Raises:
+            ObjectiveError: the loss did not return a scalar tensor.
+        """
         out = self._outputs(params, hparams, batch, True, None)
         return _scalar("outer_loss", self._outer_fn(out, batch, hparams))
 
     def init(self, params: Params | None = None) -> tuple[Params, State]:
-        """Fresh copies of the initial parameters (or ``params``) and optimizer state."""
+        """Fresh copies of the initial parameters (or ``params``) and optimizer state:
+        ``(params, state)``, a dict keyed by parameter name and the optimizer's state."""
         params = {k: v.detach().clone() for k, v in (params or self.params).items()}
         return params, self.problem.optimizer.init(params)
 
@@ -347,6 +408,13 @@ class ModuleProblem:
         (a nested call) keeps its statistics apart. Threads: build one problem per
         thread (model calls swap tensors into the problem's private copy of the module,
         and seeded calls reseed the global RNG for their duration).
+
+        Returns:
+            ``(params, state)`` after the step (same structures as the inputs).
+
+        Raises:
+            BufferPolicyError: ``buffers="track"`` and ``params`` lacks the running
+                statistics.
         """
         return self._step(params, state, hparams, batch, t, self.problem.optimizer)
 
@@ -414,7 +482,18 @@ class ModuleProblem:
                       state: hg.EstimatorState | None = None,
                       check: bool = True) -> hg.Hypergradient:
         """``hypergrad.hypergradient`` on this problem, by default at ``self.hparams`` from
-        ``self.params``."""
+        ``self.params``.
+
+        Returns:
+            :class:`hypergrad.Hypergradient`; ``grad`` is a dict matching ``hparams``.
+
+        Raises:
+            BufferPolicyError: ``buffers="track"`` with an estimator that does not run the
+                inner steps (only Unrolled and Truncated do).
+            BilevelInputError: bad inputs, as :func:`hypergrad.hypergradient`.
+            DivergenceError, NonFiniteError, LinearSolveError, SecondOrderError: raised by
+                the estimator, as :func:`hypergrad.hypergradient`.
+        """
         estimator = check_estimator(self.problem, estimator)
         return hg.hypergradient(self.problem, self.hparams if hparams is None else hparams,
                                 self.params if params is None else params, estimator,
@@ -499,7 +578,33 @@ def wrap(module: nn.Module, inner_loss: ModuleLoss, outer_loss: ModuleLoss,
          optimizer: InnerOptimizer | None = None, steps: int = 100,
          **options: Any) -> ModuleProblem:
     """Build a :class:`ModuleProblem` (same arguments); ``.problem``, ``.params`` and
-    ``.hparams`` are what :func:`hypergrad.hypergradient` takes."""
+    ``.hparams`` are what :func:`hypergrad.hypergradient` takes.
+
+    Args:
+        module, inner_loss, outer_loss, hparams, inner_data, outer_data, optimizer, steps:
+            as :class:`ModuleProblem`.
+        **options: the keyword-only options of :class:`ModuleProblem` (``inputs``,
+            ``outer_inputs``, ``penalty``, ``buffers``, ``train``, ``outer_train``,
+            ``seed``).
+
+    Returns:
+        The :class:`ModuleProblem`.
+
+    Raises:
+        TypeError, BilevelInputError, HyperparameterError, ObjectiveError: as
+            :class:`ModuleProblem`.
+
+    Example:
+        >>> import torch, bilevel
+        >>> from torch import nn
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> ce = lambda out, batch, h: nn.functional.cross_entropy(out, batch[1])
+        >>> mp = bilevel.wrap(nn.Linear(4, 3), ce, ce, {"log_wd": torch.tensor(-3.0)},
+        ...                   (x, y), (x, y), steps=20,
+        ...                   penalty=lambda p, h: h["log_wd"].exp() * (p["weight"] ** 2).sum())
+        >>> mp.hypergradient("unrolled").grad["log_wd"].shape
+        torch.Size([])
+    """
     return ModuleProblem(module, inner_loss, outer_loss, hparams, inner_data, outer_data,
                          optimizer, steps, **options)
 

@@ -22,6 +22,24 @@ class ConvNet(nn.Module):
     The standard dataset-distillation network (depth 3, width 128, instance norm). The
     spatial size halves at every block, so images must be at least ``2**depth`` pixels on
     each side.
+
+    Args:
+        in_shape: ``(C, H, W)`` of one image.
+        num_classes: the number of output logits.
+        width: channels of every conv layer.
+        depth: the number of blocks.
+        norm: ``"instance"`` (``GroupNorm(width, width)``, no running statistics) or
+            ``"none"``.
+
+    Raises:
+        ValueError: ``in_shape`` not three positive ints, ``depth`` or ``width`` < 1, an
+            unknown ``norm``, or images smaller than ``2**depth`` pixels.
+
+    References:
+        Gidaris & Komodakis, "Dynamic few-shot visual learning without forgetting", CVPR
+        2018 (ConvNet-D); the standard network of dataset-distillation benchmarks
+        since Zhao, Mopuri, Bilen, "Dataset condensation with gradient matching", ICLR
+        2021.
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, width: int = 128,
@@ -46,11 +64,21 @@ class ConvNet(nn.Module):
         self.classifier = nn.Linear(c * h * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` of images ``x`` of shape ``(N, C, H, W)``."""
         return self.classifier(self.features(x).flatten(1))
 
 
 class MLP(nn.Module):
-    """Flatten, then ``Linear``/``ReLU`` through ``hidden`` widths, then a linear classifier."""
+    """Flatten, then ``Linear``/``ReLU`` through ``hidden`` widths, then a linear classifier.
+
+    Args:
+        in_shape: ``(C, H, W)`` of one input.
+        num_classes: the number of output logits.
+        hidden: the widths of the hidden layers (``()``: softmax regression).
+
+    Raises:
+        ValueError: ``in_shape`` not three positive ints.
+    """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int,
                  hidden: Sequence[int] = (128,)) -> None:
@@ -64,12 +92,27 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` of inputs ``x`` of shape ``(N, C, H, W)``."""
         return self.net(x)
 
 
 def make_net(name: str, in_shape: Sequence[int], num_classes: int, *, width: int = 128,
              depth: int = 3, norm: str = "instance", hidden: Sequence[int] = (128,)) -> nn.Module:
-    """Build ``"convnet"`` (``width``, ``depth``, ``norm``) or ``"mlp"`` (``hidden``)."""
+    """Build ``"convnet"`` (``width``, ``depth``, ``norm``) or ``"mlp"`` (``hidden``).
+
+    Args:
+        name: ``"convnet"`` or ``"mlp"``.
+        in_shape: ``(C, H, W)`` of one input.
+        num_classes: the number of output logits.
+        width, depth, norm: :class:`ConvNet` settings (ignored for ``"mlp"``).
+        hidden: :class:`MLP` widths (ignored for ``"convnet"``).
+
+    Returns:
+        The network, mapping ``(N, C, H, W)`` to logits ``(N, num_classes)``.
+
+    Raises:
+        ValueError: an unknown ``name``, or a setting the network refuses.
+    """
     if name == "convnet":
         return ConvNet(in_shape, num_classes, width=width, depth=depth, norm=norm)
     if name == "mlp":

@@ -106,7 +106,12 @@ def _json_text(obj: Any, **kwargs: Any) -> str:
 def config_fingerprint(config: Mapping[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of ``config`` (sorted keys, no spaces).
 
-    Raises BilevelInputError when ``config`` is not JSON-like."""
+    Returns:
+        A 64-character lowercase hex string.
+
+    Raises:
+        BilevelInputError: ``config`` is not JSON-like.
+    """
     text = _json_text(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -140,7 +145,11 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
                 growable: Sequence[str] = ("outer_steps",)) -> list[str]:
     """Dotted key paths that differ between two nested JSON-like dicts (added, removed or
     changed). A key whose dotted path or last component is in ``growable`` may increase
-    (an int) without counting."""
+    (an int) without counting.
+
+    Returns:
+        The differing paths, e.g. ``["outer.lr", "seed"]`` (empty: the same config).
+    """
     return [path for path, _, _ in _differences(old, new, growable)]
 
 
@@ -251,7 +260,12 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         """The rows of ``metrics.jsonl`` (a torn last line, from a kill, is dropped).
 
-        Raises RunFolderError for a malformed line before the last."""
+        Returns:
+            One dict per line, in file order (``[]`` without a file).
+
+        Raises:
+            RunFolderError: a malformed line before the last.
+        """
         try:
             lines = self.jsonl.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
@@ -274,8 +288,10 @@ class MetricsLog:
     def append(self, record: Mapping[str, Any]) -> None:
         """Append one record (one-element tensors become numbers, inf/nan strings).
 
-        Raises BilevelInputError when ``record`` has no integer ``"step"`` or a value that
-        is not JSON-like."""
+        Raises:
+            BilevelInputError: ``record`` has no integer ``"step"`` or a value that is not
+                JSON-like.
+        """
         row = {str(k): _plain(v) for k, v in record.items()}
         step = row.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
@@ -600,8 +616,18 @@ class RunFolder:
         run went back from), and of the earlier ones the newest ``keep_checkpoints - 1``
         stay. Files of other runs or versions are never touched.
 
-        Raises BilevelInputError for a negative step or a payload whose ``step`` differs,
-        RunFolderError once closed."""
+        Args:
+            step: the outer step the checkpoint resumes from (int ≥ 0).
+            payload: a dict of picklable objects (tensors, state dicts, numbers).
+
+        Returns:
+            The checkpoint's path.
+
+        Raises:
+            BilevelInputError: a negative or non-int step, or a payload whose ``step``
+                differs.
+            RunFolderError: the folder was closed.
+        """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise BilevelInputError(f"step must be an integer >= 0, got {step!r}")
         if "step" in payload and int(payload["step"]) != step:
@@ -625,7 +651,11 @@ class RunFolder:
         """``(step, payload)`` of this run's newest readable checkpoint, or ``None``.
 
         An unreadable file (truncated, say) is skipped with a RuntimeWarning and the
-        previous one tried. Raises RunFolderError for a payload of another format."""
+        previous one tried.
+
+        Raises:
+            RunFolderError: a payload of another format or another run.
+        """
         for step, file in reversed(self.checkpoints()):
             try:
                 payload = torch.load(file, map_location=map_location, weights_only=False)
@@ -643,8 +673,10 @@ class RunFolder:
                         map_location: Any = None) -> dict[str, Any]:
         """The payload of one checkpoint file of this run.
 
-        Raises RunFolderError when ``file`` does not exist (this run's checkpoints are
-        listed), cannot be read, is another run's or of another format."""
+        Raises:
+            RunFolderError: ``file`` does not exist (this run's checkpoints are listed),
+                cannot be read, is another run's or of another format.
+        """
         file = Path(file)
         if not file.is_file():
             own = ", ".join(p.name for _, p in self.checkpoints()) or "none yet"
@@ -674,16 +706,32 @@ class RunFolder:
 
     # ------------------------------------------------------------------ other files
     def write_json(self, name: str, obj: Any) -> Path:
-        """Write ``obj`` as indented JSON to ``path / name`` atomically."""
+        """Write ``obj`` as indented JSON to ``path / name`` atomically; returns the path.
+
+        Raises:
+            BilevelInputError: ``name`` not a relative path inside the folder, or ``obj``
+                not JSON-like.
+            RunFolderError: the folder was closed.
+        """
         return self.write_text(name, _json_text(obj, indent=2) + "\n")
 
     def write_text(self, name: str, text: str) -> Path:
-        """Write ``text`` (UTF-8) to ``path / name`` atomically."""
+        """Write ``text`` (UTF-8) to ``path / name`` atomically; returns the path.
+
+        Raises:
+            BilevelInputError: ``name`` not a relative path inside the folder.
+            RunFolderError: the folder was closed.
+        """
         self._check_open()
         return _write_text_atomic(self.path / _check_name(name, "name"), text)
 
     def save_torch(self, name: str, obj: Any) -> Path:
-        """``torch.save(obj)`` to ``path / name`` atomically."""
+        """``torch.save(obj)`` to ``path / name`` atomically; returns the path.
+
+        Raises:
+            BilevelInputError: ``name`` not a relative path inside the folder.
+            RunFolderError: the folder was closed.
+        """
         self._check_open()
         return ckpt.atomic_save(obj, self.path / _check_name(name, "name"))
 

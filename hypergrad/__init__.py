@@ -67,6 +67,39 @@ def hypergradient(problem: Problem | ConstrainedProblem, hparams: PyTree, params
     ``state`` is the previous call's ``result.state``. With ``check`` the inputs are
     validated first (types, structure, dtypes, devices, scalar finite losses); a
     :class:`ConstrainedProblem` is checked by its estimator (feasible start, shape of g).
+
+    Args:
+        problem: the bilevel problem.
+        hparams: the hyperparameters λ, a pytree (dict, list, tuple) of floating tensors.
+        params: the inner variables w, a pytree of tensors (e.g. a model's parameters).
+        estimator: an :class:`Estimator` or a name of :data:`ESTIMATORS`.
+        state: the previous call's ``result.state`` (``None`` on the first call).
+        check: validate the inputs with :func:`check_problem` first (one evaluation of
+            each loss).
+
+    Returns:
+        A :class:`Hypergradient` whose ``grad`` is a pytree matching ``hparams``.
+
+    Raises:
+        BilevelInputError: bad inputs (structure, dtype, device; its subclasses
+            HyperparameterError and ObjectiveError: hyperparameters not read, a loss
+            that is not a finite scalar).
+        ValueError, TypeError: an unknown estimator name or bad estimator settings.
+        DivergenceError, NonFiniteError, LinearSolveError, SecondOrderError: raised by
+            the estimator (see :meth:`Estimator.__call__`).
+
+    Example:
+        >>> import torch, hypergrad
+        >>> X, y = torch.randn(20, 3), torch.randn(20)
+        >>> inner = lambda w, h, b: ((X @ w["w"] - y) ** 2).mean() + h["l2"].exp() * (
+        ...     w["w"] ** 2).sum()
+        >>> outer = lambda w, h, b: ((X @ w["w"] - y) ** 2).mean()
+        >>> problem = hypergrad.Problem(inner, outer, optimizer=hypergrad.SGD(lr=0.1),
+        ...                             steps=200)
+        >>> result = hypergrad.hypergradient(problem, {"l2": torch.tensor(-2.0)},
+        ...                                  {"w": torch.zeros(3)})
+        >>> result.grad["l2"].shape
+        torch.Size([])
     """
     est = make_estimator(estimator)
     if check and isinstance(problem, Problem):

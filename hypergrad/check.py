@@ -58,7 +58,12 @@ class GradientCheck:
            coords: Sequence[int] | None = None) -> GradientCheck:
         """Judge ``estimate`` (one entry per direction of ``fd``) against the differences
         ``fd`` of :func:`~hypergrad.finite_difference.central_differences` (``coords``
-        labels the entries; default 0, 1, …)."""
+        labels the entries; default 0, 1, …).
+
+        Raises:
+            BilevelInputError: ``estimate`` or ``coords`` has another number of entries
+                than ``fd``.
+        """
         g = estimate.detach().reshape(-1).cpu().to(torch.float64)
         if g.numel() != fd.value.numel():
             raise BilevelInputError(f"estimate has {g.numel()} entries but the differences "
@@ -161,6 +166,19 @@ def check_hypergradient(problem: Problem, hparams: PyTree, params: PyTree,
     boolean (false also when the differences are not in their eps² regime, see
     ``result.asymptotic``). Costs 6 evaluations of h per coordinate plus 7. Use float64:
     in float32 the error bars are wide (the check says so through ``result.resolution``).
+
+    Args:
+        problem: the :class:`Problem`.
+        hparams: λ, a pytree of floating tensors.
+        params: the inner starting point, a pytree.
+        estimator: the estimator under test (object or registry name).
+        coords: flat indices into ``tree_ravel(hparams)``, or how many to draw.
+        eps: the step of the differences, in the units of λ.
+        inner_solution: optional ``hparams -> params`` giving w(λ) (e.g. a closed form).
+        seed: seed of the coordinate draw.
+
+    Returns:
+        :class:`GradientCheck` (tensors with one entry per coordinate).
 
     Raises:
         TypeError: ``problem`` is not a :class:`Problem`.

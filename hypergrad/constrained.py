@@ -43,6 +43,13 @@ class ConstrainedProblem:
             g ≤ 0, as C = {(x, y) ∈ X × Y : g ≤ 0} in the method). Default: X × Y.
         inner_batch, outer_batch: the data f, g and F see.
         debug: verify that every projection returns a point inside its set.
+
+    Raises:
+        TypeError: ``inner_loss`` or ``outer_loss`` not callable.
+        BilevelInputError: ``constraints`` given without ``num_constraints > 0`` or the
+            reverse; later, ``g`` returning a shape other than ``(num_constraints,)``.
+
+    Used by :class:`~hypergrad.LVHBA` and :class:`~hypergrad.KKTImplicit`.
     """
 
     inner_loss: Objective
@@ -65,7 +72,12 @@ class ConstrainedProblem:
                                     "num_constraints = len(g(y, x)) > 0, or neither")
 
     def g(self, y: PyTree, x: PyTree) -> torch.Tensor:
-        """The constraint values g(y, x) (shape ``(num_constraints,)``)."""
+        """The constraint values g(y, x) (shape ``(num_constraints,)``; shape ``(0,)``
+        without constraints).
+
+        Raises:
+            BilevelInputError: ``constraints`` returned another shape or a non-tensor.
+        """
         if self.constraints is None:
             leaf = tree_ravel(y)
             return leaf.new_zeros(0)
@@ -77,7 +89,8 @@ class ConstrainedProblem:
         return out
 
     def lagrangian(self, multipliers: torch.Tensor) -> Objective:
-        """L(y, x) = f(y, x) + μᵀ g(y, x) as an objective."""
+        """L(y, x) = f(y, x) + μᵀ g(y, x) as an objective ``L(y, x, batch)``, for
+        multipliers μ of shape ``(num_constraints,)``."""
         def L(y: PyTree, x: PyTree, batch: Any) -> torch.Tensor:
             value = self.inner_loss(y, x, batch)
             if self.num_constraints:
@@ -86,9 +99,11 @@ class ConstrainedProblem:
         return L
 
     def project_y(self, y: PyTree) -> PyTree:
+        """Proj_Y(y) by ``inner_set`` (``y`` unchanged without one); same structure."""
         return self._project(self.inner_set, y, "inner_set")
 
     def project_x(self, x: PyTree) -> PyTree:
+        """Proj_X(x) by ``outer_set`` (``x`` unchanged without one); same structure."""
         return self._project(self.outer_set, x, "outer_set")
 
     def project_xy(self, x: PyTree, y: PyTree) -> tuple[PyTree, PyTree]:
@@ -108,7 +123,16 @@ class ConstrainedProblem:
         return project_tree(proj, tree)
 
     def check_start(self, y: PyTree, x: PyTree, tol: float = 1e-8) -> None:
-        """Reject an infeasible starting point with the distance to the set at fault."""
+        """Reject an infeasible starting point with the distance to the set at fault.
+
+        Args:
+            y: the inner variable (pytree); x: the outer variable (pytree).
+            tol: allowed distance to each set (same units as the variables).
+
+        Raises:
+            BilevelInputError: ``y``, ``x`` or (x, y) outside its set (the distance is in
+                the message), or ``g`` returning the wrong shape.
+        """
         for proj, tree, name in ((self.inner_set, y, "params (y) in inner_set"),
                                  (self.outer_set, x, "hparams (x) in outer_set")):
             if isinstance(proj, dict):
@@ -122,5 +146,5 @@ class ConstrainedProblem:
         self.g(y, x)  # shape check
 
     def grads(self, fn: Objective, y: PyTree, x: PyTree, batch: Any) -> tuple[PyTree, PyTree]:
-        """(∇_y fn, ∇_x fn) at (y, x)."""
+        """(∇_y fn, ∇_x fn) at (y, x): pytrees matching ``y`` and ``x``."""
         return grad(fn, argnums=(0, 1))(y, x, batch)

@@ -84,8 +84,19 @@ def estimate_noise(values: Sequence[float], floor: float = 0.0) -> float:
     vanish), the largest σ_k of order k ≥ 2 is returned: an overestimate, so that the
     error bar stays on the safe side.
 
+    Args:
+        values: m + 1 ≥ 4 function values (floats) at equally spaced points.
+        floor: the smallest σ returned (e.g. ε_mach · |h|), in the units of h.
+
+    Returns:
+        σ, in the units of h (a float ≥ ``floor``).
+
     Raises:
-        ValueError: fewer than 4 values, or a value that is not finite.
+        ValueError: fewer than 4 values, a value that is not a finite number, or a
+            negative or non-finite ``floor``.
+
+    References:
+        Moré & Wild, "Estimating computational noise", SIAM J. Sci. Comput. 33(3), 2011.
     """
     if not (isinstance(floor, (int, float)) and not isinstance(floor, bool)
             and math.isfinite(floor) and floor >= 0):
@@ -137,9 +148,23 @@ def central_differences(h: Callable[[torch.Tensor], float], x: torch.Tensor,
     sum of the (normalised) directions, which moves every input any of them moves. See
     the module docstring for the estimates and their sources.
 
+    Args:
+        h: the function, a flat floating tensor shaped like ``x`` -> float.
+        x: the point, a floating-point tensor.
+        directions: k tensors shaped like ``x``.
+        step: s, in the units of ``x`` (positive, finite).
+
+    Returns:
+        :class:`CentralDifference`, with tensors of shape ``(k,)`` (float64, CPU).
+
     Raises:
-        ValueError: ``step`` not positive and finite, no direction, a direction of
-            another shape, or a non-finite value of h.
+        ValueError: ``step`` not positive and finite, ``x`` not a floating tensor, no
+            direction, a direction of another shape, ``h`` returning a non-scalar, or a
+            non-finite value of h.
+
+    References:
+        Moré & Wild 2011 (noise); Press et al., *Numerical Recipes*, 3rd ed., §5.7
+        (Richardson's error estimate).
     """
     if not (isinstance(step, (int, float)) and not isinstance(step, bool)
             and math.isfinite(step) and step > 0):

@@ -44,7 +44,30 @@ def _grad_w(f: Objective, hparams: PyTree, batch: Any) -> Callable[[PyTree], PyT
 
 def hvp(f: Objective, params: PyTree, hparams: PyTree, batch: Any, v: PyTree,
         mode: HVPMode = "reverse") -> PyTree:
-    """One product ∇²_ww f(params, hparams, batch) · v."""
+    """One product ∇²_ww f(params, hparams, batch) · v.
+
+    Args:
+        f: the objective ``f(params, hparams, batch) -> 0-d tensor``.
+        params: the point w, a pytree of floating tensors.
+        hparams: λ, held fixed.
+        batch: the data ``f`` sees.
+        v: the vector, a pytree matching ``params``.
+        mode: ``"reverse"`` (double backward), ``"jvp"`` (forward-over-reverse),
+            ``"linearized"`` or ``"auto"`` (see the module docstring).
+
+    Returns:
+        H v, a pytree matching ``params``.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+        SecondOrderError: ``mode="jvp"`` and an operator of ``f`` has no forward-mode
+            rule (the message names it).
+        RuntimeError: neither double backward nor forward-over-reverse works
+            (``"auto"``), or PyTorch's own error for ``"reverse"``.
+
+    References:
+        Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
+    """
     return hvp_batched(f, params, hparams, batch, v, mode=mode, batched=False)
 
 
@@ -55,6 +78,19 @@ def hvp_batched(f: Objective, params: PyTree, hparams: PyTree, batch: Any, vs: P
 
     ``chunk_size`` vectorizes at most that many products at a time (less memory; on
     CPUs, chunks of about 8 are often faster per vector than one large batch).
+
+    Args:
+        f, params, hparams, batch, mode: as in :func:`hvp`.
+        vs: k vectors, a pytree matching ``params`` with a leading dimension k on every
+            leaf (``(k, *leaf.shape)``); a single vector when ``batched=False``.
+        batched: whether ``vs`` carries the leading dimension.
+        chunk_size: products per ``vmap`` chunk (``None``: all k at once).
+
+    Returns:
+        The products, shaped like ``vs``.
+
+    Raises:
+        ValueError, SecondOrderError, RuntimeError: as :func:`hvp`.
     """
     _check_mode(mode)
     if mode in ("auto", "linearized"):
@@ -88,6 +124,25 @@ class Linearization:
     leading dimension of k vectors and all k products are formed by one ``vmap``.
     With ``mode="auto"`` the form is chosen by :func:`choose_mode`; ``self.mode`` says
     which was taken (pass it back as ``mode`` to skip the choice next time).
+    ``self.products`` counts the calls to :meth:`matvec`.
+
+    Args:
+        f: the objective ``f(params, hparams, batch) -> 0-d tensor``.
+        params: the point w where H = ∇²_ww f is taken (pytree).
+        hparams, batch: held fixed.
+        mode: ``"auto"``, ``"linearized"``, ``"jvp"`` or ``"reverse"``.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+        RuntimeError: ``"auto"`` and no Hessian-vector product can be formed.
+
+    Example:
+        >>> import torch
+        >>> f = lambda w, h, b: (h * w ** 2).sum()
+        >>> lin = Linearization(f, torch.ones(2), torch.tensor([1.0, 3.0]), None,
+        ...                     mode="linearized")
+        >>> lin.matvec(torch.tensor([1.0, 1.0]))
+        tensor([2., 6.])
     """
 
     def __init__(self, f: Objective, params: PyTree, hparams: PyTree, batch: Any,
@@ -102,7 +157,7 @@ class Linearization:
             _, self._pullback = vjp(self._grad, params)
 
     def matvec(self, v: PyTree, batched: bool = False, chunk_size: int | None = None) -> PyTree:
-        """H v (k products if ``batched``, ``chunk_size`` at a time)."""
+        """H v, shaped like ``v`` (k products if ``batched``, ``chunk_size`` at a time)."""
         self.products += 1
         if self.mode == "linearized":
             pull = lambda u: self._pullback(u)[0]  # noqa: E731
@@ -114,7 +169,11 @@ class Linearization:
 
 
 def choose_mode(lin: Linearization) -> str:
-    """Pick ``"linearized"`` or ``"jvp"`` for ``lin`` (see :func:`choose_between`)."""
+    """Pick ``"linearized"`` or ``"jvp"`` for ``lin`` (see :func:`choose_between`).
+
+    Raises:
+        RuntimeError: neither form works.
+    """
     def linearize() -> Callable[[PyTree], PyTree]:
         _, lin._pullback = vjp(lin._grad, lin._params)
         return lambda v: lin._pullback(v)[0]
@@ -134,6 +193,15 @@ def choose_between(linearize: Callable[[], Callable[[PyTree], PyTree]],
     backward that is not differentiable): ``"jvp"`` is kept and a warning says so. A model
     without forward-mode rules keeps ``"linearized"``; one without double backward,
     ``"jvp"``.
+
+    Returns:
+        ``"linearized"`` or ``"jvp"``.
+
+    Raises:
+        RuntimeError: neither form works for this objective.
+
+    Warns:
+        RuntimeWarning: the two forms disagree (``"jvp"`` kept).
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = tree_map(lambda a: torch.randn(a.shape, generator=gen, dtype=a.dtype)
@@ -176,6 +244,17 @@ def mixed_vjp(f: Objective, params: PyTree, hparams: PyTree, batch: Any, v: PyTr
     ``mode="jvp"`` forms ⟨∇_w f, v⟩ by forward mode and differentiates that in λ
     (reverse-over-forward), so no double backward is taken; otherwise
     reverse-over-reverse.
+
+    Args:
+        f, params, hparams, batch: as in :func:`hvp`.
+        v: a pytree matching ``params``.
+        mode: ``"jvp"``, or anything else for reverse-over-reverse.
+
+    Returns:
+        ∇²_λw f · v, a pytree matching ``hparams``.
+
+    Raises:
+        SecondOrderError: ``mode="jvp"`` and an operator has no forward-mode rule.
     """
     if mode == "jvp":
         def inner(lam: PyTree) -> torch.Tensor:

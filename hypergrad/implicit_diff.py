@@ -51,12 +51,18 @@ Optimality = Callable[[PyTree, PyTree], PyTree]
 @dataclass(frozen=True)
 class Stationarity:
     """T(x, θ) = ∇_x f(x, θ, batch): the optimality condition of a minimum (or saddle
-    point) of f. Knowing f, and not only T, allows the ``"jvp"`` and ``"auto"`` modes."""
+    point) of f. Knowing f, and not only T, allows the ``"jvp"`` and ``"auto"`` modes.
+
+    Args:
+        objective: f(x, θ, batch) -> 0-d tensor.
+        batch: the data f sees.
+    """
 
     objective: Objective
     batch: Any = None
 
     def __call__(self, x: PyTree, theta: PyTree) -> PyTree:
+        """∇_x f(x, θ, batch), a pytree matching ``x``."""
         return grad(self.objective)(x, theta, self.batch)
 
 
@@ -75,7 +81,7 @@ class Linearized:
 
 
 class RootVJP(NamedTuple):
-    """What :func:`root_vjp` returns."""
+    """What :func:`root_vjp` returns: ``(grad, solve, mode)``."""
 
     #: the implicit part −(∂_θ T)ᵀ v of the hypergradient (a tree like θ)
     grad: PyTree
@@ -96,6 +102,34 @@ def root_vjp(optimality: Optimality, solution: PyTree, args: PyTree, cotangent: 
     for symmetric systems (CG, Neumann) needs. With ``batched`` every leaf of
     ``cotangent`` (and of ``x0``) carries a leading dimension of k right-hand sides, solved
     together, and the result carries it too.
+
+    Args:
+        optimality: T(x, θ), a tree shaped like x, zero at the solution (e.g. a
+            :class:`Stationarity`).
+        solution: x*, a pytree.
+        args: θ, a pytree.
+        cotangent: c = ∇_x F at x*, a pytree matching ``solution``.
+        solver: a linear solver (:mod:`hypergrad.linear_solve`).
+        symmetric: ∂_x T is symmetric.
+        mode: how the products are formed (see :func:`linearize`).
+        x0: warm start of v, like ``cotangent``.
+        batched: k right-hand sides at once.
+
+    Returns:
+        :class:`RootVJP` ``(grad, solve, mode)``: −(∂_θ T)ᵀ v (pytree matching ``args``),
+        the :class:`~hypergrad.linear_solve.SolveResult` (v in ``solve.x``), and the mode
+        used.
+
+    Raises:
+        ValueError: a symmetric-only solver for a system not declared symmetric, or a
+            bad ``mode``.
+        LinearSolveError, NonFiniteError: raised by the solver.
+        SecondOrderError: ``mode="jvp"`` and an operator lacks a forward-mode rule.
+
+    References:
+        The implicit function theorem as in Blondel et al., "Efficient and modular
+        implicit differentiation", NeurIPS 2022 (JAXopt's ``root_vjp``, with the sign of
+        v flipped as described in the module docstring).
     """
     if solver.symmetric and not (symmetric or isinstance(optimality, Stationarity)):
         raise ValueError(f"root_vjp: {type(solver).__name__} needs a symmetric system; "
@@ -112,7 +146,12 @@ def linearize(optimality: Optimality, solution: PyTree, args: PyTree,
     ``mode``: ``"linearized"`` (T evaluated once with its graph in (x, θ), pulled back to
     x for every product and to θ for the VJP), ``"reverse"`` (a VJP of T for every
     product); for a :class:`Stationarity` also ``"jvp"`` and ``"auto"`` (see the module
-    docstring)."""
+    docstring).
+
+    Raises:
+        ValueError: an unknown ``mode``, or ``"jvp"``/``"auto"`` without a
+            :class:`Stationarity`.
+    """
     x, theta = solution, args
     if mode == "linearized":
         xs, ts = _tracked(x), _tracked(theta)
@@ -197,7 +236,12 @@ def _lift(fn: Callable[[PyTree], PyTree]) -> Callable[[PyTree, bool], PyTree]:
 def outer_grads(objective: Objective, params: PyTree, hparams: PyTree,
                 batch: Any) -> tuple[torch.Tensor, tuple[PyTree, PyTree]]:
     """F(params, hparams, batch) (detached) and (∇_params F, ∇_hparams F), from one
-    reverse pass: the cotangent and the direct part of an implicit hypergradient."""
+    reverse pass: the cotangent and the direct part of an implicit hypergradient.
+
+    Returns:
+        ``(loss, (grad_params, grad_hparams))``: a 0-d tensor and pytrees matching
+        ``params`` and ``hparams``.
+    """
     def F(p: PyTree, h: PyTree) -> tuple[torch.Tensor, torch.Tensor]:
         out = objective(p, h, batch)
         return out, out.detach()

@@ -37,6 +37,15 @@ class Problem:
             Indexing by step keeps recomputation and resumption reproducible.
         outer_step_batch: optional ``t -> batch``, the outer minibatch of outer step t
             for stochastic estimators (SOBA); defaults to ``outer_batch``.
+
+    ``params`` and ``hparams`` are pytrees (dicts, lists, tuples of tensors); each
+    objective must return a finite 0-d tensor. A batch is anything the objectives
+    accept (e.g. a tuple ``(x, y)`` of tensors ``(N, ...)`` and ``(N,)``).
+
+    Raises:
+        TypeError: an objective that is not callable, or an optimizer without
+            ``init``/``step``.
+        ValueError: ``steps`` not a non-negative int.
     """
 
     inner_loss: Objective
@@ -61,11 +70,11 @@ class Problem:
                             f"got {type(self.optimizer).__name__}")
 
     def batch_at(self, t: int) -> Any:
-        """The inner batch of step t."""
+        """The inner batch of step t: ``step_batch(t)``, or ``inner_batch``."""
         return self.step_batch(t) if self.step_batch is not None else self.inner_batch
 
     def outer_batch_at(self, t: int) -> Any:
-        """The outer batch of outer step t."""
+        """The outer batch of outer step t: ``outer_step_batch(t)``, or ``outer_batch``."""
         return self.outer_step_batch(t) if self.outer_step_batch is not None else \
             self.outer_batch
 
@@ -77,18 +86,26 @@ class Problem:
         return self.inner_batch
 
     def inner_grad(self, params: PyTree, hparams: PyTree) -> PyTree:
-        """∇_w f(params, hparams, full_batch)."""
+        """∇_w f(params, hparams, full_batch), a pytree matching ``params``."""
         return grad(self.inner_loss)(params, hparams, self.full_batch())
 
     def step(self, params: PyTree, state: State, hparams: PyTree,
              t: int) -> tuple[PyTree, State]:
-        """One differentiable inner step Φ_t(params, state; λ)."""
+        """One differentiable inner step Φ_t(params, state; λ) on ``batch_at(t)``.
+
+        Returns:
+            ``(params, state)`` after the step (same structures as the inputs).
+        """
         g = grad(self.inner_loss)(params, hparams, self.batch_at(t))
         return self.optimizer.step(params, g, state, hparams)
 
     def run(self, params: PyTree, state: State, hparams: PyTree, start: int, stop: int,
             graph: bool = True) -> tuple[PyTree, State]:
-        """Inner steps start..stop-1; without ``graph`` nothing is kept for backward."""
+        """Inner steps start..stop-1; without ``graph`` nothing is kept for backward.
+
+        Returns:
+            ``(params, state)`` after step ``stop - 1`` (detached without ``graph``).
+        """
         if not graph:
             hparams = tree_detach(hparams)
         with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
@@ -101,7 +118,12 @@ class Problem:
     def solve_inner(self, params: PyTree, hparams: PyTree, steps: int | None = None,
                     state: State | None = None) -> tuple[PyTree, State]:
         """Approximate w*(λ) by ``steps`` (default ``self.steps``) graph-free steps,
-        continuing from the optimizer ``state`` if given (else a fresh one)."""
+        continuing from the optimizer ``state`` if given (else a fresh one).
+
+        Returns:
+            ``(w, state)``: the detached inner solution (pytree matching ``params``) and
+            the optimizer state.
+        """
         params = tree_detach(params)
         state = self.optimizer.init(params) if state is None else state
         return self.run(params, state, hparams, 0, self.steps if steps is None else steps,

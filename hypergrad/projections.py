@@ -66,11 +66,24 @@ class Projection(Protocol):
     ``tol · max(1, scale)``, where scale is the magnitude of the quantities compared
     (the bound, the radius, ‖v‖ ...); ``tol`` is raised to 64 machine epsilons of v's
     dtype so that rounding in low precision is not reported as infeasibility.
+
+    The sets of this module raise :class:`~hypergrad.errors.BilevelInputError` when ``v``
+    is not a floating-point tensor (or has the wrong number of elements for the set's
+    data), and ``ValueError`` at construction for bad set data (NaN bounds, a radius ≤ 0,
+    a zero normal, lower > upper, …).
+
+    References:
+        Euclidean projections onto simple sets: Parikh & Boyd, "Proximal algorithms",
+        Found. Trends Optim. 1(3), 2014, §6.2.
     """
 
-    def __call__(self, v: Tensor) -> Tensor: ...
+    def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of S to ``v``: same shape, dtype and device as ``v``."""
+        ...
 
-    def contains(self, v: Tensor, tol: float = 1e-8) -> bool: ...
+    def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether ``v`` lies in S up to ``tol`` (relative, as above)."""
+        ...
 
 
 ProjectionSpec = Projection | Mapping[Any, Projection] | None
@@ -175,9 +188,11 @@ class Identity:
     """The whole space (no constraint): P(v) = v, returned as is."""
 
     def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of the set: same shape, dtype and device as ``v``."""
         return v
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether v lies in the set up to ``tol`` (relative; see :class:`Projection`)."""
         return True
 
 
@@ -187,6 +202,11 @@ class Box:
 
     ``lower`` and ``upper`` are floats or tensors broadcastable to v (or with v's number of
     elements, then reshaped to v's shape); None (or ∓inf) leaves that side unbounded.
+
+    Raises:
+        ValueError: NaN or a wrong-signed infinity in a bound, bounds that do not broadcast
+            together, or lower > upper somewhere (at construction).
+        BilevelInputError: ``v`` not a floating tensor, or a bound that does not fit it.
     """
 
     lower: float | Tensor | None = None
@@ -220,6 +240,7 @@ class Box:
                     f"upper={hi_b.reshape(-1)[i].item():g})")
 
     def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of the set: same shape, dtype and device as ``v``."""
         _check_input(v, "Box")
         out = v
         if self.lower is not None:
@@ -231,6 +252,7 @@ class Box:
         return out.clone() if out is v else out
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether v lies in the set up to ``tol`` (relative; see :class:`Projection`)."""
         _check_input(v, "Box.contains")
         t = _tol(tol, v)
         if self.lower is not None:
@@ -251,10 +273,12 @@ class NonNegative:
     """The nonnegative orthant {v : v ≥ 0}: P(v) = max(v, 0) elementwise."""
 
     def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of the set: same shape, dtype and device as ``v``."""
         _check_input(v, "NonNegative")
         return v.clamp_min(0)
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether v lies in the set up to ``tol`` (relative; see :class:`Projection`)."""
         _check_input(v, "NonNegative.contains")
         return bool((v >= -_tol(tol, v)).all())
 
@@ -272,6 +296,7 @@ class _AffineSet:
         _validate_normal(self, type(self).__name__)
 
     def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of the set: same shape, dtype and device as ``v``."""
         name = type(self).__name__
         _check_input(v, name)
         a = _flat_vector(self.a, v, f"{name}.a")
@@ -282,6 +307,7 @@ class _AffineSet:
         return (flat - (excess / torch.dot(a, a)) * a).reshape(v.shape)
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether v lies in the set up to ``tol`` (relative; see :class:`Projection`)."""
         name = type(self).__name__
         _check_input(v, f"{name}.contains")
         return _normal_violation(self.a, self.b, v, tol, f"{name}.a",
@@ -290,12 +316,24 @@ class _AffineSet:
 
 @dataclass(frozen=True, eq=False)
 class Halfspace(_AffineSet):
-    """The halfspace {v : ⟨a, v⟩ ≤ b}: P(v) = v − max(0, ⟨a, v⟩ − b) / ‖a‖² · a."""
+    """The halfspace {v : ⟨a, v⟩ ≤ b}: P(v) = v − max(0, ⟨a, v⟩ − b) / ‖a‖² · a.
+
+    Args:
+        a: the normal, a nonzero finite tensor with as many elements as v (read flat).
+        b: the offset (a float).
+
+    Raises:
+        ValueError: ``a`` empty, not finite or zero, or ``b`` not a number.
+        BilevelInputError: ``v`` not a floating tensor, or with a different size than ``a``.
+    """
 
 
 @dataclass(frozen=True, eq=False)
 class Hyperplane(_AffineSet):
-    """The hyperplane {v : ⟨a, v⟩ = b}: P(v) = v − (⟨a, v⟩ − b) / ‖a‖² · a."""
+    """The hyperplane {v : ⟨a, v⟩ = b}: P(v) = v − (⟨a, v⟩ − b) / ‖a‖² · a.
+
+    Args and errors as :class:`Halfspace`.
+    """
 
     two_sided: ClassVar[bool] = True
 
@@ -335,6 +373,15 @@ class Simplex:
     2008): with u = v sorted decreasingly, ρ = max{j : u_j − (Σ_{i≤j} u_i − r)/j > 0}
     and θ = (Σ_{i≤ρ} u_i − r)/ρ; then one Newton step on Σ max(v − θ, 0) = r removes the
     rounding error of the cumulative sum. Lower precisions are computed in float64.
+
+    Raises:
+        ValueError: ``radius`` not a positive number (at construction).
+        BilevelInputError: ``v`` not a floating tensor, or empty.
+
+    References:
+        Held, Wolfe, Crowder, "Validation of subgradient optimization", Math. Prog. 1974;
+        Duchi, Shalev-Shwartz, Singer, Chandra, "Efficient projections onto the ℓ1-ball
+        for learning in high dimensions", ICML 2008.
     """
 
     radius: float = 1.0
@@ -346,6 +393,7 @@ class Simplex:
         object.__setattr__(self, "radius", r)
 
     def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of the set: same shape, dtype and device as ``v``."""
         _check_input(v, "Simplex")
         if v.numel() == 0:
             raise BilevelInputError("Simplex: cannot project an empty tensor (the simplex of "
@@ -367,6 +415,7 @@ class Simplex:
         return (flat - theta).clamp_min(0).to(v.dtype).reshape(v.shape)
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether v lies in the set up to ``tol`` (relative; see :class:`Projection`)."""
         _check_input(v, "Simplex.contains")
         if v.numel() == 0:
             return False
@@ -381,6 +430,10 @@ class Ball:
     P(v) = v if ‖v − c‖ ≤ radius, else c + radius · (v − c) / ‖v − c‖.
 
     ``center`` is a float or a tensor broadcastable to v (or with v's number of elements).
+
+    Raises:
+        ValueError: ``radius`` not positive, or a non-finite ``center`` (at construction).
+        BilevelInputError: ``v`` not a floating tensor.
     """
 
     radius: float = 1.0
@@ -401,6 +454,7 @@ class Ball:
         return v - c, c
 
     def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of the set: same shape, dtype and device as ``v``."""
         _check_input(v, "Ball")
         d, c = self._offset(v)
         dist = _norm(d)
@@ -408,6 +462,7 @@ class Ball:
         return torch.where(dist <= self.radius, v, c + d * (self.radius / dist))
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether v lies in the set up to ``tol`` (relative; see :class:`Projection`)."""
         _check_input(v, "Ball.contains")
         d, _ = self._offset(v)
         return bool(_norm(d) <= self.radius + _tol(tol, v) * max(1.0, self.radius))
@@ -420,6 +475,18 @@ class Product:
     ``parts`` is a sequence of (projection, size): v (read flat, Σ sizes elements) is split
     as (v_1, …, v_m) with v_i of ``size_i`` elements, and P(v) = (P_1(v_1), …, P_m(v_m)).
     Each part receives its slice as a 1-D tensor. Plain functions are wrapped in Custom.
+
+    Raises:
+        ValueError: ``parts`` empty or not (projection, positive int size) pairs (at
+            construction).
+        BilevelInputError: ``v`` not a floating tensor, or with other than Σ sizes
+            elements.
+
+    Example:
+        >>> import torch
+        >>> P = Product([(NonNegative(), 2), (Box(upper=1.0), 1)])
+        >>> P(torch.tensor([-1.0, 2.0, 3.0]))
+        tensor([0., 2., 1.])
     """
 
     parts: Sequence[tuple[Projection, int]]
@@ -458,6 +525,7 @@ class Product:
         return torch.split(v.reshape(-1), [size for _, size in self.parts])
 
     def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of the set: same shape, dtype and device as ``v``."""
         _check_input(v, "Product")
         pieces = self._split(v)
         out = [proj(piece).reshape(-1) for (proj, _), piece in zip(self.parts, pieces,
@@ -465,6 +533,7 @@ class Product:
         return torch.cat(out).reshape(v.shape)
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether v lies in the set up to ``tol`` (relative; see :class:`Projection`)."""
         _check_input(v, "Product.contains")
         return all(proj.contains(piece, tol)
                    for (proj, _), piece in zip(self.parts, self._split(v), strict=True))
@@ -478,6 +547,10 @@ class Custom:
     ``contains`` is called as ``contains(v, tol)`` when it takes two arguments, else as
     ``contains(v)``; it returns a bool. Without it, membership is idempotence:
     v ∈ S iff ‖P(v) − v‖ ≤ tol · max(1, ‖v‖).
+
+    Raises:
+        ValueError: ``fn`` or ``contains`` not callable (at construction).
+        BilevelInputError: ``fn`` returned a non-tensor or another shape.
     """
 
     fn: Callable[[Tensor], Tensor]
@@ -494,6 +567,7 @@ class Custom:
         object.__setattr__(self, "membership", contains)
 
     def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of the set: same shape, dtype and device as ``v``."""
         out = self.fn(v)
         if not isinstance(out, Tensor) or out.shape != v.shape:
             got = (f"shape {tuple(out.shape)}" if isinstance(out, Tensor)
@@ -503,6 +577,7 @@ class Custom:
         return out
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether v lies in the set up to ``tol`` (relative; see :class:`Projection`)."""
         if self.membership is None:
             return bool(_norm(self(v) - v) <= _tol(tol, v) * max(1.0, float(_norm(v))))
         if _takes_two_args(self.membership):
@@ -523,7 +598,11 @@ def _takes_two_args(fn: Callable) -> bool:
 
 
 def as_projection(obj: Any) -> Projection:
-    """A Projection from a Projection (as is), None (Identity) or a function (Custom)."""
+    """A Projection from a Projection (as is), None (Identity) or a function (Custom).
+
+    Raises:
+        TypeError: ``obj`` is none of these.
+    """
     if obj is None:
         return Identity()
     if isinstance(obj, Projection):
@@ -555,6 +634,13 @@ def project_tree(projection: ProjectionSpec, tree: PyTree) -> PyTree:
     * a dict maps the keys of a dict tree to projections, each applied to its own entry
       (keys without one are left as they are);
     * None leaves the tree as it is.
+
+    Returns:
+        A pytree with the structure, shapes and dtypes of ``tree``.
+
+    Raises:
+        BilevelInputError: a dict of projections for a non-dict tree or with keys the
+            tree lacks, or a leaf the projection refuses.
     """
     if projection is None:
         return tree
@@ -580,7 +666,12 @@ def _cast_like(out: PyTree, like: PyTree) -> PyTree:
 
 
 def contains_tree(projection: ProjectionSpec, tree: PyTree, tol: float = 1e-8) -> bool:
-    """Whether a pytree lies in the set, read as in :func:`project_tree`."""
+    """Whether a pytree lies in the set, read as in :func:`project_tree` (``tol`` relative,
+    see :class:`Projection`).
+
+    Raises:
+        BilevelInputError: as :func:`project_tree`.
+    """
     if projection is None:
         return True
     if isinstance(projection, Mapping):
@@ -601,7 +692,8 @@ def _flatten_for(tree: PyTree) -> Tensor | None:
 
 
 def distance(projection: Projection, v: Tensor) -> float:
-    """‖P(v) − v‖, the Euclidean distance from v to the set (for a correct projection)."""
+    """‖P(v) − v‖, the Euclidean distance from v to the set (for a correct projection), as
+    a float in the units of v."""
     return float(_norm(projection(v) - v))
 
 
@@ -610,6 +702,10 @@ def check_feasible(projection: ProjectionSpec, v: PyTree, name: str,
     """Raise BilevelInputError naming ``name`` if v (a tensor or pytree) is not in the set.
 
     The set is read as in :func:`project_tree`; the message gives the distance to the set.
+
+    Raises:
+        BilevelInputError: ``v`` is outside the set (beyond ``tol``, relative), or a dict
+            of projections does not match ``v``.
     """
     if projection is None:
         return
@@ -634,7 +730,8 @@ class Checked:
 
     Raises BilevelInputError naming ``name`` when the output has the wrong shape, is not
     finite for a finite input, is outside the set (``projection.contains`` at ``tol``), or
-    when the projection modified its input in place.
+    when the projection modified its input in place. ``ValueError`` at construction for a
+    non-projection, a non-str ``name`` or a negative ``tol``.
     """
 
     projection: Projection
@@ -652,6 +749,7 @@ class Checked:
             raise ValueError(f"Checked.tol must be a nonnegative number, got {self.tol!r}")
 
     def __call__(self, v: Tensor) -> Tensor:
+        """P(v), the nearest point of the set: same shape, dtype and device as ``v``."""
         if not isinstance(v, Tensor):
             raise BilevelInputError(f"{self.name}: expected a torch.Tensor, got "
                                     f"{type(v).__name__}")
@@ -678,6 +776,7 @@ class Checked:
         return out
 
     def contains(self, v: Tensor, tol: float = 1e-8) -> bool:
+        """Whether v lies in the set up to ``tol`` (relative; see :class:`Projection`)."""
         return self.projection.contains(v, tol)
 
 

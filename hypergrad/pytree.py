@@ -23,7 +23,11 @@ tree_structure = _pt.tree_structure
 
 
 def tree_map2(fn: Callable, x: PyTree, *others: PyTree) -> PyTree:
-    """Apply ``fn`` to matching leaves of trees of the same structure."""
+    """Apply ``fn`` to matching leaves of trees of the same structure.
+
+    Raises:
+        ValueError: the trees have different numbers of leaves (``zip(strict=True)``).
+    """
     leaves_x, spec = tree_flatten(x)
     rest = [tree_leaves(o) for o in others]
     return tree_unflatten([fn(*leaves) for leaves in zip(leaves_x, *rest, strict=True)], spec)
@@ -35,31 +39,38 @@ def tree_paths(tree: PyTree) -> list[str]:
 
 
 def tree_add(x: PyTree, y: PyTree) -> PyTree:
+    """``x + y`` leaf by leaf (trees of the same structure)."""
     return tree_map2(torch.add, x, y)
 
 
 def tree_sub(x: PyTree, y: PyTree) -> PyTree:
+    """``x − y`` leaf by leaf (trees of the same structure)."""
     return tree_map2(torch.sub, x, y)
 
 
 def tree_scale(alpha: float | torch.Tensor, x: PyTree) -> PyTree:
+    """``alpha * x`` leaf by leaf."""
     return tree_map(lambda a: alpha * a, x)
 
 
 def tree_axpy(alpha: float | torch.Tensor, x: PyTree, y: PyTree, batched: bool = False) -> PyTree:
-    """``alpha * x + y``; with ``batched``, ``alpha`` has one entry per vector."""
+    """``alpha * x + y``; with ``batched``, ``alpha`` may have shape ``(k,)``, one entry
+    per vector along the leading dimension of every leaf."""
     return tree_map2(lambda a, b: b + _per_vector(alpha, a, batched) * a, x, y)
 
 
 def tree_zeros_like(x: PyTree) -> PyTree:
+    """Zeros with the structure, shapes, dtypes and devices of ``x``."""
     return tree_map(torch.zeros_like, x)
 
 
 def tree_detach(x: PyTree) -> PyTree:
+    """``x`` with every tensor leaf detached (no copy; other leaves as they are)."""
     return tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, x)
 
 
 def tree_clone(x: PyTree) -> PyTree:
+    """Detached copies of the tensor leaves of ``x`` (other leaves as they are)."""
     return tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a, x)
 
 
@@ -74,7 +85,8 @@ def tree_requires_grad(x: PyTree) -> PyTree:
 
 
 def tree_vdot(x: PyTree, y: PyTree, batched: bool = False) -> torch.Tensor:
-    """Euclidean inner product ⟨x, y⟩ summed over all leaves (one per vector if batched)."""
+    """Euclidean inner product ⟨x, y⟩ summed over all leaves: a 0-d tensor, or shape
+    ``(k,)`` (one per vector) if ``batched``."""
     dims = (lambda a: tuple(range(1, a.dim()))) if batched else (lambda a: tuple(range(a.dim())))
     terms = [(a * b).sum(dim=dims(a)) if a.dim() > int(batched) else a * b
              for a, b in zip(tree_leaves(x), tree_leaves(y), strict=True)]
@@ -82,16 +94,18 @@ def tree_vdot(x: PyTree, y: PyTree, batched: bool = False) -> torch.Tensor:
 
 
 def tree_norm(x: PyTree, batched: bool = False) -> torch.Tensor:
-    """Euclidean norm over all leaves (one per vector if batched)."""
+    """Euclidean norm over all leaves: a 0-d tensor, or shape ``(k,)`` if ``batched``."""
     return tree_vdot(x, x, batched).clamp_min(0).sqrt()
 
 
 def tree_numel(x: PyTree) -> int:
+    """The number of scalars in all leaves."""
     return sum(a.numel() for a in tree_leaves(x))
 
 
 def tree_ravel(x: PyTree) -> torch.Tensor:
-    """Concatenate all leaves into one flat vector."""
+    """Concatenate all leaves into one flat vector of shape ``(tree_numel(x),)``
+    (leaves must share dtype and device)."""
     return torch.cat([a.reshape(-1) for a in tree_leaves(x)])
 
 
@@ -111,13 +125,15 @@ def tree_unravel(flat: torch.Tensor, like: PyTree) -> PyTree:
 
 
 def tree_stack(trees: list[PyTree]) -> PyTree:
-    """Stack a list of trees along a new leading dimension."""
+    """Stack a list of k trees of the same structure along a new leading dimension
+    (every leaf gets shape ``(k, *leaf.shape)``)."""
     leaves = [tree_leaves(t) for t in trees]
     spec = tree_structure(trees[0])
     return tree_unflatten([torch.stack(group) for group in zip(*leaves, strict=True)], spec)
 
 
 def tree_all_finite(x: PyTree) -> bool:
+    """Whether every tensor leaf is free of NaN and inf (one host sync per leaf)."""
     return all(bool(torch.isfinite(a).all()) for a in tree_leaves(x) if isinstance(a, torch.Tensor))
 
 

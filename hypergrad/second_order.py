@@ -84,7 +84,12 @@ _SEED = 20_240_611
 
 
 def uses(route: str, blocks: Iterable[str] = BLOCKS) -> frozenset[Use]:
-    """The (route, block) pairs of one route for the given blocks (default: both)."""
+    """The (route, block) pairs of one route for the given blocks (default: both).
+
+    Example:
+        >>> sorted(uses("reverse"))
+        [('reverse', 'hessian'), ('reverse', 'mixed')]
+    """
     return frozenset((route, b) for b in blocks)
 
 
@@ -285,6 +290,19 @@ def check_second_order(problem: Problem | Callable[[PyTree, PyTree, Any], torch.
     a route disagrees with the differences). With ``cache`` the report is kept per
     objective (its code, the objects its closure holds and the globals it reads; the
     last 64) and returned again on the next call.
+
+    Args:
+        problem: a :class:`~hypergrad.Problem`, or an objective ``f(params, hparams,
+            batch) -> 0-d tensor``.
+        hparams: λ, a pytree of floating tensors.
+        params: w, a non-empty pytree of floating tensors.
+        batch: the data f sees (default: ``problem.full_batch()``).
+        cache: reuse (and store) the report for this objective.
+
+    Returns:
+        :class:`SecondOrderReport`; ``report.usable(pairs)`` says whether the
+        (route, block) pairs an estimator needs can be trusted, ``report.summary()``
+        shows the values. ``seconds`` is the wall time in seconds.
 
     Raises:
         BilevelInputError: ``params`` or ``hparams`` are not pytrees of floating tensors,

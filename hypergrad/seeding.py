@@ -16,6 +16,9 @@ def mix_seed(seed: int, *indices: int) -> int:
     another: ``s ← (s · 1000003 + i · 7919 + 17) mod (2⁶³ − 1)``. Different index tuples
     give different seeds for all practical seeds and step counts.
 
+    Returns:
+        An int in [0, 2⁶³ − 1), suitable for ``torch.Generator().manual_seed``.
+
     Raises:
         TypeError: a seed or an index that is not an int (booleans included).
     """

@@ -37,6 +37,7 @@ def check_tree(name: str, tree: PyTree, error: type[Exception] = BilevelInputErr
 
 
 def check_finite(name: str, tree: PyTree) -> None:
+    """Raise :class:`NonFiniteError` naming the first leaf of ``tree`` with NaN or inf."""
     for path, leaf in _named_leaves(name, tree):
         if not bool(torch.isfinite(leaf).all()):
             raise NonFiniteError(f"{path} contains NaN or inf")
@@ -125,7 +126,22 @@ def check_problem(problem: Problem, hparams: PyTree, params: PyTree) -> None:
     finite scalars; every hyperparameter must be read by the inner loss, the outer
     loss or an optimizer setting (otherwise its hypergradient is identically zero);
     the optimizer settings at these hyperparameters must be in range (a step size > 0, a
-    momentum in [0, 1), ...).
+    momentum in [0, 1), ...). Evaluates each objective once.
+
+    Args:
+        problem: the :class:`~hypergrad.Problem`.
+        hparams: λ, a non-empty pytree of floating tensors.
+        params: w, a non-empty pytree of floating tensors.
+
+    Raises:
+        TypeError: ``problem`` is not a :class:`~hypergrad.Problem`.
+        HyperparameterError: ``hparams`` malformed, a leaf the objectives look up but
+            do not find, or a hyperparameter read by nothing.
+        BilevelInputError: ``params`` malformed, or tensors on different devices or of
+            different floating dtypes.
+        ObjectiveError: an objective failed or did not return a scalar tensor.
+        NonFiniteError: NaN or inf in ``params``, ``hparams`` or an objective's value.
+        OptimizerSettingError: an optimizer setting out of range at ``hparams``.
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be a hypergrad.Problem, got {type(problem).__name__}")

@@ -45,7 +45,18 @@ def d4_transform(images: Tensor, g: int) -> Tensor:
     of the square to the last two axes of ``images``: for ``g < 4``,
     ``torch.rot90(images, g, dims=(-2, -1))`` (``g`` counter-clockwise quarter turns); for
     ``g >= 4``, the same rotation by ``g - 4`` quarter turns after a left-right mirror
-    ``torch.flip(images, dims=(-1,))``."""
+    ``torch.flip(images, dims=(-1,))``.
+
+    Args:
+        images: a tensor ``(..., H, H)``, square in its last two axes (e.g. ``(N, 1, 8, 8)``).
+        g: the group element, an int in ``0 .. 7``.
+
+    Returns:
+        A new tensor of the same shape and dtype.
+
+    Raises:
+        BilevelInputError: ``g`` not an int in 0..7, or images not square.
+    """
     if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < 8:
         raise BilevelInputError(f"d4_transform: g must be an int in 0..7, got {g!r}")
     if images.dim() < 2 or images.shape[-1] != images.shape[-2]:
@@ -183,6 +194,11 @@ def load_omniglot(
             cannot be read, no images at all, the same character in both sets, or Pillow not
             installed.
         BilevelInputError: ``image_size`` not a positive int.
+
+    References:
+        Lake, Salakhutdinov, Tenenbaum, "Human-level concept learning through
+        probabilistic program induction", Science 350, 2015 (the dataset); rotations as
+        new classes: Santoro et al., ICML 2016, and Finn et al., ICML 2017.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise BilevelInputError(f"load_omniglot: image_size must be a positive int, got "

@@ -735,7 +735,8 @@ def factored_query_losses(
     Args:
         query_x: ``(B, n_q, *features)``.
         query_y: ``(B, n_q, ...)`` targets.
-        others: as :func:`factored_adapt`.
+        layers, params, support_x, support_y, loss_fn: as :func:`factored_adapt`.
+        lr, steps, first_order, window, strategy: as :func:`factored_adapt`.
 
     Returns:
         ``(query_losses, support_losses)``, both ``(B,)``: ``query_losses`` carries the graph;

@@ -157,6 +157,7 @@ class TaskModel:
                 self.body_names = [n for n in names if n.split(".", 1)[0] in body_keys]
 
     def train(self, mode: bool) -> None:
+        """Set the private copy's training mode (Dropout on or off)."""
         self.module.train(mode)
 
     @staticmethod
@@ -218,7 +219,12 @@ def default_loss(classification: bool) -> Loss:
 @dataclass(frozen=True, eq=False)
 class MetaProblem:
     """One meta-batch: the tasks and the learner that adapts to them (what the outer loop's
-    problem factory builds at every outer step)."""
+    problem factory builds at every outer step).
+
+    Attributes:
+        learner: the :class:`MetaLearner`.
+        tasks: the meta-batch, a :class:`~bilevel.meta.TaskBatch` of B tasks.
+    """
 
     learner: MetaLearner
     tasks: TaskBatch
@@ -230,19 +236,26 @@ class MetaGradient(hg.Estimator):
     module docstring); used by :class:`MetaLearner` and the outer loop. ``result.grad`` has
     the keys of the meta-parameters; ``diagnostics.outer_loss`` is the mean query loss after
     adaptation and ``inner_grad_norm`` the norm of the last inner step's gradient (averaged
-    over tasks; NaN on the factored path, which never forms weight gradients)."""
+    over tasks; NaN on the factored path, which never forms weight gradients).
+
+    Raises:
+        BilevelInputError: ``problem`` is not a :class:`MetaProblem`, or its tasks are bad.
+        DivergenceError, NonFiniteError: NaN or inf in the meta-gradient.
+    """
 
     name: ClassVar[str] = "meta"
     warn_zero: ClassVar[bool] = True
 
     def compute(self, problem: Any, hparams: Any, params: Any,
                 state: EstimatorState) -> Hypergradient:
+        """The meta-gradient of ``problem`` (a :class:`MetaProblem`) at ``hparams``."""
         if not isinstance(problem, MetaProblem):
             raise BilevelInputError(f"MetaGradient needs a MetaProblem (a learner and a "
                                     f"TaskBatch), got {type(problem).__name__}")
         return problem.learner._meta_gradient(problem.tasks, hparams)
 
     def zero_message(self, problem: Any, hparams: Any, params: Any) -> str:
+        """The warning for an exactly zero meta-gradient."""
         return ("the meta-gradient is exactly zero: the query loss does not depend on the "
                 "meta-parameters (an inner learning rate of 0, or a loss that ignores the "
                 "model's output?)")
@@ -293,6 +306,8 @@ class MetaEvaluation:
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``metric``, ``num_tasks``, ``after`` and ``diverged`` keyed by
+        the step count as a string, ``nearest_centroid`` (``per_task`` left out)."""
         return {"metric": self.metric, "num_tasks": self.num_tasks,
                 "after": {str(k): list(v) for k, v in self.after.items()},
                 "diverged": {str(k): v for k, v in self.diverged.items()},
@@ -350,6 +365,25 @@ class MetaLearner:
 
     Raises:
         BilevelInputError: for every bad argument, naming it, before any work.
+
+    References:
+        MAML and first-order MAML: Finn, Abbeel, Levine, "Model-agnostic meta-learning for
+        fast adaptation of deep networks", ICML 2017. ANIL: Raghu, Raghu, Bengio, Vinyals,
+        "Rapid learning or feature reuse? Towards understanding the effectiveness of
+        MAML", ICLR 2020. Meta-SGD: Li, Zhou, Chen, Li, "Meta-SGD: learning to learn
+        quickly for few-shot learning", arXiv 2017. iMAML: Rajeswaran, Finn, Kakade,
+        Levine, "Meta-learning with implicit gradients", NeurIPS 2019. Reptile: Nichol,
+        Achiam, Schulman, "On first-order meta-learning algorithms", arXiv 2018.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bilevel.meta import MetaLearner, SinusoidTasks
+        >>> net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1))
+        >>> learner = MetaLearner(net, "maml", inner_lr=0.01, inner_steps=1)
+        >>> tasks = SinusoidTasks(shots=10, seed=0).sample(4, 0)
+        >>> learner.meta_gradient(tasks).grad["0.weight"].shape
+        torch.Size([40, 1])
     """
 
     def __init__(self, model: nn.Module, algorithm: str = "maml", *, inner_lr: float = 0.01,
@@ -501,7 +535,8 @@ class MetaLearner:
         return dict.fromkeys(self.net.adapted, self.inner_lr)
 
     def inner_lrs(self, hparams: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Meta-SGD's learned step sizes by parameter name (the fixed α otherwise)."""
+        """Meta-SGD's learned step sizes by parameter name (the fixed α otherwise), as
+        detached tensors (shaped like each parameter for Meta-SGD, 0-d otherwise)."""
         h = self.hparams if hparams is None else hparams
         return {k: torch.as_tensor(v, dtype=self.dtype).detach()
                 for k, v in self._lrs(h).items()}
@@ -509,7 +544,11 @@ class MetaLearner:
     def model(self, hparams: Mapping[str, Tensor] | None = None) -> nn.Module:
         """A deep copy of the user's model holding the meta-learned initialisation. Its
         normalisation layers use the statistics of the batch they see, in eval mode too,
-        as in meta-training (no running statistics were learned)."""
+        as in meta-training (no running statistics were learned).
+
+        Raises:
+            BilevelInputError: ``hparams`` without the keys and shapes of :attr:`hparams`.
+        """
         h = self._check_hparams(self.hparams if hparams is None else hparams)
         out = deepcopy_module(self._model)
         with torch.no_grad():
@@ -841,7 +880,15 @@ class MetaLearner:
         variable the offsets δ of the adapted parameters, one per task (``(B, *shape)``,
         zero at the start), outer variable the meta-parameters; the inner loss is the sum
         over tasks of each task's support loss at θ + δ_i (so that SGD on it steps every
-        task by its own gradient), the outer loss the mean query loss."""
+        task by its own gradient), the outer loss the mean query loss.
+
+        Returns:
+            ``(problem, delta)``: the :class:`hypergrad.Problem` and the zero offsets,
+            a dict ``name -> (B, *shape)`` for the adapted parameters.
+
+        Raises:
+            BilevelInputError: bad ``tasks`` (not a TaskBatch, another device, non-finite).
+        """
         tasks = self._check_tasks(tasks)
         net, num, cls = self.net, tasks.num_tasks, tasks.is_classification
         adapted = set(net.adapted)
@@ -892,8 +939,17 @@ class MetaLearner:
         :attr:`hparams`), ``result.diagnostics.outer_loss`` (mean query loss after
         adaptation).
 
+        Args:
+            tasks: a :class:`~bilevel.meta.TaskBatch` of B tasks.
+            hparams: the meta-parameters (default :attr:`hparams`).
+
+        Returns:
+            :class:`hypergrad.Hypergradient` (``params`` is ``None``).
+
         Raises:
             BilevelInputError: ``tasks`` not a :class:`TaskBatch`, or on another device.
+            DivergenceError, NonFiniteError: NaN or inf in the meta-gradient (lower
+                ``inner_lr``).
         """
         h = self.hparams if hparams is None else hparams
         return self.estimator_object()(MetaProblem(self, tasks), h, None)
@@ -906,7 +962,11 @@ class MetaLearner:
               hparams: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The adapted parameters of every task (no graph): name -> ``(B, *shape)`` for
         adapted parameters, the shared tensor for the others. Runs the model in eval mode
-        (dropout off), as :meth:`evaluate` and :meth:`predict` do."""
+        (dropout off), as :meth:`evaluate` and :meth:`predict` do.
+
+        Raises:
+            BilevelInputError: bad ``tasks``, or ``steps`` not an int ≥ 0.
+        """
         tasks = self._check_tasks(tasks)
         steps = self.inner_steps if steps is None else _positive_int("steps", steps, 0)
         vmapped = self._choose_batching(tasks)
@@ -920,7 +980,13 @@ class MetaLearner:
 
     def predict(self, x: Tensor, adapted: Mapping[str, Tensor]) -> Tensor:
         """Outputs ``(B, n, *out)`` of the adapted models (:meth:`adapt`) on inputs ``x``
-        ``(B, n, ...)``, in eval mode (dropout off)."""
+        ``(B, n, ...)``, in eval mode (dropout off).
+
+        Raises:
+            BilevelInputError: ``x`` not a tensor ``(B, n, ...)`` on the model's device,
+                ``adapted`` missing parameters or without a task axis of B, or a model
+                that cannot run on such inputs.
+        """
         if not isinstance(x, Tensor) or x.dim() < 2:
             raise BilevelInputError(f"x must be a tensor (B, n, *features), got "
                                     f"{getattr(x, 'shape', type(x).__name__)}")
@@ -1074,7 +1140,26 @@ class MetaLearner:
         Adam at 1e-3). With ``validation`` (a sampler) every ``eval_every`` steps records
         ``eval_<metric>`` after ``inner_steps`` on ``val_tasks`` tasks. Other keyword
         arguments go to ``OuterLoop`` (``scheduler``, ``clip_norm``, ``callbacks``, ...).
-        :attr:`hparams` are the loop's from then on."""
+        :attr:`hparams` are the loop's from then on.
+
+        Args:
+            sampler: training tasks, an object with ``sample(num_tasks, step)`` returning a
+                :class:`~bilevel.meta.TaskBatch`.
+            meta_batch: tasks per outer step.
+            optimizer: ``params -> torch.optim.Optimizer`` (default Adam, lr 1e-3).
+            validation: a sampler of validation tasks, or ``None``.
+            val_tasks: validation tasks per evaluation.
+            eval_every: outer steps between evaluations (0: never).
+            run_dir, run_mode, checkpoint_every, progress: as :class:`~bilevel.OuterLoop`.
+
+        Returns:
+            The :class:`~bilevel.OuterLoop` (call ``.run(steps)``).
+
+        Raises:
+            BilevelInputError: a sampler without ``sample``, ``meta_batch`` or
+                ``val_tasks`` below 1, ``eval_every`` without ``validation``, or validation
+                tasks of another kind (classification vs regression).
+        """
         from ..outer import OuterLoop
 
         _positive_int("meta_batch", meta_batch)

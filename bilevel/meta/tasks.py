@@ -377,6 +377,10 @@ class EpisodeSampler:
             / ``queries``, ``x`` and ``y`` of different lengths, non-integer labels, repeated
             classes, more ways than classes, or a class with fewer than ``shots + queries``
             examples (every such class with its count).
+
+    References:
+        The episodic N-way K-shot protocol of Vinyals et al., "Matching networks for one
+        shot learning", NeurIPS 2016.
     """
 
     def __init__(
@@ -440,7 +444,16 @@ class EpisodeSampler:
 
     def sample(self, num_tasks: int, step: int = 0) -> TaskBatch:
         """``num_tasks`` episodes; the same ``(seed, step)`` gives the same tasks, and task
-        ``t`` is the same whatever ``num_tasks``."""
+        ``t`` is the same whatever ``num_tasks``.
+
+        Returns:
+            A :class:`TaskBatch`: ``support_x`` ``(B, N·K, *features)``, ``support_y``
+            ``(B, N·K)`` int64 labels in ``0 .. N-1``, ``query_x`` ``(B, N·Q, *features)``,
+            ``query_y`` ``(B, N·Q)``, with B = ``num_tasks``.
+
+        Raises:
+            BilevelInputError: ``num_tasks`` < 1 or ``step`` < 0 (or not ints).
+        """
         _check_int("EpisodeSampler.sample: num_tasks", num_tasks, 1)
         _check_int("EpisodeSampler.sample: step", step, 0)
         rows, picks = [], []
@@ -528,7 +541,16 @@ class SinusoidTasks:
 
     def sample(self, num_tasks: int, step: int = 0) -> TaskBatch:
         """``num_tasks`` tasks; the same ``(seed, step)`` gives the same tasks, and task ``t``
-        is the same whatever ``num_tasks``."""
+        is the same whatever ``num_tasks``.
+
+        Returns:
+            A :class:`TaskBatch` with ``x`` ``(B, shots, 1)`` / ``(B, queries, 1)`` and
+            ``y`` likewise, in ``dtype``; ``info`` holds ``amplitude`` and ``phase``
+            ``(B,)``.
+
+        Raises:
+            BilevelInputError: ``num_tasks`` < 1 or ``step`` < 0 (or not ints).
+        """
         _check_int("SinusoidTasks.sample: num_tasks", num_tasks, 1)
         _check_int("SinusoidTasks.sample: step", step, 0)
         n = self.shots + self.queries
@@ -551,7 +573,15 @@ class SinusoidTasks:
     @staticmethod
     def curve(info: Mapping[str, Tensor] | TaskBatch, x: Tensor) -> Tensor:
         """The true function of each task at ``x`` (``(B, ...)``, e.g. a grid ``(B, M, 1)``
-        for plots): ``A_b sin(x - φ_b)``. ``info`` is a batch's ``info`` (or the batch)."""
+        for plots): ``A_b sin(x - φ_b)``. ``info`` is a batch's ``info`` (or the batch).
+
+        Returns:
+            A tensor shaped like ``x``.
+
+        Raises:
+            BilevelInputError: ``info`` without ``amplitude`` and ``phase``, or ``x``
+                without a task axis matching them.
+        """
         if isinstance(info, TaskBatch):
             info = info.info
         try:

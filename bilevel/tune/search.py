@@ -106,7 +106,17 @@ def _error(path: str, message: str) -> ConfigError:
 
 
 def split_search(document: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a TOML document into ``(config, search table)`` (``{}`` when there is none)."""
+    """Split a TOML document into ``(config, search table)`` (``{}`` when there is none).
+
+    Args:
+        document: the parsed TOML file (``tomllib.load``), a dict.
+
+    Returns:
+        ``(config, table)``: new dicts, the config without ``[search]`` and that table.
+
+    Raises:
+        ConfigError: ``search`` is not a table.
+    """
     config = {k: v for k, v in document.items() if k != SEARCH_TABLE}
     table = document.get(SEARCH_TABLE, {})
     if not isinstance(table, dict):
@@ -271,6 +281,17 @@ class Spec:
 
     ``estimators`` is, for an estimator setting, the estimators that take it (the value is
     suggested only when the trial's estimator is one of them); ``None`` otherwise.
+
+    Attributes:
+        path: the dotted config key path (the Optuna parameter name), e.g.
+            ``"outer.lr"`` or ``"model.sizes[0]"``.
+        kind: ``"int"``, ``"float"`` or ``"categorical"``.
+        low, high: the bounds (inclusive) of ``int``/``float``, in the key's own units
+            (e.g. a learning rate).
+        step: the grid spacing (``None``: continuous, or every int).
+        log: sample uniformly in log space (``low > 0``).
+        choices: the values of ``categorical``.
+        estimators: see above.
     """
 
     path: str
@@ -396,7 +417,13 @@ class SearchSpace:
     def from_table(cls, table: Mapping[str, Any], config: Mapping[str, Any]) -> SearchSpace:
         """Parse and check ``table`` (the ``[search]`` table) against ``config`` (the raw
         config dict, without ``[search]``; it must itself be valid). Every bound and choice
-        is applied to ``config`` and checked by :func:`~bilevel.config.parse_config`."""
+        is applied to ``config`` and checked by :func:`~bilevel.config.parse_config`.
+
+        Raises:
+            ConfigError: naming the key as ``search."outer.lr"``: an unknown or
+                unsearchable key, a malformed spec, or a bound or choice that makes an
+                invalid config.
+        """
         base = parse_config(copy.deepcopy(dict(config)))
         pairs = list(_flatten(table))
         seen = set()
@@ -514,8 +541,12 @@ def _apply_solver(out: dict[str, Any], field: str | None, value: Any,
 
 
 def build_config(config: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[dict, Config]:
-    """:func:`apply` then validate: ``(raw dict, Config)``; a :class:`ConfigError` names
-    the trial's values when their combination is not a valid config."""
+    """:func:`apply` then validate: ``(raw dict, Config)``.
+
+    Raises:
+        ConfigError: naming the trial's values when their combination is not a valid
+            config.
+    """
     document = apply(config, values)
     try:
         return document, parse_config(copy.deepcopy(document))
@@ -559,7 +590,11 @@ def _toml_value(value: Any, path: str) -> str:
 def to_toml(document: Mapping[str, Any], header: str = "") -> str:
     """``document`` as TOML text (``tomllib.loads`` gives it back): top-level tables as
     ``[name]`` sections, deeper tables inline. Values: tables, strings, integers, floats,
-    booleans and arrays of those. ``header`` is written first as ``#`` comment lines."""
+    booleans and arrays of those. ``header`` is written first as ``#`` comment lines.
+
+    Raises:
+        ValueError: a value TOML cannot express (``None``, an object), naming its key.
+    """
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
     scalars = {k: v for k, v in document.items() if not isinstance(v, dict)}
     tables = {k: v for k, v in document.items() if isinstance(v, dict)}

@@ -37,9 +37,21 @@ def make_estimator(name: str | Estimator, **settings: Any) -> Estimator:
     name or a table ``{"name": "cg", "maxiter": 20, "damping": 1e-3}``
     (:func:`~hypergrad.linear_solve.make_solver`), so configs can choose and budget it.
 
+    Args:
+        name: a key of :data:`ESTIMATORS` (``"unrolled"``, ``"recompute"``, ``"forward"``,
+            ``"truncated"``, ``"random_window"``, ``"implicit"``, ``"fixed_point"``,
+            ``"kkt"``, ``"lvhba"``, ``"soba"``, ``"saba"``), or an estimator object,
+            returned as is.
+        **settings: the estimator's constructor arguments, overriding the registry's
+            defaults for that name.
+
+    Returns:
+        The :class:`Estimator`.
+
     Raises:
-        ValueError: an unknown name or solver; TypeError: settings the estimator does not
-            take, or settings given with an estimator object.
+        ValueError: an unknown name or solver, or a setting the estimator refuses.
+        TypeError: settings the estimator does not take, or settings given with an
+            estimator object.
     """
     if isinstance(name, Estimator):
         if settings:

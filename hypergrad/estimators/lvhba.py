@@ -46,11 +46,16 @@ from .base import Diagnostics, Estimator, EstimatorState, Hypergradient
 
 @dataclass(frozen=True)
 class ConstrainedDiagnostics(Diagnostics):
-    """Diagnostics of LV-HBA at the iterate (x_k, y_k) the step started from.
+    """Diagnostics of LV-HBA (and :class:`KKTImplicit`) at the iterate (x_k, y_k) the step
+    started from; all plain Python numbers.
 
-    ``max_violation`` = max(g(y, x), 0); ``value_gap`` = f(y, x) − v_γ(x, y, z) (v_γ
-    evaluated at the current θ, λ: ≥ 0 up to their inexactness); ``theta_gap`` =
-    ‖θ − y‖; ``multipliers`` = λ; ``penalty`` = c_k.
+    Attributes:
+        max_violation: max(g(y, x), 0), the largest constraint violation (0 if feasible).
+        value_gap: f(y, x) − v_γ(x, y, z) (v_γ evaluated at the current θ, λ: ≥ 0 up to
+            their inexactness); NaN for :class:`KKTImplicit`.
+        theta_gap: ‖θ − y‖; NaN for :class:`KKTImplicit`.
+        multipliers: the multipliers λ (one per constraint, length l), or ``None``.
+        penalty: the penalty c_k of this iteration; NaN for :class:`KKTImplicit`.
     """
 
     max_violation: float = math.nan
@@ -69,13 +74,35 @@ class LVHBA(Estimator):
     with ``lr=alpha``) lands exactly on the projected LV-HBA iterate x⁺; ``params`` = y⁺;
     and the state {θ, λ, z, k} for the next call (θ = y, λ = z = 0 at the start).
 
+    ``grad`` matches ``x`` (``hparams``), ``params`` matches ``y``; the state holds
+    ``"theta"`` (pytree like ``y``), ``"lam"`` and ``"z"`` (tensors of shape ``(l,)``)
+    and ``"k"`` (int, iterations done). Diagnostics are :class:`ConstrainedDiagnostics`.
+    The problem's ``inner_loss`` is f, ``outer_loss`` F and ``constraints`` g; no
+    Hessian-vector products are taken, so no second-order self-check is run.
+
     Args:
-        alpha: step of (x, y).  beta: step of z.  eta: step of θ and λ.
-        gamma1, gamma2: proximal parameters.  c_bar, p: penalty c_k = c̄ (k+1)^p, p ∈ (0, ½).
+        alpha: step of (x, y).
+        beta: step of z.
+        eta: step of θ and λ.
+        gamma1, gamma2: proximal parameters γ1 (of θ) and γ2 (of λ).
+        c_bar, p: penalty c_k = c̄ (k+1)^p, p ∈ (0, ½).
         r: the box Z = [0, r]^l of z.
         compile: run the iteration through ``torch.compile`` (one compilation per
             problem, tens of seconds; then many times faster on small problems, where
             eager execution is dominated by per-operation overhead).
+
+    Raises:
+        ValueError: a step, proximal parameter, ``c_bar`` or ``r`` not a positive finite
+            number, or ``p`` outside (0, 0.5) (at construction).
+        TypeError: ``problem`` is not a :class:`~hypergrad.ConstrainedProblem`.
+        BilevelInputError: on the first call (k = 0), a starting point outside its
+            sets (the message gives the distance), or ``g`` of the wrong shape.
+        DivergenceError, NonFiniteError: NaN or inf in the iterate or the step (lower
+            ``alpha`` and ``eta``).
+
+    References:
+        Yao, Yu, Zeng, Zhang, "Constrained bi-level optimization: proximal Lagrangian
+        value function approach and Hessian-free algorithm", ICLR 2024.
     """
 
     name: ClassVar[str] = "lvhba"
@@ -99,12 +126,14 @@ class LVHBA(Estimator):
             raise ValueError(f"LVHBA.p must lie in (0, 0.5), got {self.p!r}")
 
     def init_state(self, problem: ConstrainedProblem, params: PyTree) -> EstimatorState:
+        """The starting state: θ = y (``params``), λ = z = 0 (shape ``(l,)``), k = 0."""
         leaf = tree_leaves(params)[0]
         zeros = torch.zeros(problem.num_constraints, dtype=leaf.dtype, device=leaf.device)
         return {"theta": tree_detach(params), "lam": zeros, "z": zeros.clone(), "k": 0}
 
     def compute(self, problem: ConstrainedProblem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
+        """One estimate; call the estimator instead (``__call__`` adds the checks)."""
         if not isinstance(problem, ConstrainedProblem):
             raise TypeError("LVHBA needs a ConstrainedProblem, got "
                             f"{type(problem).__name__}")

@@ -67,6 +67,15 @@ def soba_step_size(gamma: float, t: int) -> float:
 
     With a torch optimizer on the hyperparameters, the same schedule is
     ``torch.optim.lr_scheduler.LambdaLR(opt, lambda t: soba_step_size(1.0, t))``.
+
+    Args:
+        gamma: the base outer step γ (a learning rate, > 0).
+        t: the outer step index, 0 first.
+
+    Returns:
+        γ_t as a float.
+
+    Source: Dagréou et al., NeurIPS 2022 (steps ∝ 1/√t).
     """
     return gamma / math.sqrt(t + 1)
 
@@ -76,6 +85,8 @@ def inner_directions(f: Callable, z: PyTree, x: PyTree, batch: Any, v: PyTree,
     """(∇_z g, ∇²_zz g · v, ∇²_xz g · v) of g = ``f(·, ·, batch)`` at (z, x).
 
     Both second-order products are the gradient in (z, x) of φ = ⟨∇_z g(z, x), v⟩.
+    ``v`` is a pytree matching ``z``; the results match ``z``, ``z`` and ``x``.
+    ``mode`` is ``"reverse"`` (double backward) or ``"jvp"`` (forward-over-reverse).
     """
     if mode == "reverse":
         def phi(z_: PyTree, x_: PyTree) -> tuple[torch.Tensor, PyTree]:
@@ -94,7 +105,8 @@ def inner_directions(f: Callable, z: PyTree, x: PyTree, batch: Any, v: PyTree,
 
 def outer_directions(f: Callable, z: PyTree, x: PyTree, batch: Any,
                      ) -> tuple[torch.Tensor, PyTree, PyTree]:
-    """(f, ∇_z f, ∇_x f) of ``f(·, ·, batch)`` at (z, x)."""
+    """(f, ∇_z f, ∇_x f) of ``f(·, ·, batch)`` at (z, x): a detached 0-d loss and pytrees
+    matching ``z`` and ``x``."""
     def f_aux(z_: PyTree, x_: PyTree) -> tuple[torch.Tensor, torch.Tensor]:
         out = f(z_, x_, batch)
         return out, out.detach()
@@ -171,6 +183,18 @@ class SOBA(_SingleLoopRoutes, Estimator):
             self-check on the first call for an inner loss (:mod:`hypergrad.second_order`).
 
     State: ``"v"`` (default zeros like ``params``) and ``"t"`` (default 0).
+    ``grad`` is D_x (pytree matching ``hparams``); ``params`` the new z.
+    ``Diagnostics.solve_residual`` is ‖D_v‖ / ‖∇_z f‖ and ``inner_grad_norm`` ‖D_z‖.
+
+    Raises:
+        ValueError: ``rho`` not a positive number, ``hvp`` not ``"reverse"``/``"jvp"``,
+            or ``decay`` not a bool (at construction).
+        BilevelInputError: a bad ``self_check``.
+        DivergenceError, NonFiniteError, SecondOrderError: see :meth:`Estimator.__call__`.
+
+    References:
+        Dagréou, Ablin, Vaiter, Moreau, "A framework for bilevel optimization that enables
+        stochastic and global variance reduction algorithms", NeurIPS 2022.
     """
 
     name: ClassVar[str] = "soba"
@@ -187,11 +211,12 @@ class SOBA(_SingleLoopRoutes, Estimator):
             raise ValueError(f"SOBA.decay must be a bool, got {self.decay!r}")
 
     def step_size(self, t: int) -> float:
-        """ρ_t."""
+        """ρ_t at outer step ``t``: ρ / √(t + 1) with ``decay``, else ρ."""
         return self.rho / math.sqrt(t + 1) if self.decay else self.rho
 
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
+        """One estimate; call the estimator instead (``__call__`` adds the checks)."""
         t = int(state.get("t", 0))
         z, x = tree_detach(params), tree_detach(hparams)
         v = tree_detach(state["v"]) if "v" in state else tree_zeros_like(z)
@@ -240,7 +265,22 @@ class SABA(_SingleLoopRoutes, Estimator):
         self_check: the second-order self-check, as in :class:`SOBA`.
 
     State: ``"v"``, ``"t"``, ``"memory"`` and ``"mean"`` (each ``{"inner": (…),
-    "outer": (…)}``, tables stacked along a leading sample dimension).
+    "outer": (…)}``, tables stacked along a leading sample dimension: shape
+    ``(n_inner, *leaf.shape)`` or ``(n_outer, *leaf.shape)``). Memory is O(n·(dim z +
+    dim x)).
+
+    Raises:
+        ValueError: at construction: ``n_inner``, ``n_outer``, ``batch_size`` or
+            ``outer_batch_size`` not positive ints or larger than their ``n``, ``rho`` not
+            positive, a bad ``hvp``, a non-int ``seed``; at call: ``n > 1`` samples
+            without ``problem.step_batch`` / ``outer_step_batch``, or an
+            ``inner_index``/``outer_index`` giving repeated or out-of-range indices.
+        BilevelInputError: a bad ``self_check``.
+        DivergenceError, NonFiniteError, SecondOrderError: see :meth:`Estimator.__call__`.
+
+    References:
+        Dagréou, Ablin, Vaiter, Moreau, NeurIPS 2022 (SABA); SAGA: Defazio, Bach,
+        Lacoste-Julien, NeurIPS 2014.
     """
 
     name: ClassVar[str] = "saba"
@@ -275,7 +315,12 @@ class SABA(_SingleLoopRoutes, Estimator):
             raise ValueError(f"SABA.seed must be an int, got {self.seed!r}")
 
     def draw(self, t: int) -> tuple[list[int], list[int]]:
-        """The inner and outer sample indices of step t."""
+        """The inner and outer sample indices of step t (two lists of distinct ints).
+
+        Raises:
+            ValueError: ``inner_index``/``outer_index`` gave empty, repeated or
+                out-of-range indices.
+        """
         gen = torch.Generator().manual_seed(mix_seed(self.seed, t))
         b_out = self.outer_batch_size or min(self.batch_size, self.n_outer)
         out = []
@@ -291,6 +336,7 @@ class SABA(_SingleLoopRoutes, Estimator):
 
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
+        """One estimate; call the estimator instead (``__call__`` adds the checks)."""
         for n, acc, fld in ((self.n_inner, problem.step_batch, "step_batch"),
                             (self.n_outer, problem.outer_step_batch, "outer_step_batch")):
             if n > 1 and acc is None:

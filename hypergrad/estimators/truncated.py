@@ -37,6 +37,10 @@ from .unrolled import Unrolled, differentiate, unrolled_routes
 class Truncated(Estimator):
     """Back-propagate through the last ``window`` (K) steps of ``problem.steps`` (T).
 
+    The first T − K steps (N0 of them with ``random``) run without a graph; memory is
+    O(K). With ``random`` only N0 + K ≤ T steps are run, and ``Diagnostics.inner_steps``
+    says how many.
+
     Args:
         window: number K of differentiated steps (K ≥ T gives full unrolling).
         random: draw the window's start uniformly at each call (RaT-BPTT); the draw
@@ -45,6 +49,17 @@ class Truncated(Estimator):
         mode, recompute, segment: how the window itself is differentiated (see
             :class:`Unrolled`).
         self_check: the second-order self-check, as in :class:`Unrolled`.
+
+    Raises:
+        ValueError: ``window`` not a positive int (at construction).
+        BilevelInputError: a bad ``self_check`` (at construction).
+        OptimizerSettingError, DivergenceError, NonFiniteError, SecondOrderError: at call,
+            as for :class:`Unrolled`.
+
+    References:
+        K-RMD: Shaban, Cheng, Hatch, Boots, "Truncated back-propagation for bilevel
+        optimization", AISTATS 2019. Random window: Feng, Vedantam, Kempe, "Embarrassingly
+        simple dataset distillation" (RaT-BPTT), ICLR 2024.
     """
 
     name: ClassVar[str] = "truncated"
@@ -62,7 +77,8 @@ class Truncated(Estimator):
             raise ValueError(f"Truncated.window must be a positive int, got {self.window!r}")
 
     def window_start(self, steps: int, draws: int) -> int:
-        """N0: graph-free steps before the window."""
+        """N0: graph-free steps before the window, for ``steps`` = T and the ``draws``-th
+        call (an int in ``[0, max(T − K, 0)]``; always T − K without ``random``)."""
         slack = max(steps - self.window, 0)
         if not self.random:
             return slack
@@ -70,14 +86,17 @@ class Truncated(Estimator):
         return int(torch.randint(0, slack + 1, (), generator=gen))
 
     def second_order_routes(self, state: EstimatorState) -> frozenset[Use]:
+        """The (route, block) pairs this estimator differentiates by (see the base class)."""
         return unrolled_routes(self.mode)
 
     def route_options(self) -> list[tuple[frozenset[Use], str]]:
+        """The settings to suggest when the self-check rejects a route (see the base class)."""
         return [(unrolled_routes("reverse"), "Truncated(mode='reverse')"),
                 (unrolled_routes("forward"), "Truncated(mode='forward')")]
 
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
+        """One estimate; call the estimator instead (``__call__`` adds the checks)."""
         draws = int(state.get("draws", 0))
         n0 = self.window_start(problem.steps, draws)
         stop = min(n0 + self.window, problem.steps)

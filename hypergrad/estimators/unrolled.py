@@ -60,7 +60,20 @@ def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
     """Reverse-mode hypergradient through steps ``start..stop-1`` from (params, opt_state).
 
     With ``segment = k`` only every k-th state is stored and each segment is recomputed
-    in the backward pass; ``None`` keeps the whole graph. Returns (∇_λ F, w_T, F).
+    in the backward pass; ``None`` keeps the whole graph.
+
+    Args:
+        problem: the bilevel problem (its ``optimizer``, ``inner_loss``, ``outer_loss``).
+        hparams: λ, a pytree of floating tensors.
+        params: w at step ``start``, a pytree (detached on entry).
+        opt_state: the inner optimizer's state at step ``start``.
+        start, stop: the step indices run, ``start <= stop``.
+        segment: steps per stored state (checkpointing), or ``None``.
+
+    Returns:
+        ``(grad, w_stop, loss)``: ∇_λ F (pytree matching ``hparams``), the detached
+        iterate after step ``stop - 1`` (pytree matching ``params``) and F at it (a 0-d
+        detached tensor).
     """
     lam = tree_requires_grad(hparams)
     lam_leaves = tree_leaves(lam)
@@ -112,7 +125,21 @@ def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
 def unroll_forward(problem: Problem, hparams: PyTree, params: PyTree, opt_state: State,
                    start: int, stop: int, chunk_size: int | None = None,
                    ) -> tuple[PyTree, PyTree, torch.Tensor]:
-    """Forward-mode hypergradient: one JVP per hyperparameter coordinate, batched by vmap."""
+    """Forward-mode hypergradient: one JVP per hyperparameter coordinate, batched by vmap.
+
+    Memory is independent of ``stop - start``; cost grows with the number of scalar
+    hyperparameters (the identity basis of ravelled λ is pushed through all steps).
+    Forward-mode differentiation of the iterates (RTRL-style) follows Franceschi et al.,
+    "Forward and reverse gradient-based hyperparameter optimization", ICML 2017.
+
+    Args:
+        problem, hparams, params, opt_state, start, stop: as in :func:`unroll_reverse`.
+        chunk_size: coordinates per vmap chunk (``None``: all at once); lower it to
+            save memory.
+
+    Returns:
+        ``(grad, w_stop, loss)`` as in :func:`unroll_reverse`.
+    """
     lam = tree_detach(hparams)
     params, opt_state = tree_detach(params), tree_detach(opt_state)
 
@@ -131,17 +158,24 @@ def unroll_forward(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
 
 
 def tree_map_first(tree: PyTree) -> PyTree:
+    """The first entry along the leading (vmap) axis of every leaf, detached."""
     leaves, spec = tree_flatten(tree)
     return tree_unflatten([x[0].detach() for x in leaves], spec)
 
 
 def sqrt_segment(steps: int) -> int:
+    """⌈√steps⌉ (at least 1): the checkpoint spacing giving memory O(√T)."""
     return max(1, math.ceil(math.sqrt(steps)))
 
 
 @dataclass(frozen=True)
 class Unrolled(Estimator):
-    """Differentiate through all ``problem.steps`` inner steps.
+    """Differentiate through all ``problem.steps`` inner steps (iterative differentiation).
+
+    The estimate is the exact gradient of λ ↦ F(w_T(λ), λ) for the T-step map of
+    ``problem.optimizer``; it is biased only in that w_T ≠ w*. Reverse mode keeps
+    memory O(T) (O(√T) with ``recompute``); forward mode O(1) in T at a cost
+    proportional to the number of scalar hyperparameters.
 
     Args:
         mode: ``"reverse"`` (back-propagation) or ``"forward"`` (JVPs; best for few
@@ -151,6 +185,25 @@ class Unrolled(Estimator):
         chunk_size: forward mode: hyperparameter coordinates per vmap chunk.
         self_check: ``"error"`` (default), ``"warn"`` or ``"off"``: the second-order
             self-check on the first call for an inner loss (:mod:`hypergrad.second_order`).
+
+    Raises:
+        ValueError: ``mode`` not ``"reverse"``/``"forward"``, ``segment < 1``, or
+            ``recompute`` with forward mode (at construction).
+        BilevelInputError: a bad ``self_check`` (at construction).
+        OptimizerSettingError: an inner optimizer setting out of range at ``hparams``
+            (at call).
+        DivergenceError, NonFiniteError, SecondOrderError: see :meth:`Estimator.__call__`.
+
+    References:
+        Reverse mode: Maclaurin, Duvenaud, Adams, "Gradient-based hyperparameter
+        optimization through reversible learning", ICML 2015; forward and reverse
+        mode: Franceschi, Donini, Frasconi, Pontil, "Forward and reverse gradient-based
+        hyperparameter optimization", ICML 2017. Checkpointing: Griewank & Walther,
+        "Evaluating Derivatives" (2008).
+
+    Example:
+        >>> est = Unrolled(mode="forward")          # a handful of hyperparameters
+        >>> result = est(problem, hparams, params)  # doctest: +SKIP
     """
 
     name: ClassVar[str] = "unrolled"
@@ -171,14 +224,17 @@ class Unrolled(Estimator):
                              "(forward mode already uses memory independent of T)")
 
     def second_order_routes(self, state: EstimatorState) -> frozenset[Use]:
+        """The (route, block) pairs this estimator differentiates by (see the base class)."""
         return unrolled_routes(self.mode)
 
     def route_options(self) -> list[tuple[frozenset[Use], str]]:
+        """The settings to suggest when the self-check rejects a route (see the base class)."""
         return [(unrolled_routes("reverse"), "Unrolled(mode='reverse')"),
                 (unrolled_routes("forward"), "Unrolled(mode='forward')")]
 
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
+        """One estimate; call the estimator instead (``__call__`` adds the checks)."""
         check_settings(problem.optimizer, hparams)
         start = inner_loss_value(problem, params, hparams)
         opt_state = problem.optimizer.init(tree_detach(params))
@@ -198,7 +254,11 @@ def unrolled_routes(mode: str) -> frozenset[Use]:
 
 def differentiate(est: Unrolled, problem: Problem, hparams: PyTree, params: PyTree,
                   opt_state: State, start: int, stop: int) -> tuple[PyTree, PyTree, torch.Tensor]:
-    """Run the chosen unrolled mode over steps ``start..stop-1``."""
+    """Run the chosen unrolled mode of ``est`` over steps ``start..stop-1``.
+
+    Returns:
+        ``(grad, w_stop, loss)`` as in :func:`unroll_reverse`.
+    """
     if est.mode == "forward":
         return unroll_forward(problem, hparams, params, opt_state, start, stop, est.chunk_size)
     segment = (est.segment or sqrt_segment(stop - start)) if est.recompute else None

@@ -27,6 +27,13 @@ def make_solver(spec: str | Mapping[str, Any] | LinearSolver) -> LinearSolver:
     settings (``{"name": "cg", "maxiter": 20, "damping": 1e-3}``, the form a TOML config
     holds), or a solver object (returned as is).
 
+    Args:
+        spec: ``"cg"``, ``"fixed_point"``, ``"neumann"``, ``"gmres"`` or ``"direct"``, a
+            mapping with ``name`` and the solver's settings, or a solver object.
+
+    Returns:
+        The solver (a :class:`LinearSolver`).
+
     Raises:
         ValueError: an unknown name, a table without ``name``, a setting the solver does
             not take, or a value the solver refuses (its own message).

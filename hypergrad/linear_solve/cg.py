@@ -30,6 +30,30 @@ class ConjugateGradient:
     grown ``DIVERGED`` (1e10) times over its start raises ``LinearSolveError`` (a singular
     system whose right-hand side is outside its range makes the iterates grow without
     bound).
+
+    Args:
+        tol: stop once the relative residual ‖b − Ax‖ / ‖b‖ ≤ tol (unitless).
+        maxiter: at most this many iterations (matrix-vector products).
+        damping: solve (A + damping·I) x = b (≥ 0; regularises a singular H).
+        preconditioner: optional r ↦ M⁻¹ r, a symmetric positive-definite map on pytrees
+            like ``b``.
+
+    Raises:
+        ValueError: ``tol`` < 0, ``maxiter`` not an int ≥ 1, ``damping`` negative or not
+            finite, or ``preconditioner`` not callable (at construction).
+        LinearSolveError: a non-finite step (pᵀAp = 0) or a residual grown 1e10 times.
+        NonFiniteError: NaN or inf in ``b``, ``x0`` or a product A x.
+
+    References:
+        Hestenes & Stiefel, "Methods of conjugate gradients for solving linear systems",
+        J. Res. Nat. Bur. Standards 49, 1952.
+
+    Example:
+        >>> import torch
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+        >>> out = ConjugateGradient(tol=1e-8)(lambda v: A @ v, torch.tensor([1.0, 2.0]))
+        >>> out.converged, out.x
+        (True, tensor([0.0909, 0.6364]))
     """
 
     tol: float = 1e-10
@@ -43,6 +67,18 @@ class ConjugateGradient:
 
     def __call__(self, matvec: MatVec, b: PyTree, x0: PyTree | None = None,
                  batched: bool = False) -> SolveResult:
+        """Solve (A + damping·I) x = b.
+
+        Args:
+            matvec: x ↦ A x on pytrees like ``b`` (symmetric positive definite A).
+            b: the right-hand side, a pytree of floating tensors.
+            x0: warm start like ``b`` (default 0).
+            batched: every leaf of ``b`` and ``x0`` has a leading dimension of k
+                right-hand sides, solved together; ``matvec`` must accept such batches.
+
+        Returns:
+            :class:`SolveResult` with ``x`` shaped like ``b``.
+        """
         system = _System.build(self, matvec, b, batched)
         precond = _lift(self.preconditioner, batched) or (lambda r: r)
         x, r = system.start(x0)

@@ -28,6 +28,20 @@ class Direct:
     LU fallback when A is not positive definite). ``x0`` is ignored; ``converged`` says
     whether the relative residual of the dense solve is below ``tol``. A singular matrix
     raises :class:`~hypergrad.errors.LinearSolveError` (add ``damping``).
+
+    Args:
+        damping: solve (A + damping·I) x = b (finite, ≥ 0).
+        symmetric: try a Cholesky factorisation first.
+        max_size: the largest number n of unknowns accepted (memory O(n²)).
+        tol: relative residual below which ``converged`` is True.
+
+    Raises:
+        ValueError: a bad setting (at construction); n > ``max_size`` (at call).
+        LinearSolveError: A + damping·I is singular.
+        NonFiniteError: NaN or inf in ``b`` or in a product A eᵢ.
+
+    Source: LU / Cholesky factorisation (``torch.linalg.solve``,
+    ``torch.cholesky_solve``).
     """
 
     damping: float = 0.0
@@ -45,10 +59,13 @@ class Direct:
 
     @property
     def maxiter(self) -> int:
+        """``max_size`` (the solver protocol's budget: at most that many products)."""
         return self.max_size
 
     def __call__(self, matvec: MatVec, b: PyTree, x0: PyTree | None = None,
                  batched: bool = False) -> SolveResult:
+        """Solve (A + damping·I) x = b; arguments and result as
+        :meth:`~hypergrad.linear_solve.ConjugateGradient.__call__` (``x0`` is ignored)."""
         system = _System.build(self, matvec, b, batched)
         B = _ravel_cols(system.b).T  # (n, k)
         n = B.shape[0]

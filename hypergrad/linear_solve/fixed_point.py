@@ -25,6 +25,21 @@ class FixedPoint:
     Each iteration takes one product, which also gives the exact residual. A residual
     grown ``DIVERGED`` (1e10) times over its start raises
     :class:`~hypergrad.errors.LinearSolveError`: the iteration does not contract.
+
+    Args:
+        alpha: step α (finite, > 0; below 2/λ_max(A) for an SPD A).
+        tol: stop once the relative residual ≤ tol.
+        maxiter: at most this many iterations (products).
+        damping: solve (A + damping·I) x = b (finite, ≥ 0).
+
+    Raises:
+        ValueError: a bad setting (at construction).
+        LinearSolveError: the residual grew 1e10 times (no contraction).
+        NonFiniteError: NaN or inf in ``b``, ``x0`` or a product.
+
+    References:
+        Richardson iteration (Richardson 1911); as a hypergradient solver, Grazzi et
+        al., ICML 2020 and Lorraine et al., AISTATS 2020.
     """
 
     alpha: float = 1.0
@@ -39,6 +54,8 @@ class FixedPoint:
 
     def __call__(self, matvec: MatVec, b: PyTree, x0: PyTree | None = None,
                  batched: bool = False) -> SolveResult:
+        """Solve (A + damping·I) x = b; arguments and result as
+        :meth:`~hypergrad.linear_solve.ConjugateGradient.__call__`."""
         return self._solve(_System.build(self, matvec, b, batched), x0)
 
     def _solve(self, system: _System, x0: PyTree | None) -> SolveResult:
@@ -72,6 +89,19 @@ class Neumann:
     This is exactly K + 1 fixed-point steps from v = 0 (:class:`FixedPoint` with tol = 0),
     which converges to A⁻¹ b when the spectral radius of I − αA is below 1. A given ``x0``
     replaces the start v = 0 (then v is no longer the plain series); it is ignored otherwise.
+
+    Args:
+        alpha: step α (finite, > 0).
+        terms: K, the number of series terms after the first (int ≥ 0).
+        damping: solve (A + damping·I) x = b (finite, ≥ 0).
+
+    Raises:
+        ValueError: a bad setting (at construction).
+        LinearSolveError, NonFiniteError: as :class:`FixedPoint`.
+
+    References:
+        Lorraine, Vicol, Duvenaud, "Optimizing millions of hyperparameters by implicit
+        differentiation", AISTATS 2020.
     """
 
     alpha: float = 1.0
@@ -87,13 +117,18 @@ class Neumann:
 
     @property
     def tol(self) -> float:
+        """0: the series always runs its ``terms + 1`` steps."""
         return 0.0
 
     @property
     def maxiter(self) -> int:
+        """``terms + 1`` fixed-point steps."""
         return self.terms + 1
 
     def __call__(self, matvec: MatVec, b: PyTree, x0: PyTree | None = None,
                  batched: bool = False) -> SolveResult:
+        """Solve (A + damping·I) x = b; arguments and result as
+        :meth:`~hypergrad.linear_solve.ConjugateGradient.__call__` (``x0`` replaces the
+        start v = 0)."""
         steps = FixedPoint(self.alpha, tol=0.0, maxiter=self.maxiter, damping=self.damping)
         return steps._solve(_System.build(self, matvec, b, batched), x0)

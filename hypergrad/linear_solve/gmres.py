@@ -24,6 +24,22 @@ class GMRES:
     one extra product for the true residual, which is what ``residual`` reports.
     A column stops at an exact (happy) breakdown or once its residual reaches ``tol``;
     in a batch it then waits for the others until the cycle ends.
+
+    Args:
+        tol: stop once the relative residual ≤ tol.
+        maxiter: total Arnoldi steps (products) over all cycles.
+        restart: m, the Krylov dimension of one cycle (memory m + 1 vectors like ``b``).
+        damping: solve (A + damping·I) x = b (finite, ≥ 0).
+        preconditioner: optional right preconditioner v ↦ M⁻¹ v on pytrees like ``b``.
+
+    Raises:
+        ValueError: a bad setting (at construction).
+        LinearSolveError, NonFiniteError: NaN or inf in the iterates, ``b``, ``x0`` or a
+            product.
+
+    References:
+        Saad & Schultz, "GMRES: a generalized minimal residual algorithm for solving
+        nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 7(3), 1986.
     """
 
     tol: float = 1e-10
@@ -40,6 +56,8 @@ class GMRES:
 
     def __call__(self, matvec: MatVec, b: PyTree, x0: PyTree | None = None,
                  batched: bool = False) -> SolveResult:
+        """Solve (A + damping·I) x = b; arguments and result as
+        :meth:`~hypergrad.linear_solve.ConjugateGradient.__call__`."""
         system = _System.build(self, matvec, b, batched)
         precond = _lift(self.preconditioner, batched) or (lambda v: v)
         x, r = system.start(x0)

@@ -33,6 +33,18 @@ class Adam:
     ``betas`` is a pair of settings or a setting resolving to a pair. State
     ``{"m", "v", "t"}``; only ``m`` is carried, ``v`` and ``t`` are held fixed in the
     fixed-point map. √v has derivative 0 at v = 0 so that double backward stays finite.
+
+    Args:
+        lr: step size (> 0; learning-rate scale, default 1e-3).
+        betas: (β₁, β₂), each in [0, 1).
+        eps: added to √v̂ (> 0).
+        weight_decay: coupled L2 coefficient (≥ 0).
+
+    Raises:
+        OptimizerSettingError: a number out of range (at construction).
+
+    References:
+        Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015.
     """
 
     lr: Setting = 1e-3
@@ -49,10 +61,12 @@ class Adam:
         check_settings(self)
 
     def init(self, params: PyTree) -> State:
+        """``{"m": zeros, "v": zeros (like params), "t": 0}``."""
         return {"m": tree_zeros_like(params), "v": tree_zeros_like(params), "t": 0}
 
     def step(self, params: PyTree, grads: PyTree, state: State,
              hparams: PyTree) -> tuple[PyTree, State]:
+        """One differentiable step; returns ``(new_params, new_state)``."""
         leaves, spec = tree_flatten(params)
         t = state["t"] + 1
         b1, b2 = (resolve(b, hparams) for b in resolve(self.betas, hparams))
@@ -80,7 +94,14 @@ class Adam:
 
 @dataclass(frozen=True)
 class AdamW(Adam):
-    """Adam with decoupled weight decay: w ← w − lr·(m̂/(√v̂ + eps) + wd·w)."""
+    """Adam with decoupled weight decay: w ← w − lr·(m̂/(√v̂ + eps) + wd·w).
+
+    Settings as :class:`Adam` (``weight_decay`` defaults to 1e-2, as in
+    ``torch.optim.AdamW``).
+
+    References:
+        Loshchilov & Hutter, "Decoupled weight decay regularization", ICLR 2019.
+    """
 
     weight_decay: Setting = 1e-2
     decoupled: ClassVar[bool] = True

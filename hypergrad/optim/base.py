@@ -43,6 +43,14 @@ State = dict[str, Any]
 
 @runtime_checkable
 class InnerOptimizer(Protocol):
+    """A differentiable inner optimizer: ``init(params) -> state`` and
+    ``step(params, grads, state, hparams) -> (params, state)``, pure functions on pytrees.
+
+    ``carried`` names the state entries that evolve with the iterate (joined to the
+    parameters in the fixed-point map of implicit differentiation); ``stationary`` says
+    whether ``step`` is a fixed map of (params, state).
+    """
+
     carried: tuple[str, ...]
     stationary: bool
 
@@ -63,6 +71,7 @@ class Range:
     why: str = ""
 
     def holds(self, x: Any) -> Any:
+        """Whether ``x`` (a number or tensor, elementwise) lies in the range."""
         return (x >= self.low if self.closed else x > self.low) & (x < self.high)
 
     def __str__(self) -> str:
@@ -86,6 +95,15 @@ def check_settings(optimizer: Any, hparams: PyTree | None = None) -> None:
     Without ``hparams`` (at construction) only plain numbers are checked; with them,
     callables are resolved and tensors read as well: once per estimator call, one host
     sync per tensor setting, never in the inner steps.
+
+    Args:
+        optimizer: an inner optimizer with a ``limits`` (and optionally ``ordered``)
+            class attribute; others pass.
+        hparams: the hyperparameters at which to resolve callable settings, or ``None``.
+
+    Raises:
+        OptimizerSettingError: a setting out of range, of the wrong type (a string, a
+            boolean or complex tensor…), or an unordered pair.
     """
     name = type(optimizer).__name__
     for field, limit in getattr(optimizer, "limits", {}).items():

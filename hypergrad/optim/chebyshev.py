@@ -17,7 +17,20 @@ class Chebyshev:
 
     with ρ_t = T_t(σ)/T_{t+1}(σ), σ = (L+μ)/(L−μ), α_t = 4ρ_t/(L−μ), β_t = ρ_{t−1}ρ_t, so
     that x_t − x* = P_t(H)(x₀ − x*) with P_t(λ) = T_t((L+μ−2λ)/(L−μ)) / T_t(σ).
-    State ``{"prev": x_{t−1}, "t": t}``; the step depends on t, so it is not stationary.
+    State ``{"prev": x_{t−1}, "t": t}``; the step depends on t, so it is not stationary
+    (``Implicit(fixed_point=True)`` refuses it).
+
+    Args:
+        mu, L: bounds μ < L (both > 0) on the eigenvalues of the inner Hessian; numbers,
+            tensors or callables of the hyperparameters.
+
+    Raises:
+        OptimizerSettingError: ``mu`` or ``L`` not positive, or ``mu >= L``.
+
+    References:
+        Golub & Varga, "Chebyshev semi-iterative methods...", Numer. Math. 1961; its
+        Jacobian convergence: Scieur, Gidel, Bertrand, Pedregosa, "The curse of
+        unrolling", NeurIPS 2022.
     """
 
     mu: Setting
@@ -31,10 +44,12 @@ class Chebyshev:
         check_settings(self)
 
     def init(self, params: PyTree) -> State:
+        """``{"prev": params, "t": 0}``."""
         return {"prev": params, "t": 0}
 
     def step(self, params: PyTree, grads: PyTree, state: State,
              hparams: PyTree) -> tuple[PyTree, State]:
+        """One differentiable step; returns ``(new_params, new_state)``."""
         leaves, spec = tree_flatten(params)
         t = state["t"]
         mus = leafwise(resolve(self.mu, hparams), params)

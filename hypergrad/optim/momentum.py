@@ -24,7 +24,21 @@ from .base import (
 class Momentum:
     """Heavy ball: g ← ∇f + wd·w;  m ← μ·m + g;  w ← w − lr·m.
 
-    ``momentum`` is μ; state ``{"m": buffer like params}`` (zeros at init).
+    ``momentum`` is μ; state ``{"m": buffer like params}`` (zeros at init), carried in
+    the fixed-point map of ``Implicit(fixed_point=True)``. Settings are numbers,
+    tensors, callables of the hyperparameters or per-leaf pytrees, as for :class:`SGD`.
+
+    Args:
+        lr: step size (> 0).
+        momentum: μ in [0, 1).
+        weight_decay: coupled L2 coefficient (≥ 0).
+
+    Raises:
+        OptimizerSettingError: a number out of range (at construction).
+
+    References:
+        Polyak, "Some methods of speeding up the convergence of iteration methods", 1964
+        (in the convention of ``torch.optim.SGD``).
     """
 
     lr: Setting = 0.1
@@ -40,10 +54,12 @@ class Momentum:
         check_settings(self)
 
     def init(self, params: PyTree) -> State:
+        """``{"m": zeros like params}``."""
         return {"m": tree_zeros_like(params)}
 
     def step(self, params: PyTree, grads: PyTree, state: State,
              hparams: PyTree) -> tuple[PyTree, State]:
+        """One differentiable step; returns ``(new_params, new_state)``."""
         leaves, spec = tree_flatten(params)
         settings = [leafwise(resolve(s, hparams), params)
                     for s in (self.lr, self.momentum, self.weight_decay)]
@@ -60,6 +76,14 @@ class Momentum:
 
 @dataclass(frozen=True)
 class Nesterov(Momentum):
-    """Nesterov momentum: g ← ∇f + wd·w;  m ← μ·m + g;  w ← w − lr·(g + μ·m)."""
+    """Nesterov momentum: g ← ∇f + wd·w;  m ← μ·m + g;  w ← w − lr·(g + μ·m).
+
+    Same settings, state and errors as :class:`Momentum`.
+
+    References:
+        Nesterov, "A method for solving the convex programming problem with convergence
+        rate O(1/k²)", 1983; Sutskever et al., ICML 2013 (the form of
+        ``torch.optim.SGD(nesterov=True)``).
+    """
 
     nesterov: ClassVar[bool] = True

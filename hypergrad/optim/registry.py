@@ -33,6 +33,13 @@ def make_optimizer(name: str, **settings: Any) -> InnerOptimizer:
     Settings the optimizer does not have are an error, except ``momentum`` for those
     without one (so one recipe can name any optimizer).
 
+    Args:
+        name: ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"`` or ``"adamw"``.
+        **settings: the optimizer's constructor arguments (``lr``, ``momentum``, …).
+
+    Returns:
+        The optimizer object (an :class:`~hypergrad.optim.InnerOptimizer`).
+
     Raises:
         BilevelInputError: an unknown name or setting, or a setting out of range.
     """

@@ -21,7 +21,28 @@ from .base import (
 
 @dataclass(frozen=True)
 class SGD:
-    """Gradient descent with optional (coupled) weight decay ``wd``."""
+    """Gradient descent with optional (coupled) weight decay: w ← w − lr · (∇f + wd · w).
+
+    Each setting is a number, a tensor, a callable ``hparams -> tensor`` (so that it can
+    be a hyperparameter, e.g. ``lr=lambda h: h["log_lr"].exp()``, a learning rate
+    learned in log space), or a pytree matching ``params`` giving one value per leaf.
+
+    Args:
+        lr: step size (learning-rate scale, > 0).
+        weight_decay: coefficient of the L2 term added to the gradient (≥ 0).
+        carried, stationary: the optimizer protocol's flags (leave the defaults).
+
+    Raises:
+        OptimizerSettingError: a number out of range (at construction); callables and
+            tensors are checked by the estimators at each call.
+
+    Example:
+        >>> import torch
+        >>> opt = SGD(lr=0.5)
+        >>> w, _ = opt.step({"w": torch.tensor(1.0)}, {"w": torch.tensor(2.0)}, {}, None)
+        >>> w["w"]
+        tensor(0.)
+    """
 
     lr: Setting = 0.1
     weight_decay: Setting = 0.0
@@ -33,10 +54,13 @@ class SGD:
         check_settings(self)
 
     def init(self, params: PyTree) -> State:
+        """The empty state ``{}`` (plain gradient descent carries nothing)."""
         return {}
 
     def step(self, params: PyTree, grads: PyTree, state: State,
              hparams: PyTree) -> tuple[PyTree, State]:
+        """One differentiable step; ``grads`` matches ``params``; returns
+        ``(new_params, state)``, nothing done in place."""
         leaves, spec = tree_flatten(params)
         lrs = leafwise(resolve(self.lr, hparams), params)
         wds = leafwise(resolve(self.weight_decay, hparams), params)
