@@ -15,6 +15,7 @@ from hypergrad import __all__ as _core_all
 from . import checkpoint
 from .callbacks import Callback
 from .hparams import validate_hparams
+from .log import every_warning, set_verbosity
 from .module import (
     BufferPolicyError,
     InnerLoop,
@@ -30,5 +31,5 @@ __version__ = "0.1.0"
 __all__ = list(_core_all) + ["BilevelTrainer", "BufferPolicyError", "Callback",
                              "ConfigMismatchError", "InnerLoop", "InnerLoopError",
                              "ModuleProblem", "OuterLoop", "RunFolder", "RunFolderError",
-                             "RunLockedError", "assign_grads", "checkpoint", "peak_memory_mib",
-                             "validate_hparams", "wrap"]
+                             "RunLockedError", "assign_grads", "checkpoint", "every_warning",
+                             "peak_memory_mib", "set_verbosity", "validate_hparams", "wrap"]

@@ -22,11 +22,13 @@ and cut back to the checkpoint on resume, so every step appears once after any k
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -44,13 +46,21 @@ from hypergrad import (
     Problem,
     make_estimator,
 )
-from hypergrad.errors import BilevelInputError
+from hypergrad.errors import (
+    INNER_NOT_CONVERGED,
+    LINEAR_SOLVE_NOT_CONVERGED,
+    NOT_A_KKT_POINT,
+    BilevelInputError,
+    kind_of,
+    route_warnings,
+)
 from hypergrad.pytree import PyTree, tree_detach
 from hypergrad.validation import check_problem
 
 from . import checkpoint as ckpt
 from .callbacks import check_callback
 from .hparams import assign_grads, validate_hparams
+from .log import warning_mode
 from .module import check_estimator
 from .run_folder import RunFolder, RunFolderError
 from .sinks import (
@@ -73,6 +83,11 @@ RUN_MODES = ("auto", "new", "resume", "overwrite")
 #: optimizer settings that identify a run (others, e.g. ``foreach``, are implementation)
 _OPTIMIZER_KEYS = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay",
                    "alpha", "amsgrad", "maximize")
+#: the record key holding the numbers behind each kind of warning
+_KIND_COLUMNS = {LINEAR_SOLVE_NOT_CONVERGED: "solve_residual",
+                 INNER_NOT_CONVERGED: "inner_grad_norm", NOT_A_KKT_POINT: "inner_grad_norm"}
+
+logger = logging.getLogger(__name__)
 
 
 def peak_memory_mib(device: torch.device | None = None) -> float | None:
@@ -178,6 +193,13 @@ class OuterLoop:
             and any tensor still differing raises an error naming it.
         check: run :func:`hypergrad.check_problem` once before the first step.
         estimator_state: initial estimator state (default empty).
+        warnings: ``"once"``: the library's warnings raised in a step (an unconverged
+            inner run or linear solve, ...) are shown once per kind for this loop, at the
+            caller's line; the repeats are only counted (:attr:`warning_counts`, each
+            record's ``warnings``, and one summary line per kind logged by :meth:`run`;
+            the numbers are in the record's diagnostics, e.g. ``solve_residual``).
+            ``"all"``: every one is shown. ``None`` (default): ``$BILEVEL_WARNINGS`` or
+            ``"once"`` (see :mod:`bilevel.log`).
 
     Raises:
         BilevelInputError: bad arguments (negative counts, an evaluation period without
@@ -205,7 +227,8 @@ class OuterLoop:
                  progress: bool | None = None, progress_fields: Mapping[str, str] | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  check: bool = True, scheduler_metric: str = "outer_loss",
-                 estimator_state: EstimatorState | None = None) -> None:
+                 estimator_state: EstimatorState | None = None,
+                 warnings: str | None = None) -> None:
         self.factory: ProblemFactory | None = None
         if callable(problem) and not isinstance(problem, (Problem, ConstrainedProblem)):
             if params is not None or reinit is not None:
@@ -275,6 +298,15 @@ class OuterLoop:
         self._target: int | None = None
         self._stop = False
         self._checked = not check
+        if warnings is not None:
+            warning_mode(warnings)  # refused here, not at the first step
+        self._warnings = warnings
+        #: library warnings raised in this loop's steps, by kind (see ``warnings``)
+        self.warning_counts: Counter[str] = Counter()
+        self._warning_labels: dict[str, str] = {}
+        self._unreported: Counter[str] = Counter()
+        self._unreported_steps = 0
+        self._step_warnings = 0
         self._check_setting()
         self.sinks: list[Any] = list(sinks)
         self.tensorboard = Path(tensorboard) if tensorboard is not None else None
@@ -435,11 +467,52 @@ class OuterLoop:
         logged twice and no later checkpoint is lost."""
         if self.folder is not None and self.folder.resumed and not self._resumed \
                 and self.global_step == 0:
-            self.resume()
+            step = self.resume()
+            if step:
+                logger.info("continuing the run in %s from outer step %d", self.folder.path,
+                            step)
 
     def step(self) -> dict[str, Any]:
-        """One outer step; returns (and records) its metrics."""
+        """One outer step; returns (and records) its metrics. The library's warnings raised
+        in it are counted by kind and, with ``warnings="once"``, shown only the first time
+        (see the ``warnings`` argument)."""
         self._continue_run()
+        self._step_warnings = 0
+        with route_warnings(self._route_warning):
+            record = self._step()
+        self._unreported_steps += 1
+        return record
+
+    def _route_warning(self, warning: Warning) -> Warning | None:
+        """Count a library warning by kind; the warning to show (the first of its kind,
+        saying that repeats are counted; every one with ``warnings="all"``) or None."""
+        kind = kind_of(warning)
+        self.warning_counts[kind] += 1
+        self._unreported[kind] += 1
+        self._step_warnings += 1
+        self._warning_labels.setdefault(kind, f"{type(warning).__name__} ({kind})")
+        if warning_mode(self._warnings) == "all":
+            return warning
+        if self.warning_counts[kind] > 1:
+            return None
+        if warning.args and isinstance(warning.args[0], str):
+            warning.args = (warning.args[0] + " [bilevel.OuterLoop shows this kind once; the "
+                            "repeats are counted in loop.warning_counts; warnings='all' "
+                            "shows each]",)
+        return warning
+
+    def _log_warnings(self) -> None:
+        """Log one line per kind of warning counted since the last summary."""
+        counts, steps = self._unreported, self._unreported_steps
+        self._unreported, self._unreported_steps = Counter(), 0
+        where = "metrics.jsonl column" if self.folder is not None else "loop.history key"
+        for kind, n in counts.items():
+            column = _KIND_COLUMNS.get(kind, "warnings")
+            logger.warning("%s x %d in %d outer step%s; see %s %s",
+                           self._warning_labels[kind], n, steps, "" if steps == 1 else "s",
+                           where, column)
+
+    def _step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         step = self.global_step
         hp = self.current_hparams()
@@ -482,6 +555,7 @@ class OuterLoop:
         if self.evaluate is not None and self.eval_every > 0 and (
                 self.global_step % self.eval_every == 0 or self.global_step == self._target):
             self._evaluate_into(record)
+        record["warnings"] = self._step_warnings
         record["step_seconds"] = time.perf_counter() - t0
         record["peak_memory_mib"] = peak_memory_mib(self.device)
         self._record(record)
@@ -495,6 +569,9 @@ class OuterLoop:
         self._emit("on_eval", record)
 
     def _record(self, record: dict[str, Any]) -> None:
+        logger.debug("outer step %d: outer loss %.6g, hypergradient norm %.3g, %.3g s",
+                     record["step"], record["outer_loss"], record["hypergrad_norm"],
+                     record["step_seconds"])
         self.history.append(record)
         for sink in self.sinks:
             sink.write(record)
@@ -515,7 +592,10 @@ class OuterLoop:
     def run(self, num_steps: int) -> list[dict[str, Any]]:
         """Step until ``num_steps`` outer steps in total have been taken (a resumed loop
         continues from its step counter); returns the metrics history. With a
-        ``run_dir``, a checkpoint is written at the end.
+        ``run_dir``, a checkpoint is written at the end. The warnings counted in these
+        steps are summarized at the end, one line per kind, on the ``bilevel.outer`` logger
+        (e.g. ``ConvergenceWarning (linear solve did not converge) x 43 in 30 outer steps;
+        see metrics.jsonl column solve_residual``).
 
         Raises:
             BilevelInputError: ``num_steps`` is not an int >= 0.
@@ -524,7 +604,8 @@ class OuterLoop:
         self._continue_run()
         if self.global_step >= num_steps:
             return self.history
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        show = self.progress if self.progress is not None else \
+            sys.stderr.isatty() and logging.getLogger("bilevel").level <= logging.INFO
         bar = Progress(num_steps, self.global_step, fields=self.progress_fields) if show \
             else None
         self._stop, self._target = False, num_steps
@@ -537,6 +618,7 @@ class OuterLoop:
             self._target = None
             if bar is not None:
                 bar.close()
+            self._log_warnings()
             for sink in self.sinks:  # TensorBoard: one event file per run() (reopens)
                 if isinstance(sink, TensorBoard):
                     sink.close()
@@ -554,7 +636,9 @@ class OuterLoop:
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
         """Close the sinks and release the run folder (its lock): the loop can still step,
-        but writes nothing more into the folder."""
+        but writes nothing more into the folder. Warnings counted since the last summary
+        of :meth:`run` are summarized in the log."""
+        self._log_warnings()
         for sink in self.sinks:
             sink.close()
         self.sinks = [s for s in self.sinks if not isinstance(s, MetricsFiles)]
@@ -617,6 +701,7 @@ class OuterLoop:
         if self.folder is None:
             raise BilevelInputError("this loop has no run_dir to write checkpoints to")
         path = self.folder.save_checkpoint(self.global_step, self.state_dict())
+        logger.debug("checkpoint of outer step %d: %s", self.global_step, path)
         self.last_checkpoint, self._saved_step = path, self.global_step
         self._emit("on_checkpoint", path)
         return path

@@ -8,6 +8,7 @@ A sink has ``write(record)`` (one dict per outer step: numbers, ``None``, string
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,8 @@ BASE_COLUMNS = ("step", "outer_loss", "hypergrad_norm", "inner_grad_norm", "solv
                 "peak_memory_mib")
 
 TENSORBOARD_HINT = "pip install bilevel[tensorboard]"
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -104,9 +107,13 @@ class TensorBoard:
 
 
 class Progress:
-    """A tqdm bar (a plain line every ``every`` steps on stderr without tqdm) showing the
+    """A tqdm bar (without tqdm, a line every ``every`` steps: an INFO message of the
+    ``bilevel.sinks`` logger where logging shows those, as after
+    :func:`bilevel.set_verbosity`, else written to stderr as the bar would be) showing the
     record values named in ``fields`` (label -> record key; the last value seen is kept
-    for keys that only some records have, such as evaluations)."""
+    for keys that only some records have, such as evaluations). ``bilevel -q`` (a library
+    log level above INFO) hides the bar that :class:`~bilevel.OuterLoop` shows by default
+    on a terminal."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "outer",
                  fields: Mapping[str, str] | None = None, every: int = 10) -> None:
@@ -131,11 +138,29 @@ class Progress:
             self.bar.set_postfix(self._last)
         elif self.done % self.every == 0 or self.done == self.total:
             shown = "  ".join(f"{k} {v}" for k, v in self._last.items())
-            print(f"outer step {self.done}/{self.total}  {shown}", file=sys.stderr, flush=True)
+            if _logged(logger, logging.INFO):
+                logger.info("outer step %d/%d  %s", self.done, self.total, shown)
+            else:  # asked for progress, logging not configured: as the bar, on stderr
+                print(f"outer step {self.done}/{self.total}  {shown}", file=sys.stderr,
+                      flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _logged(logger: logging.Logger, level: int) -> bool:
+    """Whether a message of ``level`` reaches a handler that writes it somewhere (not only
+    the library's ``NullHandler``)."""
+    if not logger.isEnabledFor(level):
+        return False
+    node: logging.Logger | None = logger
+    while node is not None:
+        if any(h.level <= level and not isinstance(h, logging.NullHandler)
+               for h in node.handlers):
+            return True
+        node = node.parent if node.propagate else None
+    return False
 
 
 def csv_columns(records: Sequence[Mapping[str, Any]]) -> list[str]:

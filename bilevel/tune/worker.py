@@ -53,6 +53,7 @@ from hypergrad.errors import ConvergenceWarning
 
 from ..arguments import non_negative_int
 from ..config import Config, ConfigError, parse_config, tomllib
+from ..log import every_warning
 from ..sinks import BASE_COLUMNS
 from .pruning import DIRECTIONS, OptunaPruning, run_trial
 from .search import SearchSpace, build_config, split_search, to_toml
@@ -112,14 +113,21 @@ class Constraint:
 
     @property
     def name(self) -> str:
+        """The constraint as written, e.g. ``"train_seconds<=60"``."""
         return f"{self.key}{self.op}{self.limit:g}"
 
     def violation(self, value: float) -> float:
+        """Optuna's constraint value for a final ``value`` of ``key``: ≤ 0 when feasible,
+        in the units of ``key`` (seconds, MiB, …)."""
         return value - self.limit if self.op == "<=" else self.limit - value
 
 
 def constraint(text: str) -> Constraint:
-    """``--constraint``: ``KEY<=LIMIT`` or ``KEY>=LIMIT`` with a finite LIMIT."""
+    """``--constraint``: ``KEY<=LIMIT`` or ``KEY>=LIMIT`` with a finite LIMIT.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not of that form.
+    """
     m = _CONSTRAINT.match(text)
     limit = None
     if m:
@@ -239,7 +247,13 @@ def _default_direction(key: str) -> str:
 
 def setup(args: argparse.Namespace) -> Setup:
     """Read and check CONFIG, its ``[search]`` table, the monitor, objectives, directions
-    and constraints (ConfigError naming the key or option), before any work."""
+    and constraints, before any work.
+
+    Raises:
+        ConfigError: naming the key or option at fault (no ``[search]`` table, an invalid
+            config or space, an unknown key, a direction count or ``--study`` name that
+            does not fit, a study folder that cannot be made).
+    """
     config, table = split_search(_read(Path(args.config)))
     if not table:
         raise ConfigError(f"{args.config}: no [search] table: add one, e.g. "
@@ -344,7 +358,16 @@ def storage(url: str | None, heartbeat: int | None = None, max_retry: int = 3) -
     """``--storage``: ``None`` (in-memory), ``journal:PATH`` or an Optuna RDB URL.
 
     ``heartbeat`` (seconds; ``None``: 60 on RDB storages, 0: off) is only available on RDB
-    storages: Optuna's journal storage has none (ConfigError when asked for one)."""
+    storages: Optuna's journal storage has none (ConfigError when asked for one).
+
+    Returns:
+        ``None``, an :class:`optuna.storages.RDBStorage` or a
+        :class:`optuna.storages.JournalStorage`.
+
+    Raises:
+        ConfigError: a journal path without a file or in a missing folder, a heartbeat on
+            a journal storage, or an RDB URL Optuna cannot open.
+    """
     if url is None:
         return None
     if not url.startswith(JOURNAL):
@@ -374,7 +397,12 @@ def _sampler(name: str) -> Any:
 def open_study(args: argparse.Namespace, directions: Sequence[str] | str | None = None,
                create: bool = True) -> optuna.Study:
     """Create or load (``load_if_exists``) the study; a study of other directions is
-    refused."""
+    refused.
+
+    Raises:
+        ConfigError: no such study (``create=False``), a storage Optuna cannot open, a
+            sampler whose package is missing, or a study of other directions.
+    """
     if isinstance(directions, str):
         directions = [directions]
     where = storage(args.storage, getattr(args, "heartbeat", None),
@@ -429,7 +457,12 @@ def check_objectives(study: optuna.Study, s: Setup, given: bool) -> Setup:
 
 def final_value(history: Sequence[Mapping[str, Any]], key: str) -> float:
     """The run's final ``key``: the last record holding it, or a run total
-    (:data:`RUN_TOTALS`). Raises ConfigError when no record holds it."""
+    (:data:`RUN_TOTALS`): ``train_seconds`` (seconds, the sum of ``step_seconds``),
+    ``peak_memory_mib`` (MiB, the maximum over records), else the last value.
+
+    Raises:
+        ConfigError: no record holds ``key``.
+    """
     if key == "train_seconds":
         return float(sum(r.get("step_seconds") or 0.0 for r in history))
     values = [r[key] for r in history if r.get(key) is not None]
@@ -461,7 +494,17 @@ def run_one(s: Setup, trial: optuna.Trial) -> float | list[float]:
     A re-run of a trial whose worker died (it inherits the ``trial_folder`` user
     attribute) resumes in that trial's folder from its last checkpoint.
 
-    Raises :class:`ConfigError` (invalid draw) or :class:`optuna.TrialPruned`."""
+    Args:
+        s: the checked invocation (:func:`setup`).
+        trial: the Optuna trial to run.
+
+    Returns:
+        The final value of the objective, or a list of them (multi-objective).
+
+    Raises:
+        ConfigError: the drawn values make an invalid config.
+        optuna.TrialPruned: the pruner stopped the run (or its hypergradient blew up).
+    """
     start = time.perf_counter()
     inherited = trial.user_attrs.get(_FOLDER)
     values = s.space.suggest(trial)
@@ -509,8 +552,10 @@ def _convergence_warnings(trial: optuna.Trial) -> Iterator[None]:
     """Count the trial's :class:`hypergrad.ConvergenceWarning` s (an inner run or linear
     solve stopping short, often every outer step of a trial with a small budget) into the
     user attributes ``convergence_warnings`` and ``convergence_warning`` (the last
-    message) instead of printing each; other warnings are shown as usual."""
-    with warnings.catch_warnings(record=True) as caught:
+    message) instead of printing each; other warnings are shown as usual. The trial's
+    outer loop passes every warning through (:func:`bilevel.log.every_warning`), so that
+    all are counted here, not only the first of each kind."""
+    with warnings.catch_warnings(record=True) as caught, every_warning():
         warnings.simplefilter("always", ConvergenceWarning)
         try:
             yield
@@ -569,7 +614,16 @@ def work(s: Setup, study: optuna.Study, n_trials: int) -> list[optuna.trial.Froz
 
     Each trial runs through :meth:`optuna.Study.optimize`, which keeps its heartbeat and
     fails stale trials first. An invalid draw fails its trial (``fail_reason``), a pruned
-    run prunes it; any other error fails the trial and propagates."""
+    run prunes it; any other error fails the trial and propagates.
+
+    Args:
+        s: the checked invocation (:func:`setup`).
+        study: the study (in memory or shared through a storage).
+        n_trials: the number of new trials this worker runs (re-runs come on top).
+
+    Returns:
+        The :class:`optuna.trial.FrozenTrial` s this worker ran, in order.
+    """
     done: list[optuna.trial.FrozenTrial] = []
     new = 0
 
@@ -648,7 +702,16 @@ def _pick(s: Setup, study: optuna.Study, number: int | None) -> optuna.trial.Fro
 def write_best(s: Setup, study: optuna.Study,
                number: int | None = None) -> optuna.trial.FrozenTrial | None:
     """Print the best trial (or the Pareto front); write ``best.toml`` and
-    ``best_hparams.pt`` beside the trials for the best trial or trial ``number``."""
+    ``best_hparams.pt`` beside the trials for the best trial or trial ``number``.
+
+    Returns:
+        The trial written, or ``None`` for a multi-objective study (the Pareto front is
+        printed and ``pareto.json`` written instead).
+
+    Raises:
+        ConfigError: no complete trial, no complete trial ``number``, or no feasible
+            one under the constraints.
+    """
     best = _pick(s, study, number)
     if best is None:
         return None
@@ -699,7 +762,15 @@ def _summary(study: optuna.Study, s: Setup) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """``bilevel tune CONFIG --study NAME``: run a worker, or ``--best``."""
+    """``bilevel tune CONFIG --study NAME``: run a worker, or ``--best``.
+
+    Returns:
+        The exit status: 0, or 130 when interrupted (Ctrl-C).
+
+    Raises:
+        ConfigError: a bad config, space or option (``bilevel`` turns it into exit
+            status 2).
+    """
     s = setup(args)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line below
     if getattr(args, "trial", None) is not None and not args.best:

@@ -23,6 +23,7 @@ import torch
 from torch.func import grad_and_value
 
 from ..errors import (
+    LINEAR_SOLVE_NOT_CONVERGED,
     BilevelInputError,
     ConvergenceWarning,
     DivergenceError,
@@ -49,10 +50,23 @@ SELF_CHECK_MODES = ("error", "warn", "off")
 
 @dataclass(frozen=True)
 class Diagnostics:
-    """What an estimator measured about its own answer.
+    """What an estimator measured about its own answer (plain Python numbers, no tensors).
 
-    ``inner_grad_norm`` is ‖∇_w f‖ at the returned inner solution; ``solve_*`` describe
-    the linear solve of implicit estimators (``None`` for the others).
+    Attributes:
+        estimator: the estimator's registry name (``"implicit"``, ``"truncated"``, …).
+        outer_loss: F(w, λ) at the returned inner solution, on ``problem.outer_batch``.
+        inner_grad_norm: ‖∇_w f‖ (Euclidean norm over all leaves) at the returned inner
+            solution, on the full inner batch; near 0 means the inner problem is solved.
+        inner_steps: inner optimizer steps run in this call.
+        hypergrad_norm: ‖∇_λ F‖ of the returned estimate (filled in by
+            :meth:`Estimator.__call__`).
+        solve_iterations: iterations of the linear solve (implicit estimators only,
+            ``None`` for the others).
+        solve_residual: final relative residual ‖b − Av‖ / ‖b‖ of the linear solve.
+        solve_converged: whether the linear solve reached its tolerance.
+        solve_residuals: the relative residual after each solver iteration.
+        seconds: wall-clock time of the whole call, in seconds.
+        solve_note: advice printed when the solve did not converge (``None``: default).
     """
 
     estimator: str
@@ -70,7 +84,17 @@ class Diagnostics:
 
 @dataclass(frozen=True)
 class Hypergradient:
-    """An estimate of ∇_λ F(w*(λ), λ) with the inner solution and diagnostics."""
+    """An estimate of ∇_λ F(w*(λ), λ) with the inner solution and diagnostics.
+
+    Attributes:
+        grad: the hypergradient, a pytree matching ``hparams`` (same structure, shapes,
+            dtypes and devices), detached.
+        params: the inner solution reached, a pytree matching ``params`` (detached); pass
+            it back as ``params`` to warm-start the next outer step.
+        state: the estimator's explicit state, to pass back as ``state`` on the next call
+            (warm-start vectors, window draws, step counters); ``{}`` if it keeps none.
+        diagnostics: :class:`Diagnostics` of this call.
+    """
 
     grad: PyTree
     params: PyTree
@@ -79,7 +103,12 @@ class Hypergradient:
 
 
 class Estimator(ABC):
-    """Base class: timing, result checks and warnings around :meth:`compute`."""
+    """Base class of all hypergradient estimators: timing, result checks and warnings
+    around :meth:`compute`.
+
+    Subclasses are frozen dataclasses holding settings only; everything carried between
+    outer steps travels in ``Hypergradient.state``.
+    """
 
     name: ClassVar[str]
     #: warn when the estimate is exactly zero (off where zero is a legitimate answer)
@@ -87,6 +116,33 @@ class Estimator(ABC):
 
     def __call__(self, problem: Problem, hparams: PyTree, params: PyTree,
                  state: EstimatorState | None = None) -> Hypergradient:
+        """Estimate ∇_λ F(w*(λ), λ) at ``hparams``, starting the inner problem at ``params``.
+
+        Args:
+            problem: the bilevel problem (:class:`~hypergrad.Problem`, or
+                :class:`~hypergrad.ConstrainedProblem` for :class:`~hypergrad.LVHBA`).
+            hparams: the hyperparameters λ, a pytree of floating-point tensors.
+            params: the inner starting point w₀ (or the previous solution, to warm-start),
+                a pytree of tensors accepted by ``problem.inner_loss``.
+            state: the previous call's ``result.state``, or ``None`` on the first call.
+
+        Returns:
+            A :class:`Hypergradient`: ``grad`` (pytree matching ``hparams``), ``params``
+            (pytree matching ``params``), the next ``state`` and :class:`Diagnostics`.
+
+        Raises:
+            DivergenceError: the inner run diverged (NaN/inf in the inner solution, or an
+                inner loss grown by more than 1e10 times).
+            NonFiniteError: the hypergradient contains NaN or inf.
+            SecondOrderError: the self-check found the inner loss's second derivatives
+                wrong or unavailable along this estimator's route (``self_check="error"``).
+            LinearSolveError: the linear solve of an implicit estimator broke down.
+            BilevelInputError: inputs the estimator refuses (see each subclass).
+
+        Warns:
+            ConvergenceWarning: the linear solve stopped above its tolerance.
+            RuntimeWarning: the estimate is exactly zero.
+        """
         start = time.perf_counter()
         state = dict(state or {})
         if getattr(self, "self_check", "off") != "off" and isinstance(problem, Problem):
@@ -98,7 +154,7 @@ class Estimator(ABC):
             advice = d.solve_note or "raise maxiter or tol"
             warn(f"{self.name}: the linear solve stopped at relative residual "
                  f"{d.solve_residual:.2e} after {d.solve_iterations} iterations; {advice}",
-                 ConvergenceWarning)
+                 ConvergenceWarning, kind=LINEAR_SOLVE_NOT_CONVERGED)
         if self.warn_zero and all(bool((g == 0).all()) for g in tree_leaves(result.grad)):
             warn(self.zero_message(problem, hparams, result.params), RuntimeWarning)
         seconds = time.perf_counter() - start

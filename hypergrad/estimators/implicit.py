@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch.func import grad
 
-from ..errors import ConvergenceWarning, warn
+from ..errors import INNER_NOT_CONVERGED, ConvergenceWarning, warn
 from ..hvp import HVP_MODES, HVPMode
 from ..implicit_diff import Optimality, Stationarity, outer_grads, root_vjp
 from ..linear_solve import GMRES, ConjugateGradient, LinearSolver
@@ -57,7 +57,11 @@ from .base import (
 
 @dataclass(frozen=True)
 class Implicit(Estimator):
-    """Implicit-function-theorem hypergradient.
+    """Implicit-function-theorem hypergradient (approximate implicit differentiation, AID).
+
+    Runs ``inner_steps`` graph-free inner steps to w*, then solves H v = ∇_w F with
+    ``solver`` (H = ∇²_ww f(w*, λ), or I − ∂_zΦ with ``fixed_point``) and returns
+    ∇_λ F − ∇²_λw f · v. Memory does not grow with the number of inner steps.
 
     Args:
         solver: linear solver for H v = ∇_w F (default CG); it must handle
@@ -75,6 +79,30 @@ class Implicit(Estimator):
             With ``hvp="auto"`` it also rules out a form whose products are wrong or
             unsupported: a model without forward-mode rules gets ``"linearized"``, one
             whose double backward is wrong ``"jvp"``.
+
+    Raises:
+        ValueError: at construction: ``inner_steps`` not ``None`` or an int >= 0,
+            ``inner_tol`` not ``None`` or a finite number >= 0, an unknown ``hvp``, or a
+            symmetric-only solver (CG) with ``fixed_point``; at call: ``fixed_point``
+            with an optimizer whose step depends on the iteration count (Chebyshev).
+        TypeError: ``solver`` is not a :class:`~hypergrad.linear_solve.LinearSolver`.
+        BilevelInputError: a bad ``self_check``.
+        OptimizerSettingError: an inner optimizer setting out of range at ``hparams``.
+        DivergenceError: the inner run diverged (NaN/inf, or a loss grown 1e10 times).
+        LinearSolveError: the solver broke down (e.g. CG on a non-positive-definite H).
+        NonFiniteError, SecondOrderError: see :meth:`Estimator.__call__`.
+
+    Warns:
+        ConvergenceWarning: ‖∇_w f(w*)‖ > ``inner_tol`` (the estimate may be badly
+            wrong), or the linear solve stopped above its tolerance.
+        RuntimeWarning: a zero estimate, e.g. hyperparameters read only by optimizer
+            settings, which do not move the fixed point.
+
+    References:
+        Pedregosa, "Hyperparameter optimization with approximate gradient" (HOAG), ICML
+        2016; Lorraine, Vicol, Duvenaud, "Optimizing millions of hyperparameters by
+        implicit differentiation", AISTATS 2020; Grazzi, Franceschi, Pontil, Salzo, "On
+        the iteration complexity of hypergradient computation", ICML 2020.
     """
 
     name: ClassVar[str] = "implicit"
@@ -117,11 +145,13 @@ class Implicit(Estimator):
         return GMRES() if self.fixed_point else ConjugateGradient()
 
     def second_order_routes(self, state: EstimatorState) -> frozenset[Use]:
+        """The (route, block) pairs this estimator differentiates by (see the base class)."""
         if self.fixed_point:
             return hvp_routes("reverse")
         return hvp_routes(state.get("hvp_mode", self.hvp))
 
     def route_options(self) -> list[tuple[frozenset[Use], str]]:
+        """The settings to suggest when the self-check rejects a route (see the base class)."""
         if self.fixed_point:
             return []
         return [(hvp_routes("linearized"), "Implicit(hvp='linearized')"),
@@ -149,6 +179,7 @@ class Implicit(Estimator):
 
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
+        """One estimate; call the estimator instead (``__call__`` adds the checks)."""
         hparams = tree_detach(hparams)
         w, opt_state, gnorm = self._solve_inner(problem, hparams, params, state)
         loss, (gF_w, gF_lam) = outer_grads(problem.outer_loss, w, hparams, problem.outer_batch)
@@ -191,7 +222,8 @@ class Implicit(Estimator):
             warn(
                 f"implicit: the inner problem is not converged (‖∇_w f‖ = {gnorm:.2e} > "
                 f"inner_tol = {self.inner_tol:.0e}); the hypergradient may be badly wrong. "
-                "Run more inner steps or use an unrolled estimator", ConvergenceWarning)
+                "Run more inner steps or use an unrolled estimator", ConvergenceWarning,
+                kind=INNER_NOT_CONVERGED)
         return w, opt_state, gnorm
 
     def zero_message(self, problem: Problem, hparams: PyTree, params: PyTree) -> str:

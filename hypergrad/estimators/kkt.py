@@ -27,7 +27,7 @@ import torch
 from torch.func import grad, jacrev
 
 from ..constrained import ConstrainedProblem
-from ..errors import ConvergenceWarning, warn
+from ..errors import NOT_A_KKT_POINT, ConvergenceWarning, warn
 from ..hvp import HVP_MODES, HVPMode, Objective
 from ..implicit_diff import Stationarity, outer_grads, root_vjp
 from ..linear_solve import GMRES, Direct, LinearSolver
@@ -45,12 +45,35 @@ class KKTImplicit(Estimator):
     may give μ*. The simple sets of the problem are not differentiated: express bounds
     that can be active as constraints g.
 
+    The result's ``grad`` matches ``x``, its ``params`` is ``y_star`` (not moved), its
+    ``state`` holds ``"multipliers"`` (tensor ``(l,)``) and ``"active"`` (list of
+    indices), and its diagnostics are :class:`ConstrainedDiagnostics`
+    (``inner_grad_norm`` is then ‖∇_y L‖, ``inner_steps`` 0).
+
     Args:
         solver: solver for the symmetric indefinite KKT system (default: dense up to
             2000 unknowns, GMRES above).
         active_tol: constraints with g_i ≥ −active_tol count as active.
         stationarity_tol: warn when ‖∇_y L(y*, x, μ*)‖ exceeds it (``None``: never).
         hvp: form of the Hessian-vector products of the Lagrangian.
+
+    Raises:
+        ValueError: an unknown ``hvp`` or a negative ``active_tol`` (at construction);
+            ``state["multipliers"]`` not of shape ``(l,)`` (at call).
+        TypeError: ``problem`` is not a :class:`~hypergrad.ConstrainedProblem`.
+        LinearSolveError: the KKT system is singular (e.g. LICQ fails) or the solver broke
+            down.
+
+    Warns:
+        ConvergenceWarning: ``y_star`` is not a KKT point to ``stationarity_tol``.
+        RuntimeWarning: an active constraint with a zero multiplier (no strict
+            complementarity: the solution map may not be differentiable).
+
+    References:
+        The KKT conditions (Karush 1939; Kuhn & Tucker 1951) differentiated as in Amos &
+        Kolter, "OptNet: differentiable optimization as a layer in neural networks",
+        ICML 2017; the implicit function theorem on them as in Gould et al., "On
+        differentiating parameterized argmin and argmax problems", 2016.
     """
 
     name: ClassVar[str] = "kkt"
@@ -66,7 +89,8 @@ class KKTImplicit(Estimator):
             raise ValueError(f"KKTImplicit.active_tol must be >= 0, got {self.active_tol!r}")
 
     def linear_solver(self, size: int) -> LinearSolver:
-        """``solver``, or by default a dense solve up to 2000 unknowns and GMRES above."""
+        """``solver``, or by default a dense solve up to 2000 unknowns and GMRES above
+        (``size`` is the number of unknowns, dim y + |A|)."""
         if self.solver is not None:
             return self.solver
         return Direct(max_size=2000) if size <= 2000 else GMRES(tol=1e-10, maxiter=2000,
@@ -74,6 +98,7 @@ class KKTImplicit(Estimator):
 
     def compute(self, problem: ConstrainedProblem, hparams: PyTree, params: PyTree,
                 state: EstimatorState) -> Hypergradient:
+        """One estimate; call the estimator instead (``__call__`` adds the checks)."""
         if not isinstance(problem, ConstrainedProblem):
             raise TypeError("KKTImplicit needs a ConstrainedProblem, got "
                             f"{type(problem).__name__}")
@@ -85,7 +110,7 @@ class KKTImplicit(Estimator):
         if self.stationarity_tol is not None and stationarity > self.stationarity_tol:
             warn(f"kkt: y is not a KKT point (‖∇_y L‖ = {stationarity:.2e}); the "
                  "hypergradient may be wrong: solve the lower level more accurately",
-                 ConvergenceWarning)
+                 ConvergenceWarning, kind=NOT_A_KKT_POINT)
         if bool((mu[active] <= 0).any()):
             warn("kkt: an active constraint has a zero multiplier (no strict "
                  "complementarity): the solution map may not be differentiable here",
