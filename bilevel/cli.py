@@ -26,9 +26,17 @@ import hypergrad as hg
 
 from . import checkpoint as ckpt
 from .arguments import non_negative_int, positive_int
-from .config import Config, ConfigError, ConvNetModelConfig, load_config, tomllib
-from .data import DataError, load_dataset
+from .config import (
+    Config,
+    ConfigError,
+    ConvNetModelConfig,
+    check_data_root,
+    load_config,
+    tomllib,
+)
+from .datasets import DataError, load_dataset, load_tabular
 from .distill import app as distill_app
+from .log import verbosity, verbosity_level
 from .module import wrap
 from .nets import ConvNet
 from .outer import OuterLoop
@@ -59,16 +67,17 @@ def _standardize(data: Split, dims: tuple[int, ...]) -> Split:
 def load_data(cfg: Config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The seeded train/val/test split, standardised with training statistics.
 
-    scikit-learn datasets are split by the fractions ``data.train``/``data.val``; datasets
-    with their own test split keep it and hold out ``data.val`` of their training split
-    (stratified). Inputs are ``(N, features)`` for an MLP and ``(N, C, H, W)`` for a ConvNet.
+    scikit-learn datasets are split by the fractions ``data.train``/``data.val``, stratified
+    (:func:`bilevel.datasets.load_tabular`); datasets with their own test split keep it and
+    hold out ``data.val`` of their training split (stratified). Inputs are
+    ``(N, features)`` for an MLP and ``(N, C, H, W)`` for a ConvNet.
     """
     d = cfg.data
     kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
     images = isinstance(cfg.model, ConvNetModelConfig)
     if d.own_split:
         try:
-            ds = load_dataset(d.dataset)
+            ds = load_dataset(d.dataset, root=d.root)
             val = ds.split_validation(d.val, seed=d.seed)
         except (DataError, ValueError) as exc:
             raise ConfigError(f"data.dataset: {exc}") from None
@@ -81,15 +90,12 @@ def load_data(cfg: Config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if not images:
             data = {k: (x.flatten(1), y) for k, (x, y) in data.items()}
         return data
-    from sklearn import datasets
-
-    X, y = getattr(datasets, f"load_{d.dataset}")(return_X_y=True)
-    X = torch.as_tensor(X, **kw)
-    y = torch.as_tensor(y, dtype=torch.long, device=cfg.device)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(d.seed))
-    n_tr, n_va = int(d.train * len(y)), int(d.val * len(y))
-    idx = {"train": perm[:n_tr], "val": perm[n_tr:n_tr + n_va], "test": perm[n_tr + n_va:]}
-    data = _limit({k: (X[i], y[i]) for k, i in idx.items()}, d.limit, d.seed)
+    try:
+        splits = load_tabular(d.dataset, d.train, d.val, seed=d.seed)
+    except DataError as exc:
+        raise ConfigError(f"data.dataset: {exc}") from None
+    data = {k: (x.to(**kw), y.to(cfg.device)) for k, (x, y) in splits.items()}
+    data = _limit(data, d.limit, d.seed)
     if d.standardize:
         data = _standardize(data, (0,))
     elif images:
@@ -409,6 +415,13 @@ def run_config(cfg: Config, text: str, document: dict[str, Any], out: Path, mode
         return _execute(cfg, loop, run, stop_after, start, runner)
 
 
+def _data_root(cfg: Config, document: dict[str, Any], root: str) -> None:
+    """Apply ``--data-root``: to the config, and to the run's identity (``document``), so
+    that the run resumes only on the same data (``bilevel resume --data-root`` again)."""
+    check_data_root(cfg.data, root, "--data-root")
+    document.setdefault("data", {})["root"] = str(Path(root).resolve())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``bilevel run CONFIG``: a new run in its output folder; a folder holding another
     run is refused unless ``--overwrite``. A ``[search]`` table (``bilevel tune``) is
@@ -417,6 +430,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = _config_file(args.config)
     cfg = load_config(path)
     text, document = path.read_text(), _document(path)  # read before the folder is touched
+    if args.data_root is not None:
+        _data_root(cfg, document, args.data_root)
     out = Path(args.output or cfg.output.dir)
     outputs = OUTPUTS
     if path.resolve() == (out / CONFIG_NAME).resolve():  # the config lives in the folder
@@ -439,8 +454,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
                               f"`bilevel run CONFIG -o {out} --overwrite`")
         raise ConfigError(f"{out}: no {CONFIG_NAME} here (not a `bilevel run` folder)")
     cfg = load_config(out / CONFIG_NAME)
+    document = _document(out / CONFIG_NAME)
+    if args.data_root is not None:
+        _data_root(cfg, document, args.data_root)
     run = Run(cfg)
-    with run.loop(out, "resume", _document(out / CONFIG_NAME)) as loop:
+    with run.loop(out, "resume", document) as loop:
         step = loop.resume()
         print(f"resumed {out} at outer step {step}", file=sys.stderr)
         summary = _execute(cfg, loop, run, args.stop_after, start)
@@ -454,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bilevel", description="Hyperparameter optimisation by hypergradients from a "
         "TOML config (see bilevel.config for the schema).")
     p.add_argument("--version", action="version", version=f"bilevel {_version()}")
+    _verbosity(p, 0)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="run a config into its output folder",
                        description="Validate CONFIG, tune its hyperparameters with OuterLoop and "
@@ -465,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the logs and checkpoints of an existing run in the folder")
     r.add_argument("--stop-after", type=non_negative_int, metavar="N",
                    help="stop after N outer steps in total (continue later with resume)")
+    r.add_argument("--data-root", metavar="DIR", help="folder holding the named dataset's "
+                   "files, e.g. fashion_mnist's IDX files (overrides data.root)")
     _threads(r)
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("resume", help="continue a stopped or killed run",
@@ -473,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", metavar="DIR", help="output folder of an earlier `bilevel run`")
     s.add_argument("--stop-after", type=non_negative_int, metavar="N",
                    help="stop after N outer steps in total")
+    s.add_argument("--data-root", metavar="DIR", help="folder holding the named dataset's "
+                   "files (as given to `bilevel run --data-root`)")
     _threads(s)
     s.set_defaults(func=cmd_resume)
     d = sub.add_parser("distill", help="distil an image dataset into a few images per class",
@@ -489,7 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune_worker.add_arguments(t)
     _threads(t, " (with several workers on one machine: its cores / the workers)")
     t.set_defaults(func=tune_worker.cmd_tune)
+    for command in sub.choices.values():  # -v/-q also after the command's name
+        _verbosity(command, argparse.SUPPRESS)
     return p
+
+
+def _verbosity(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="more library messages on stderr (-v: debug)")
+    p.add_argument("-q", "--quiet", action="count", default=default,
+                   help="fewer library messages on stderr (-q: warnings and errors only)")
 
 
 def _version() -> str:
@@ -515,11 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    try:
-        return args.func(args)
-    except (ConfigError, hg.BilevelInputError) as exc:
-        print(f"bilevel: error: {exc}", file=sys.stderr)
-        return 2
+    with verbosity(verbosity_level(args.verbose, args.quiet)):  # library messages on stderr
+        try:
+            return args.func(args)
+        except (ConfigError, hg.BilevelInputError) as exc:
+            print(f"bilevel: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

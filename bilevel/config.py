@@ -21,6 +21,7 @@ other kind are unknown keys. Example (``examples/configs/digits_mlp.toml``)::
     val = 0.25
     seed = 0
     # limit = 500         # optional: at most this many training examples
+    # root = "/data"      # optional: the folder of a named dataset's files (fashion_mnist)
 
     [hyperparameters]
     tune = ["log_lr", "log_wd"]   # inner log-learning-rate, per-layer log weight decay
@@ -63,7 +64,7 @@ tabular ``breast_cancer``, ``iris`` and ``wine`` are refused (``model.kind``). A
 takes image datasets too (flattened).
 
 ``[data] dataset`` is a name above or the path (relative to the working directory) of an
-image dataset read by :func:`bilevel.data.load_dataset`: a folder of IDX files, an image
+image dataset read by :func:`bilevel.datasets.load_dataset`: a folder of IDX files, an image
 folder (``train/<class>/*.png`` and ``test/<class>/*.png``) or an ``.npz`` file. A name
 wins over a folder of the same name (write ``./digits`` for the folder). ``fashion_mnist``
 and paths have their own test split: the test set is that split, ``data.val`` (default 0.1)
@@ -72,7 +73,12 @@ is the stratified fraction of the training split held out for validation (by
 training statistics: each feature for the scikit-learn datasets (each pixel for
 ``digits``), each channel for the others.
 ``data.limit`` keeps a seeded random subset of at most that many training examples (the
-inner problem is full-batch: keep it small for image datasets on a CPU).
+inner problem is full-batch: keep it small for image datasets on a CPU). The scikit-learn
+datasets are split by class (:func:`bilevel.datasets.load_tabular`): every class has its
+share of each part, within one example. ``data.root`` (or ``bilevel run --data-root DIR``)
+is the folder holding ``fashion_mnist``'s IDX files (or its ``fashion-mnist/`` sub-folder);
+without it they are looked for under ``$BILEVEL_DATA`` and then where the Debian package
+``dataset-fashion-mnist`` puts them.
 """
 
 from __future__ import annotations
@@ -93,9 +99,10 @@ import torch
 
 from hypergrad import OPTIMIZERS, make_estimator
 
-#: scikit-learn datasets split by fractions; digits is also an image dataset (1x8x8).
-TABULAR_DATASETS = ("digits", "breast_cancer", "iris", "wine")
-#: Named datasets with their own train/test split (from :mod:`bilevel.data`).
+# scikit-learn datasets split by fractions; digits is also an image dataset (1x8x8)
+from .datasets.tabular import TABULAR_DATASETS
+
+#: Named datasets with their own train/test split (from :mod:`bilevel.datasets`).
 SPLIT_DATASETS = ("fashion_mnist",)
 DATASETS = TABULAR_DATASETS + SPLIT_DATASETS
 #: Image shapes of the named image datasets (paths are checked once loaded).
@@ -142,6 +149,8 @@ class DataConfig:
     ``train`` and ``val`` are filled in by :func:`parse_config` when omitted: 0.5 and 0.25
     of the whole for the scikit-learn datasets; for datasets with their own test split
     ``train`` stays ``None`` and ``val`` (default 0.1) is a fraction of the training split.
+    ``root`` is the folder holding a named dataset's files (``fashion_mnist``; ``bilevel
+    run --data-root`` overrides it).
     """
 
     dataset: str
@@ -150,6 +159,7 @@ class DataConfig:
     seed: int = 0
     standardize: bool = True
     limit: int | None = None
+    root: str | None = None
 
     @property
     def own_split(self) -> bool:
@@ -363,6 +373,25 @@ def _check_data(d: DataConfig) -> None:
                               f"train + val < 1 (test is the rest), got {d.train!r}, {d.val!r}")
     if d.limit is not None:
         _positive("data.limit", d.limit)
+    if d.root is not None:
+        check_data_root(d, d.root, "data.root")
+
+
+def check_data_root(d: DataConfig, root: str, key: str = "data.root") -> None:
+    """Check ``root`` as the data root of ``d`` and set it (:class:`ConfigError` naming
+    ``key``, e.g. ``--data-root`` when it comes from the command line): it must be an
+    existing folder and the dataset a named one that reads files (``fashion_mnist``)."""
+    if d.dataset in TABULAR_DATASETS:
+        raise ConfigError(f"{key}: not used with {d.dataset!r}, which comes with scikit-learn "
+                          f"(a data root is for {', '.join(SPLIT_DATASETS)})")
+    if d.dataset not in SPLIT_DATASETS:
+        raise ConfigError(f"{key}: only used by the named datasets "
+                          f"({', '.join(SPLIT_DATASETS)}); data.dataset = {d.dataset!r} is a "
+                          f"path: give its full path instead")
+    if not Path(root).is_dir():
+        raise ConfigError(f"{key}: expected an existing folder holding the dataset's files, got "
+                          f"{root!r} (no such folder)")
+    d.root = root
 
 
 def _check_model(cfg: Config) -> None:
@@ -469,4 +498,4 @@ def load_config(path: str | Path) -> Config:
 
 __all__ = ["Config", "ConfigError", "ConvNetModelConfig", "DataConfig", "EstimatorConfig",
            "HyperparametersConfig", "InnerConfig", "MLPModelConfig", "ModelConfig",
-           "OuterConfig", "OutputConfig", "load_config", "parse_config"]
+           "OuterConfig", "OutputConfig", "check_data_root", "load_config", "parse_config"]

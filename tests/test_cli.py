@@ -121,7 +121,8 @@ def test_run_then_resume(tmp_path: Path) -> None:
     # summary.json names each hyperparameter by what it is and holds its values, not logs
     hp = summary["hyperparameters"]
     h = load_config(cfg).hyperparameters
-    assert hp["inner_lr"]["initial"] == h.lr and hp["weight_decay"]["initial"] == [h.weight_decay] * 2
+    assert hp["inner_lr"]["initial"] == h.lr
+    assert hp["weight_decay"]["initial"] == [h.weight_decay] * 2
     assert hp["weight_decay"]["layers"] == ["0.weight", "2.weight"]
     tuned = torch.load(out / "hparams.pt")
     assert hp["inner_lr"]["tuned"] == pytest.approx(float(tuned["log_lr"].exp()), rel=1e-6)

@@ -1,4 +1,5 @@
-"""Tests for :mod:`bilevel.data`: the IDX reader, the loaders and their error messages."""
+"""Tests for :mod:`bilevel.data` (the old location of :mod:`bilevel.datasets`, re-exporting it):
+the IDX reader, the loaders and their error messages. New behaviour: tests/test_datasets.py."""
 
 from __future__ import annotations
 
@@ -305,9 +306,11 @@ def test_load_dataset_dispatch(tmp_path: Path) -> None:
 
 
 def test_load_arrays_uint8_scaling() -> None:
-    x = np.array([[[0, 255], [51, 102]]], dtype=np.uint8)
-    ds = load_arrays(x, np.array([1]), x, np.array([0]), name="u8")
-    torch.testing.assert_close(ds.train_x, torch.tensor([[[[0.0, 1.0], [0.2, 0.4]]]]))
+    x = np.array([[[0, 255], [51, 102]], [[255, 0], [102, 51]]], dtype=np.uint8)
+    # two training classes: a single-class training split is refused (test_datasets.py)
+    ds = load_arrays(x, np.array([1, 0]), x[:1], np.array([0]), name="u8")
+    torch.testing.assert_close(ds.train_x, torch.tensor([[[[0.0, 1.0], [0.2, 0.4]]],
+                                                         [[[1.0, 0.0], [0.4, 0.2]]]]))
     assert ds.num_classes == 2
 
 
