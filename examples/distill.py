@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -23,8 +24,8 @@ import torch
 
 import bilevel
 from bilevel.data import load_dataset
-from bilevel.distill import Distiller, protocol, write_outputs
-from bilevel.distill.app import add_arguments, config_from_args
+from bilevel.distill import Distiller, lr_cap_note, protocol, write_outputs
+from bilevel.distill.app import add_arguments, config_from_args, step_lines
 
 
 def previous_kind(out: Path) -> str | None:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # small networks: one thread is the fastest
 
-    data = load_dataset(args.dataset)                     # digits: 1437 train / 360 test
+    data = load_dataset(args.dataset, root=args.data_root)  # digits: 1437 train / 360 test
     config = config_from_args(args, args.dataset)         # a DistillConfig
     distiller = Distiller(data, config)
     print(f"distilling {data.name} into {config.ipc} images per class "
@@ -64,17 +65,31 @@ def main(argv: list[str] | None = None) -> int:
     except bilevel.BilevelInputError as exc:  # a folder in use, another run, other settings
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    distiller.run()
+    terminal = sys.stderr.isatty()
+    if not args.no_progress and not terminal:  # no bars: progress lines on stderr instead
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    lines = not args.no_progress and not terminal
+    distiller.run(callback=step_lines(distiller.step_count, config.outer_steps) if lines
+                  else None)
 
-    report = protocol(distiller, n_nets=args.eval_nets, seed=args.seed)
+    # distilled set vs random real subset vs full data; the full-data network is cached
+    # (~/.cache/bilevel) and skipped by --no-reference; a bar per phase on a terminal
+    report = protocol(distiller, n_nets=args.eval_nets, seed=args.seed,
+                      full=not args.no_reference, cache=not args.no_cache,
+                      progress=False if args.no_progress else None)
     paths = write_outputs(args.out, distiller, report)
     distiller.close()
     print()
     print(report.table(config.ipc))
     print(f"\n{distiller.seconds:.0f} s of distillation; learned inner learning rate "
-          f"{distiller.distilled.lr:.3g}")
-    print(f"distilled images: {paths['images']}   curves: {paths['curves']}")
-    print(f"summary: {paths['summary']}   tensors: {paths['distilled']}")
+          f"{distiller.distilled.lr:.3g}; full-data reference: {report.full_note}")
+    note = lr_cap_note(distiller)  # the learned rate stopped at --max-lr?
+    if note:
+        print(note)
+    print(f"distilled images: {paths['images']}   start vs distilled: "
+          f"{paths['init_vs_distilled']}")
+    print(f"curves: {paths['curves']}   summary: {paths['summary']}   tensors: "
+          f"{paths['distilled']}")
     return 0
 
 

@@ -30,6 +30,13 @@ if not _threads.isdigit() or int(_threads) < 1:
 torch.set_num_threads(int(_threads))
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Caches (e.g. distillation's full-data reference) go to a temp folder, never into the
+    user's ~/.cache/bilevel; example subprocesses inherit the variable."""
+    monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path_factory.mktemp("bilevel_cache")))
+
+
 @pytest.fixture
 def quiet_optuna():
     """Optuna's INFO lines (one per trial) off for a test; its level restored after."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import re
 
 import pytest
 import torch
@@ -17,12 +20,15 @@ from bilevel.distill import (
     Distiller,
     Recipe,
     evaluate,
+    figures,
     load_distilled,
     protocol,
     random_subset,
     train_networks,
     write_outputs,
 )
+from bilevel.distill import report as report_module
+from bilevel.distill.cache import ResultCache, cache_dir, tensor_fingerprint
 from bilevel.distill.evaluate import init_networks
 from bilevel.nets import ConvNet, make_net
 from bilevel.run_folder import ConfigMismatchError, RunFolderError, RunLockedError
@@ -295,7 +301,7 @@ def test_output_folder(digits, tmp_path):
     assert SUMMARY_KEYS <= set(summary)
     assert summary["outer_steps"] == 2 and summary["ipc"] == 1
     assert summary["distilled_acc_mean"] == pytest.approx(report.distilled.mean)
-    for name in ("images", "curves"):
+    for name in ("images", "curves", "init_vs_distilled"):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
     assert len(paths["metrics"].read_text().splitlines()) == 2
     assert torch.equal(load_distilled(tmp_path).images, d.distilled.images)
@@ -310,6 +316,7 @@ def test_cli_distill(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "distilled" in text and "random real subset" in text
+    assert "full-data reference: computed" in text
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary) and summary["estimator"] == "random_window"
     assert list((out / "checkpoints").glob("step-00000003-*.pt"))
@@ -320,6 +327,10 @@ def test_cli_distill(tmp_path, capsys):
     assert cli_main(args) == 2  # the folder holds a run: refused without --overwrite
     assert "already holds another run" in capsys.readouterr().err
     assert cli_main(args + ["--overwrite"]) == 0
+    assert "full-data reference: cached" in capsys.readouterr().out  # not trained again
+    assert cli_main(args + ["--overwrite", "--no-reference"]) == 0
+    assert re.search(r"full training set \(1 network\) +not computed", capsys.readouterr().out)
+    assert json.loads((out / "summary.json").read_text())["full_acc"] is None
     assert cli_main(["distill", "--dataset", "no_such_data", "--out", str(out)]) == 2
     assert "no_such_data" in capsys.readouterr().err
 
@@ -352,3 +363,212 @@ def test_distilled_set_prints_one_line():
                         torch.zeros(3), torch.ones(3), 10)
     assert str(soft) == ("DistilledSet(10 images = 1 per class x 10 classes, (3, 4, 4) "
                          "float32, soft labels, lr=0.5)")
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation progress, the cached full-data reference, figures, the lr cap
+# ---------------------------------------------------------------------------------------
+
+
+def test_training_reports_every_step_to_the_hook():
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    make = lambda: make_net("mlp", (1, 8, 8), 3, hidden=(4,))  # noqa: E731
+    net, params = init_networks(make, [0, 1, 2])
+    for batched, expect in [(False, [1] * 12), (True, [3] * 4)]:
+        calls: list[int] = []
+        train_networks(net, params, x, y, Recipe(steps=4, lr=0.1), batched=batched,
+                       on_step=calls.append)
+        assert calls == expect  # one call per step, naming how many networks it moved
+
+
+def counting_evaluate(monkeypatch):
+    """Patch the protocol's evaluate to record the size of every training set it gets."""
+    sizes: list[int] = []
+    real = report_module.evaluate
+
+    def spy(make, x, *args, **kw):
+        sizes.append(x.shape[0])
+        return real(make, x, *args, **kw)
+    monkeypatch.setattr(report_module, "evaluate", spy)
+    return sizes
+
+
+def test_full_reference_is_cached_and_recomputed_when_needed(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))
+    d = Distiller(digits, tiny_config(dtype="float32"))
+    d.run()
+    sizes = counting_evaluate(monkeypatch)
+    first = protocol(d, n_nets=1, full_steps=20, progress=False)
+    n = digits.train_x.shape[0]
+    assert sizes == [10, 10, 10, n] and first.full_note.startswith("computed in")
+    entries = list((tmp_path / "cache" / "distill-reference").glob("*.json"))
+    assert len(entries) == 1 and str(entries[0]) in first.full_note
+    sizes.clear()
+    second = protocol(d, n_nets=1, full_steps=20, progress=False)
+    assert sizes == [10, 10, 10]  # the full-data network was not trained again
+    assert second.full == first.full and second.full_note.startswith("cached (")
+    assert second.seconds["full"] < first.seconds["full"]
+    # another recipe is another key; cache=False neither reads nor writes
+    protocol(d, n_nets=1, full_steps=21, progress=False)
+    assert len(list(entries[0].parent.glob("*.json"))) == 2
+    sizes.clear()
+    off = protocol(d, n_nets=1, full_steps=20, progress=False, cache=False)
+    assert sizes[-1] == n and off.full == first.full and "cache off" in off.full_note
+    # a corrupt entry is ignored with a warning, recomputed and rewritten
+    entries[0].write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable cache entry"):
+        again = protocol(d, n_nets=1, full_steps=20, progress=False)
+    assert again.full == first.full and again.full_note.startswith("computed")
+    assert protocol(d, n_nets=1, full_steps=20, progress=False).full_note.startswith("cached")
+    blob = json.loads(entries[0].read_text())
+    blob["value"]["accuracy"] = 7.0  # readable, but not an accuracy
+    entries[0].write_text(json.dumps(blob))
+    with pytest.warns(UserWarning, match="not a number in"):
+        assert protocol(d, n_nets=1, full_steps=20, progress=False).full == first.full
+
+
+def test_protocol_can_skip_the_full_reference(digits, tmp_path):
+    d = Distiller(digits, tiny_config(dtype="float32"))
+    report = protocol(d, n_nets=1, full=False, progress=False)
+    assert report.full is None and report.full_note == "not computed"
+    assert re.search(r"full training set \(1 network\) +not computed", report.table(1))
+    summary = json.loads(write_outputs(tmp_path, d, report)["summary"].read_text())
+    assert summary["full_acc"] is None and summary["full_reference"] == "not computed"
+    assert not (cache_dir() / "distill-reference").exists()  # nothing trained, nothing stored
+
+
+def test_cache_key_follows_the_data_and_location(tmp_path, monkeypatch):
+    x = torch.rand(5, 1, 4, 4)
+    y = x.clone()
+    y[3, 0, 2, 1] += 1e-7  # one pixel, one ulp-sized change
+    assert tensor_fingerprint(x) == tensor_fingerprint(x.clone())
+    assert tensor_fingerprint(x) != tensor_fingerprint(y)
+    assert tensor_fingerprint(x) != tensor_fingerprint(x.reshape(5, 16))  # shape counts
+    monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "own"))
+    assert cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("BILEVEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "bilevel"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "bilevel"
+    store = ResultCache("section", tmp_path / "c")
+    store.put({"a": [1, 2]}, {"accuracy": 0.5})
+    assert store.get({"a": [1, 2]}) == {"accuracy": 0.5} and store.get({"a": [2]}) is None
+    # a file holding another key (a collision, or edited) is a miss, with a warning
+    store.path({"b": 1}).write_text(store.path({"a": [1, 2]}).read_text())
+    with pytest.warns(UserWarning, match="does not hold this key"):
+        assert store.get({"b": 1}) is None
+
+
+def test_the_suite_never_writes_the_home_cache():
+    """conftest points BILEVEL_CACHE at a temp folder for every test."""
+    here = str(cache_dir())
+    assert "bilevel_cache" in here and not here.endswith(".cache/bilevel")
+
+
+def test_protocol_progress_lines_and_bars(digits, caplog, capsys):
+    d = Distiller(digits, tiny_config(dtype="float32"))
+    with caplog.at_level(logging.INFO, logger="bilevel.distill"):
+        protocol(d, n_nets=2, full_steps=5, progress=False, cache=False)
+        assert not caplog.records  # progress=False: silent
+        protocol(d, n_nets=2, full_steps=5, progress=None)  # no terminal here: log lines
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "[1/4] distilled set: training 2 networks x 4 steps ..."
+    assert any(m.startswith("[4/4] full-data reference: done in") for m in lines)
+    assert lines[-1].startswith("full-data reference: computed in")
+    assert len(lines) == 9  # a start and an end line per phase, one for the cache
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="bilevel.distill"):
+        protocol(d, n_nets=2, full_steps=5, progress=True)  # bars, even without a terminal
+    err = capsys.readouterr().err
+    assert "[3/4] random subset (adam)" in err and "network 2/2" in err
+    assert "full-data reference: cached" in err and not caplog.records
+
+
+def test_distilled_set_keeps_its_start_and_class_names(digits, tmp_path):
+    named = type(digits)(digits.train_x, digits.train_y, digits.test_x, digits.test_y, 10,
+                         "digits", tuple(f"digit {i}" for i in range(10)))
+    d = Distiller(named, tiny_config(dtype="float32", init="noise"))
+    start = d.hparams["images"].detach().clone()
+    d.run()
+    s = d.distilled
+    assert torch.equal(s.initial, start) and not torch.equal(s.images, start)
+    assert s.class_name(3) == "digit 3"
+    # a resumed run rebuilds the same start: it follows from the data and the seed alone
+    assert torch.equal(Distiller(named, tiny_config(dtype="float32", init="noise"))
+                       .distilled.initial, start)
+    back = DistilledSet.load(s.save(tmp_path / "set.pt"))
+    assert torch.equal(back.initial, s.initial) and back.class_names == s.class_names
+    # a file written before initial images and class names were kept still loads
+    old = s.blob()
+    del old["initial"]
+    old["json"] = json.dumps({"config": s.config, "meta": s.meta})
+    torch.save(old, tmp_path / "old.pt")
+    legacy = DistilledSet.load(tmp_path / "old.pt")
+    assert legacy.initial is None and legacy.class_names == () and legacy.class_name(4) == "4"
+    with pytest.raises(ValueError, match="no initial images"):
+        figures.save_init_vs_distilled(legacy, tmp_path / "x.png")
+
+
+def captured_figures(monkeypatch):
+    figs = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: figs.append(fig) or path)
+    return figs
+
+
+@pytest.mark.parametrize("ipc", [1, 10, 30])
+def test_image_grids_name_every_class(monkeypatch, tmp_path, ipc):
+    names = ("T-shirt/top", "Trouser", "Pullover")
+    s = DistilledSet(torch.rand(3 * ipc, 1, 6, 6), torch.eye(3).repeat_interleave(ipc, 0),
+                     0.1, torch.zeros(1), torch.ones(1), 3, meta={"dataset": "toy"},
+                     initial=torch.rand(3 * ipc, 1, 6, 6), class_names=names)
+    figs = captured_figures(monkeypatch)
+    figures.save_grid(s, tmp_path / "g.png")
+    figures.save_init_vs_distilled(s, tmp_path / "p.png")
+    for fig in figs:
+        (ax,) = fig.axes
+        assert [t.get_text() for t in ax.get_yticklabels()] == list(names)
+    grid_title = figs[0].axes[0].get_title()
+    assert f"{ipc} distilled image" in grid_title and grid_title.startswith("toy")
+    # 30 per class wrap onto two lines of 15; fewer fit on one
+    rows = figs[0].axes[0].get_images()[0].get_array().shape[0]
+    assert rows == 3 * (1 if ipc <= 25 else 2) * 7 + 1 + (2 * 2 if ipc > 25 else 0)
+    with pytest.raises(ValueError, match="2 names for 3 classes"):
+        figures.save_grid(s, tmp_path / "g.png", class_names=["a", "b"])
+
+
+def test_curves_draw_only_panels_with_data(digits, monkeypatch, tmp_path):
+    d = Distiller(digits, tiny_config(dtype="float32", outer_steps=3))
+    d.run()
+    report = protocol(d, n_nets=1, full_steps=5, progress=False)
+    figs = captured_figures(monkeypatch)
+    titles = lambda fig: [ax.get_title() for ax in fig.axes]  # noqa: E731
+    figures.plot_curves(d.history, tmp_path / "c.png", max_lr=1.0)
+    assert titles(figs[-1]) == ["outer loss", "learned inner learning rate"]
+    lr_ax = figs[-1].axes[1]
+    assert [round(v, 6) for v in lr_ax.lines[0].get_ydata()] == \
+        [round(r["inner_lr"], 6) for r in d.history]
+    figures.plot_curves(d.history, tmp_path / "c.png", report)
+    acc = figs[-1].axes[-1]
+    assert acc.get_title() == "test accuracy of fresh networks"
+    legend = [t.get_text() for t in acc.get_legend().get_texts()]
+    assert any(t.startswith("random real subset") for t in legend)
+    assert any(t.startswith("full training set") for t in legend)
+    fixed = Distiller(digits, tiny_config(dtype="float32", learn_lr=False))
+    fixed.run()
+    figures.plot_curves(fixed.history, tmp_path / "c.png")
+    assert titles(figs[-1]) == ["outer loss"]  # a fixed lr: no flat lr panel, no empty one
+
+
+def test_lr_cap_note_names_the_option(digits):
+    d = Distiller(digits, tiny_config(max_lr=0.5))
+    assert not d.lr_at_cap and report_module.lr_cap_note(d) is None
+    with torch.no_grad():
+        d.hparams["log_lr"].fill_(math.log(0.5))
+    assert d.lr_at_cap
+    note = report_module.lr_cap_note(d)
+    assert note.startswith("note: the learned inner learning rate 0.5 is at its cap")
+    assert "--max-lr 0.5" in note
+    assert not Distiller(digits, tiny_config(learn_lr=False, inner_lr=1.0)).lr_at_cap

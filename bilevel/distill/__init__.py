@@ -9,12 +9,24 @@
 """
 
 from .augment import Augment
+from .cache import cache_dir
 from .core import DISTILL_ESTIMATORS, DistillConfig, DistilledSet, Distiller, make_estimator
 from .evaluate import EvalResult, Recipe, evaluate, random_subset, train_networks
-from .report import Report, load_distilled, plot_curves, protocol, save_grid, summary, write_outputs
+from .report import (
+    Report,
+    load_distilled,
+    lr_cap_note,
+    plot_curves,
+    protocol,
+    save_grid,
+    save_init_vs_distilled,
+    summary,
+    write_outputs,
+)
 
 __all__ = [
     "Augment", "DISTILL_ESTIMATORS", "DistillConfig", "DistilledSet", "Distiller", "EvalResult",
-    "Recipe", "Report", "evaluate", "load_distilled", "make_estimator", "plot_curves",
-    "protocol", "random_subset", "save_grid", "summary", "train_networks", "write_outputs",
+    "Recipe", "Report", "cache_dir", "evaluate", "load_distilled", "lr_cap_note",
+    "make_estimator", "plot_curves", "protocol", "random_subset", "save_grid",
+    "save_init_vs_distilled", "summary", "train_networks", "write_outputs",
 ]

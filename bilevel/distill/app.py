@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -14,7 +18,7 @@ from ..arguments import non_negative_int, positive_float, positive_int, seed
 from ..data import DataError, load_dataset
 from .augment import Augment
 from .core import DISTILL_ESTIMATORS, DistillConfig, Distiller
-from .report import protocol, write_outputs
+from .report import _stderr_is_tty, log, lr_cap_note, protocol, write_outputs
 
 #: per-dataset defaults (command-line options override them)
 PRESETS: dict[str, dict] = {
@@ -32,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--dataset", default="digits", help="digits | fashion_mnist | a folder of IDX files, an "
       "image folder (train/, test/) or an .npz file (default: digits)")
+    a("--data-root", metavar="DIR", help="folder holding a named dataset's files, e.g. "
+      "fashion_mnist's IDX files (default: $BILEVEL_DATA, then the Debian package's folder)")
     a("--ipc", type=positive_int, default=d.ipc,
       help="synthetic images per class (default: %(default)s)")
     a("--net", choices=["mlp", "convnet"], help="network (default: mlp on digits, convnet "
@@ -49,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--inner-optimizer", choices=sorted(hg.OPTIMIZERS),
       help=f"default: {d.inner_optimizer} (momentum on fashion_mnist)")
     a("--fixed-lr", action="store_true", help="do not learn the inner learning rate")
+    a("--max-lr", type=positive_float, default=d.max_lr,
+      help="cap of the learned inner learning rate (default: %(default)s)")
     a("--hard-labels", action="store_true", help="do not learn soft labels")
     a("--init", choices=["real", "noise"], default=d.init, help="initial synthetic images")
     a("--shift", type=non_negative_int, default=0,
@@ -72,7 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       "checkpoint (same settings; --outer-steps may grow)")
     a("--overwrite", action="store_true", help="replace a run already in OUT (without it, "
       "a folder holding another run is refused)")
-    a("--no-progress", action="store_true", help="hide the progress bar")
+    a("--no-progress", action="store_true", help="hide the progress bars and lines")
+    a("--no-reference", action="store_true", help="skip the full-data reference network "
+      "of the evaluation (the slowest part on large datasets)")
+    a("--no-cache", action="store_true", help="recompute the full-data reference instead of "
+      "reading it from the cache ($BILEVEL_CACHE, else ~/.cache/bilevel), and do not store it")
 
 
 def config_from_args(args: argparse.Namespace, dataset: str) -> DistillConfig:
@@ -92,7 +104,7 @@ def config_from_args(args: argparse.Namespace, dataset: str) -> DistillConfig:
         init=args.init,
         augment=Augment(shift=args.shift, flip=args.flip), outer_steps=args.outer_steps,
         image_lr=args.image_lr, eval_every=args.eval_every, eval_nets=args.eval_nets,
-        seed=args.seed, device=args.device)
+        seed=args.seed, device=args.device, max_lr=args.max_lr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        data = load_dataset(args.dataset)
+        data = load_dataset(args.dataset, root=args.data_root)
         cfg = config_from_args(args, str(args.dataset))
         distiller = Distiller(data, cfg)
         mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
@@ -122,22 +134,83 @@ def run(args: argparse.Namespace) -> int:
               f"{data.num_classes} classes) into {cfg.ipc} per class: {cfg.net}, "
               f"{cfg.estimator}, {cfg.inner_steps} inner x {cfg.outer_steps} outer steps",
               flush=True)
-        start = time.perf_counter()
         if args.resume:
             step = distiller.resume(args.out)
             print(f"resumed at outer step {step}" if step else
                   f"no checkpoint in {args.out} yet; starting afresh", flush=True)
-        distiller.run()
-        report = protocol(distiller, n_nets=args.eval_nets, seed=args.seed)
+        show = False if args.no_progress else None
+        with progress_lines(not args.no_progress):
+            distiller.run(callback=None if args.no_progress or _stderr_is_tty()
+                          else step_lines(distiller.step_count, cfg.outer_steps))
+            distilled_at = time.perf_counter()
+            report = protocol(distiller, n_nets=args.eval_nets, seed=args.seed,
+                              full=not args.no_reference, cache=not args.no_cache,
+                              progress=show)
+        evaluated_at = time.perf_counter()
         paths = write_outputs(args.out, distiller, report)
-    total = time.perf_counter() - start
     print()
     print(report.table(cfg.ipc))
-    print(f"\ndistillation {distiller.seconds:.0f} s, with evaluation {total:.0f} s; learned "
-          f"inner lr {distiller.distilled.lr:.3g}")
-    print(f"images: {paths['images']}\ncurves: {paths['curves']}\nsummary: {paths['summary']}"
+    print(f"\nfull-data reference: {report.full_note}")
+    print(f"distillation {distiller.seconds:.0f} s, "
+          f"evaluation {evaluated_at - distilled_at:.0f} s (distilled "
+          f"{report.seconds['distilled']:.0f} s, random subset {report.seconds['random']:.0f} "
+          f"s, full-data reference {report.seconds['full']:.0f} s); learned inner lr "
+          f"{distiller.distilled.lr:.3g}")
+    note = lr_cap_note(distiller)
+    if note:
+        print(note)
+    print(f"images: {paths['images']}\nstart vs distilled: {paths['init_vs_distilled']}"
+          f"\ncurves: {paths['curves']}\nsummary: {paths['summary']}"
           f"\ntensors: {paths['distilled']}  (bilevel.distill.load_distilled)")
     return 0
+
+
+def step_lines(done: int, total: int, lines: int = 10) -> Callable[[dict[str, Any]], None]:
+    """A ``Distiller.run`` callback logging about ``lines`` INFO lines over outer steps
+    ``done`` to ``total`` (the distillation's progress where no bar is shown)."""
+    every = max(1, (total - done) // lines)
+
+    def report(record: dict[str, Any]) -> None:
+        step = record["step"] + 1
+        if (step - done) % every == 0 or step == total:
+            lr = record.get("inner_lr")
+            log.info("outer step %d/%d: outer loss %.4g%s", step, total, record["outer_loss"],
+                     "" if lr is None else f", inner lr {lr:.3g}")
+    return report
+
+
+@contextmanager
+def progress_lines(show: bool) -> Iterator[None]:
+    """While the command runs, write the ``bilevel.distill`` INFO lines (progress without
+    a terminal, cache notes) to stderr, unless ``show`` is false or logging already shows
+    them (a handler configured by the application, e.g. ``bilevel.set_verbosity``)."""
+    logger = logging.getLogger("bilevel.distill")
+    if not show or _logged(logger):
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _logged(logger: logging.Logger) -> bool:
+    """Whether INFO records of ``logger`` reach a real handler (not a NullHandler)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return False
+    node: logging.Logger | None = logger
+    while node is not None:
+        if any(not isinstance(h, logging.NullHandler) and h.level <= logging.INFO
+               for h in node.handlers):
+            return True
+        node = node.parent if node.propagate else None
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

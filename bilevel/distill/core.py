@@ -178,14 +178,21 @@ class DistillConfig:
             d["augment"] = Augment(**d["augment"])
         return cls(**d)
 
+    def net_settings(self, in_shape: tuple[int, int, int]) -> dict[str, Any]:
+        """The keyword settings of :func:`~bilevel.nets.make_net` for images of shape
+        ``in_shape`` ``(C, H, W)``, with the depth resolved (``depth=None``: 3 blocks, fewer
+        on small images)."""
+        depth = self.depth or max(1, min(3, int(math.log2(min(in_shape[1:]))) - 1))
+        return {"width": self.width, "depth": depth, "norm": self.norm,
+                "hidden": tuple(self.hidden)}
+
     def net_factory(self, in_shape: tuple[int, int, int],
                     num_classes: int) -> Callable[[], nn.Module]:
         """A function building one (randomly initialised) network of this config."""
-        depth = self.depth or max(1, min(3, int(math.log2(min(in_shape[1:]))) - 1))
+        settings = self.net_settings(in_shape)
 
         def build() -> nn.Module:
-            return make_net(self.net, in_shape, num_classes, width=self.width,
-                            depth=depth, norm=self.norm, hidden=self.hidden)
+            return make_net(self.net, in_shape, num_classes, **settings)
         return build
 
     def eval_recipe(self, lr: float) -> Recipe:
@@ -198,10 +205,13 @@ class DistillConfig:
 class DistilledSet:
     """A distilled training set.
 
-    ``images`` live in normalised pixel space ((x − mean)/std of the real training set);
-    ``labels`` are probability rows (``(n, K)``); ``lr`` is the (learned) inner learning
-    rate; ``config`` the :class:`DistillConfig` as a dict; ``meta`` free-form facts
-    (dataset name, outer steps done, ...).
+    ``images`` live in normalised pixel space ((x − mean)/std of the real training set),
+    shape ``(K·IPC, C, H, W)`` ordered by class; ``labels`` are probability rows
+    (``(K·IPC, K)``); ``lr`` is the (learned) inner learning rate; ``config`` the
+    :class:`DistillConfig` as a dict; ``meta`` free-form facts (dataset name, outer steps
+    done, ...); ``initial`` the images the distillation started from (real images or
+    noise, same space and shape as ``images``; ``None`` in files written before it was
+    kept); ``class_names`` one name per class (empty: the class numbers).
     """
 
     images: torch.Tensor
@@ -212,6 +222,8 @@ class DistilledSet:
     num_classes: int
     config: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    initial: torch.Tensor | None = None
+    class_names: tuple[str, ...] = ()
 
     @property
     def ipc(self) -> int:
@@ -230,19 +242,29 @@ class DistilledSet:
     def hard_labels(self) -> torch.Tensor:
         return self.labels.argmax(-1)
 
-    def pixels(self) -> torch.Tensor:
-        """The images back in ``[0, 1]`` pixel space (clipped), for viewing."""
-        m = self.mean.view(1, -1, 1, 1).to(self.images)
-        s = self.std.view(1, -1, 1, 1).to(self.images)
-        return (self.images * s + m).clamp(0, 1)
+    def class_name(self, label: int) -> str:
+        """The name of class ``label`` (its number when the set names no classes)."""
+        return self.class_names[label] if self.class_names else str(label)
+
+    def pixels(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """``images`` (default: the distilled ones; e.g. :attr:`initial`) back in
+        ``[0, 1]`` pixel space (clipped), for viewing."""
+        images = self.images if images is None else images
+        m = self.mean.view(1, -1, 1, 1).to(images)
+        s = self.std.view(1, -1, 1, 1).to(images)
+        return (images * s + m).clamp(0, 1)
 
     def blob(self) -> dict[str, Any]:
-        """The tensors (and config/meta as JSON) that :meth:`save` writes."""
-        return {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
+        """The tensors (and config/meta/class names as JSON) that :meth:`save` writes."""
+        blob = {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
                 "lr": torch.tensor(float(self.lr), dtype=torch.float64),
                 "mean": self.mean.detach().cpu(), "std": self.std.detach().cpu(),
                 "num_classes": torch.tensor(self.num_classes),
-                "json": json.dumps({"config": self.config, "meta": self.meta})}
+                "json": json.dumps({"config": self.config, "meta": self.meta,
+                                    "class_names": list(self.class_names)})}
+        if self.initial is not None:
+            blob["initial"] = self.initial.detach().cpu()
+        return blob
 
     def save(self, path: str | Path) -> Path:
         """Write to ``path`` (a ``.pt`` file, written atomically); :meth:`load` reads it."""
@@ -250,12 +272,15 @@ class DistilledSet:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DistilledSet:
-        """Read a set written by :meth:`save` (tensors only; no code is unpickled)."""
+        """Read a set written by :meth:`save` (tensors only; no code is unpickled). Files
+        of earlier versions, without initial images or class names, load with
+        ``initial=None`` and no names."""
         blob = torch.load(Path(path), map_location=device, weights_only=True)
         extra = json.loads(blob["json"])
         return cls(images=blob["images"], labels=blob["labels"], lr=float(blob["lr"]),
                    mean=blob["mean"], std=blob["std"], num_classes=int(blob["num_classes"]),
-                   config=extra["config"], meta=extra["meta"])
+                   config=extra["config"], meta=extra["meta"], initial=blob.get("initial"),
+                   class_names=tuple(extra.get("class_names", ())))
 
 
 def make_estimator(cfg: DistillConfig) -> hg.Estimator:
@@ -298,7 +323,8 @@ class Distiller:
     """
 
     #: result files of a distillation folder (see :func:`~bilevel.distill.write_outputs`)
-    OUTPUTS = ("distilled.pt", "images.png", "curves.png", "summary.json")
+    OUTPUTS = ("distilled.pt", "images.png", "init_vs_distilled.png", "curves.png",
+               "summary.json")
 
     def __init__(self, data: ImageDataset, config: DistillConfig = DistillConfig()) -> None:
         self.config = cfg = config
@@ -330,6 +356,9 @@ class Distiller:
             images = torch.randn((k * cfg.ipc, *data.image_shape), generator=gen).to(
                 self.device, dtype)
         self.classes = torch.arange(k, device=self.device).repeat_interleave(cfg.ipc)
+        # the starting point, for the init-vs-distilled figure: a function of the data and
+        # the config (seed) alone, so a resumed run rebuilds exactly the same images here
+        self.initial_images = images.detach().clone()
         self.hparams: dict[str, torch.Tensor] = {"images": images.clone().requires_grad_()}
         groups = [{"params": [self.hparams["images"]], "lr": cfg.image_lr}]
         if cfg.learn_labels:
@@ -530,8 +559,17 @@ class Distiller:
         return self.loop.folder
 
     @property
+    def lr_at_cap(self) -> bool:
+        """Whether the learned inner learning rate sits at its cap ``config.max_lr``
+        (within 0.1 %): the outer loop pushes it up, the projection holds it there."""
+        cfg = self.config
+        return bool(cfg.learn_lr and cfg.max_lr is not None
+                    and float(self.lr()) >= cfg.max_lr * (1 - 1e-3))
+
+    @property
     def distilled(self) -> DistilledSet:
-        """The current synthetic set (detached copies)."""
+        """The current synthetic set (detached copies), with its initial images and the
+        dataset's class names."""
         with torch.no_grad():
             return DistilledSet(
                 images=self.hparams["images"].detach().clone(),
@@ -539,7 +577,9 @@ class Distiller:
                 mean=self.mean.clone(), std=self.std.clone(), num_classes=self.num_classes,
                 config=self.config.to_dict(),
                 meta={"dataset": self.data.name, "outer_steps": self.step_count,
-                      "seconds": self.seconds, "image_shape": list(self.data.image_shape)})
+                      "seconds": self.seconds, "image_shape": list(self.data.image_shape)},
+                initial=self.initial_images.clone(),
+                class_names=tuple(getattr(self.data, "class_names", ()) or ()))
 
     def evaluate(self, n_nets: int | None = None, seed: int = 0) -> EvalResult:
         """Test accuracy of ``n_nets`` fresh networks trained on the current set by the

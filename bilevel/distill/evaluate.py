@@ -21,6 +21,8 @@ import hypergrad as hg
 from .augment import Augment
 
 NetFactory = Callable[[], nn.Module]
+#: ``on_step(n)``: called after each training step with the number of networks it moved
+StepHook = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -99,22 +101,26 @@ def init_networks(make_net: NetFactory, seeds: list[int], device: torch.device |
 def train_networks(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
                    y: torch.Tensor, recipe: Recipe, seed: int = 0,
                    lr: torch.Tensor | float | None = None,
-                   batched: bool | None = None) -> dict[str, torch.Tensor]:
+                   batched: bool | None = None,
+                   on_step: StepHook | None = None) -> dict[str, torch.Tensor]:
     """Train the stacked networks ``params`` (leading axis N) on ``(x, y)`` by ``recipe``.
 
     All networks see the same batches and augmentations; they differ by initialisation.
     ``y`` holds class indices or soft-label probability rows. ``lr`` overrides the
     recipe's learning rate (e.g. a learned one). ``batched`` trains the N networks at once
     with ``vmap`` (default: on CUDA; on CPU one network after another is faster, since
-    vmap turns convolutions into grouped ones); both give the same numbers. Returns the
-    trained stacked parameters.
+    vmap turns convolutions into grouped ones); both give the same numbers.
+    ``on_step(n)`` is called after every optimizer step with the number of networks that
+    step moved (1 when they train one after another, N when batched), for progress
+    display. Returns the trained stacked parameters.
     """
     if batched is None:
         batched = x.device.type == "cuda"
     if not batched:
         n_nets = next(iter(params.values())).shape[0]
         alone = [train_networks(net, {k: v[i:i + 1] for k, v in params.items()}, x, y,
-                                recipe, seed, lr, batched=True) for i in range(n_nets)]
+                                recipe, seed, lr, batched=True, on_step=on_step)
+                 for i in range(n_nets)]
         return {k: torch.cat([a[k] for a in alone]) for k in params}
     opt = recipe.inner_optimizer(float(lr) if lr is not None else None)
     gen = torch.Generator().manual_seed(int(seed))
@@ -123,7 +129,8 @@ def train_networks(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Ten
     def loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return soft_cross_entropy(functional_call(net, p, (xb,)), yb)
 
-    one = next(iter(params.values())).shape[0] == 1
+    group = next(iter(params.values())).shape[0]
+    one = group == 1
     grad_fn = grad(loss)
     batched_grad = vmap(grad_fn, in_dims=(0, None, None))
     state = opt.init(params)
@@ -142,6 +149,8 @@ def train_networks(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Ten
             else:
                 g = batched_grad(params, xb, yb)
             params, state = opt.step(params, g, state, {})
+            if on_step is not None:
+                on_step(group)
     return params
 
 
@@ -164,9 +173,15 @@ def accuracies(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
 
 def evaluate(make_net: NetFactory, train_x: torch.Tensor, train_y: torch.Tensor,
              test_x: torch.Tensor, test_y: torch.Tensor, recipe: Recipe, n_nets: int = 5,
-             seed: int = 0, lr: torch.Tensor | float | None = None) -> EvalResult:
+             seed: int = 0, lr: torch.Tensor | float | None = None,
+             on_step: StepHook | None = None) -> EvalResult:
     """Train ``n_nets`` fresh networks (seeds ``seed*1000 + i``) on ``(train_x, train_y)``
-    only and return their test accuracies. Deterministic for a given seed."""
+    only and return their test accuracies. Deterministic for a given seed. ``on_step`` as
+    in :func:`train_networks` (progress display).
+
+    Raises:
+        ValueError: ``n_nets < 1``, or ``train_x`` and ``train_y`` differ in length.
+    """
     if n_nets < 1:
         raise ValueError(f"n_nets must be >= 1, got {n_nets}")
     if train_x.shape[0] != train_y.shape[0]:
@@ -174,7 +189,8 @@ def evaluate(make_net: NetFactory, train_x: torch.Tensor, train_y: torch.Tensor,
                          f"{train_y.shape[0]} labels")
     net, params = init_networks(make_net, [seed * 1000 + i for i in range(n_nets)],
                                 train_x.device, train_x.dtype)
-    params = train_networks(net, params, train_x, train_y, recipe, seed=seed, lr=lr)
+    params = train_networks(net, params, train_x, train_y, recipe, seed=seed, lr=lr,
+                            on_step=on_step)
     return EvalResult(tuple(accuracies(net, params, test_x, test_y)))
 
 
