@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench bench-distill bench-maml lint clean
+.PHONY: demo test test-all bench bench-distill bench-maml lint docs clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -34,8 +34,19 @@ bench-maml: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/maml.py --json benchmarks/results/maml_cpu.json --threads 1
 
+# the documentation site, built strictly (broken links, docstring warnings fail) into site/;
+# its packages (the docs extra) are installed only for this target
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
 lint: $(STAMP)
 	$(PY) -m ruff check hypergrad bilevel tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache *.egg-info site
