@@ -11,10 +11,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 import bilevel
+from bilevel.datasets import load_tabular
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--outer-steps", type=int, default=25)
@@ -23,15 +23,11 @@ parser.add_argument("--seed", type=int, default=0, help="of the split and the in
 args = parser.parse_args()
 start = time.perf_counter()
 
-# Data: digits (1797 x 64), split 50/25/25 % by a seeded permutation, standardised on train.
-X, y = load_digits(return_X_y=True)
-X, y = torch.tensor(X, dtype=torch.float32), torch.tensor(y)
-perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
-n_tr, n_va = len(y) // 2, len(y) // 4
-tr, va, te = perm[:n_tr], perm[n_tr:n_tr + n_va], perm[n_tr + n_va:]
-sd = X[tr].std(0)
-X = (X - X[tr].mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
-train, val, test = (X[tr], y[tr]), (X[va], y[va]), (X[te], y[te])
+# Data: digits (1797 x 64), split 50/25/25 % stratified by class, standardised on train.
+parts = load_tabular("digits", train=0.5, val=0.25, seed=args.seed)
+mu, sd = parts["train"][0].mean(0), parts["train"][0].std(0)
+sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+train, val, test = [(((x - mu) / sd).float(), y) for x, y in parts.values()]
 
 torch.manual_seed(args.seed)
 model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))

@@ -222,7 +222,7 @@ def _full_reference(distiller: Distiller, recipe: Recipe, seed: int,
         hit = store.get(key)
         if hit is not None and valid_accuracy(hit.get("accuracy")):
             note = (f"cached ({100 * hit['accuracy']:.2f} %, computed "
-                    f"{hit.get('created', '?')} in {hit.get('seconds', float('nan')):.0f} s; "
+                    f"{hit.get('created', '?')} in {hit.get('seconds', float('nan')):.3g} s; "
                     f"{store.path(key)})")
             show.note(f"full-data reference: {note}")
             return float(hit["accuracy"]), note
@@ -236,7 +236,7 @@ def _full_reference(distiller: Distiller, recipe: Recipe, seed: int,
                        distiller.test_x, distiller.test_y, recipe, 1, seed=seed,
                        on_step=hook).mean
     took = time.perf_counter() - t0
-    note = f"computed in {took:.0f} s"
+    note = f"computed in {took:.3g} s"
     if store is not None:
         created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         path = store.put(key, {"accuracy": acc, "seconds": took, "created": created})
