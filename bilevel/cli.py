@@ -12,9 +12,13 @@ PNG plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +169,19 @@ class Run:
         self.initial = {"log_lr": torch.tensor(h.lr, **kw).log(),
                         "log_wd": torch.full((n_layers,), h.weight_decay, **kw).log()}
         self.tuned = list(h.tune)
+        if "log_lr" in self.tuned and cfg.estimator.name in ("implicit", "fixed_point"):
+            self.tuned.remove("log_lr")
+            if not self.tuned:
+                raise ConfigError(
+                    f"hyperparameters.tune: nothing to tune: estimator.name = "
+                    f"{cfg.estimator.name!r} differentiates the inner optimum w*, which does "
+                    "not depend on the inner learning rate (log_lr); tune it with 'unrolled' "
+                    "or 'truncated', or add log_wd")
+            warnings.warn(
+                f"hyperparameters.tune: log_lr stays at lr = {h.lr:g}: estimator.name = "
+                f"{cfg.estimator.name!r} differentiates the inner optimum w*, which does not "
+                "depend on the inner learning rate (its hypergradient is zero); tune it with "
+                "'unrolled' or 'truncated'", UserWarning, stacklevel=2)
         fixed = {k: v for k, v in self.initial.items() if k not in self.tuned}
 
         def get(hp: dict[str, torch.Tensor], k: str) -> torch.Tensor:
@@ -250,7 +267,7 @@ class Run:
                          outputs=outputs or OUTPUTS, checkpoint_every=o.checkpoint_every,
                          progress=progress, device=self.cfg.device,
                          dtype=self.cfg.torch_dtype,
-                         progress_fields={"loss": "outer_loss", "val loss": "eval_val_loss",
+                         progress_fields={"val loss": "outer_loss",
                                           "val acc": "eval_val_acc"})
 
 
@@ -260,15 +277,20 @@ OUTPUTS = (CONFIG_NAME, "hparams.pt", "summary.json", "outer_loss.png", "val_acc
 
 
 def _points(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
-    return [(r["step"] + 1, r[key]) for r in history if isinstance(r.get(key), (int, float))]
+    return [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
 
 
-def _plot(history: list[dict[str, Any]], out: Path, initial: dict[str, float],
+#: the x axis of every plot: the point at k belongs to the hyperparameters after k updates
+#: (metrics row k: the outer loss, the evaluation and the hyperparameters' values at them)
+_X_LABEL = "outer step k (hyperparameters after k updates)"
+
+
+def _plot(history: list[dict[str, Any]], out: Path, final: dict[str, float], steps: int,
           summary: dict[str, Any] | None = None) -> None:
     """``outer_loss.png``, ``val_accuracy.png`` (with the validation accuracy of a network
     trained at the initial and at the tuned hyperparameters, once the run is complete) and
-    ``hyperparameters.png`` (each tuned hyperparameter over the outer steps, from its
-    ``initial`` value at step 0)."""
+    ``hyperparameters.png`` (each tuned hyperparameter over the outer steps, ending at its
+    ``final`` value after ``steps`` updates)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +307,7 @@ def _plot(history: list[dict[str, Any]], out: Path, initial: dict[str, float],
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if pts := _points(history, "outer_loss"):
         ax.plot(*zip(*pts, strict=True), marker=".")
-    ax.set(xlabel="outer step", ylabel="outer (validation) loss")
+    ax.set(xlabel=_X_LABEL, ylabel="outer (validation) loss")
     save(fig, "outer_loss.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -294,11 +316,11 @@ def _plot(history: list[dict[str, Any]], out: Path, initial: dict[str, float],
     if summary and summary.get("complete"):
         ax.axhline(summary["initial_val_acc"], color="grey", ls="--",
                    label=f"initial hyperparameters: {summary['initial_val_acc']:.3f}")
-        ax.axhline(summary["val_acc"], color="C2", ls="-.",
-                   label=f"tuned hyperparameters: {summary['val_acc']:.3f}")
+        ax.axhline(summary["tuned_val_acc"], color="C2", ls="-.",
+                   label=f"tuned hyperparameters: {summary['tuned_val_acc']:.3f}")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="lower right")
-    ax.set(xlabel="outer step", ylabel="validation accuracy")
+    ax.set(xlabel=_X_LABEL, ylabel="validation accuracy")
     save(fig, "val_accuracy.png")
 
     lr = _points(history, "inner_lr")
@@ -309,10 +331,10 @@ def _plot(history: list[dict[str, Any]], out: Path, initial: dict[str, float],
                              squeeze=False)
     for ax, (label, keys) in zip(axes[0], panels, strict=False):
         for key in keys:
-            if pts := ([(0, initial[key])] if key in initial else []) + _points(history, key):
+            if pts := _points(history, key) + ([(steps, final[key])] if key in final else []):
                 ax.plot(*zip(*pts, strict=True), marker=".",
                         label=key.removeprefix("weight_decay.") if len(keys) > 1 else None)
-        ax.set(xlabel="outer step", ylabel=label, yscale="log")
+        ax.set(xlabel=_X_LABEL, ylabel=label, yscale="log")
         if len(keys) > 1:
             ax.legend(fontsize=8, title="layer", title_fontsize=8)
     if not panels:
@@ -338,9 +360,9 @@ def _execute(cfg: Config, loop: OuterLoop, run: Run, stop_after: int | None,
     history = (runner or OuterLoop.run)(loop, target)
     hp = loop.current_hparams()
     loop.folder.save_torch("hparams.pt", hp)
-    initial = run.values({k: run.initial[k] for k in run.tuned})
+    final = run.values(hp)
     if loop.global_step < cfg.outer.steps:
-        _plot(history, out, initial)
+        _plot(history, out, final, loop.global_step)
         print(f"stopped at outer step {loop.global_step}/{cfg.outer.steps}; continue with "
               f"`bilevel resume {out}`", file=sys.stderr)
         return {"steps": loop.global_step, "complete": False}
@@ -351,8 +373,9 @@ def _execute(cfg: Config, loop: OuterLoop, run: Run, stop_after: int | None,
 
     summary = {
         "steps": loop.global_step, "complete": True,
-        "val_acc": accuracy(tuned, run.data["val"]), "test_acc": accuracy(tuned, run.data["test"]),
-        "val_loss": val_loss(tuned),
+        "tuned_val_acc": accuracy(tuned, run.data["val"]),
+        "tuned_test_acc": accuracy(tuned, run.data["test"]),
+        "tuned_val_loss": val_loss(tuned),
         "initial_val_acc": accuracy(base, run.data["val"]),
         "initial_test_acc": accuracy(base, run.data["test"]),
         "initial_val_loss": val_loss(base),
@@ -360,7 +383,7 @@ def _execute(cfg: Config, loop: OuterLoop, run: Run, stop_after: int | None,
         "seconds": time.perf_counter() - start,
         "train_seconds": sum(r.get("step_seconds", 0.0) for r in history),
     }
-    _plot(history, out, initial, summary)
+    _plot(history, out, final, loop.global_step, summary)
     loop.folder.write_json("summary.json", summary)
     return summary
 
@@ -375,8 +398,10 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"{'':<10} {'val acc':>8} {'test acc':>9} {'val loss':>9}")
     print(f"{'initial':<10} {s['initial_val_acc']:8.3f} {s['initial_test_acc']:9.3f} "
           f"{s['initial_val_loss']:9.4f}")
-    print(f"{'tuned':<10} {s['val_acc']:8.3f} {s['test_acc']:9.3f} {s['val_loss']:9.4f}")
-    print(f"{s['steps']} outer steps in {s['seconds']:.1f} s")
+    print(f"{'tuned':<10} {s['tuned_val_acc']:8.3f} {s['tuned_test_acc']:9.3f} "
+          f"{s['tuned_val_loss']:9.4f}")
+    print(f"{s['steps']} outer steps: {s['train_seconds']:.1f} s of outer steps, "
+          f"{s['seconds']:.1f} s for this command")
     for name, h in s.get("hyperparameters", {}).items():
         if h.get("fixed"):
             continue
@@ -541,13 +566,33 @@ def _threads(p: argparse.ArgumentParser, hint: str = "") -> None:
                    help=f"torch CPU threads (default: torch's, one per core){hint}")
 
 
+@contextlib.contextmanager
+def _warnings_shown(level: int) -> Iterator[None]:
+    """Python warnings as the command shows them: one line ``bilevel: warning: Category:
+    message`` (the source line of a library call means nothing to a command-line user),
+    none at all with ``-qq`` (errors only), and every one, repeats included, with
+    ``BILEVEL_WARNINGS=all``."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        print(f"bilevel: warning: {category.__name__}: {message}", file=file or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        if level > logging.WARNING:
+            warnings.simplefilter("ignore")
+        elif os.environ.get("BILEVEL_WARNINGS", "").strip().lower() == "all":
+            warnings.simplefilter("always")
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for configuration errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    with verbosity(verbosity_level(args.verbose, args.quiet)):  # library messages on stderr
+    level = verbosity_level(args.verbose, args.quiet)
+    with verbosity(level), _warnings_shown(level):  # library messages on stderr
         try:
             return args.func(args)
         except (ConfigError, hg.BilevelInputError) as exc:

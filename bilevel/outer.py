@@ -165,7 +165,8 @@ class OuterLoop:
             the last step of :meth:`run`); its numbers go into the record as
             ``eval_<name>``.
         metrics: ``hparams -> dict`` of extra numbers recorded at every step (e.g. a
-            learned inner learning rate).
+            learned inner learning rate), called with the hyperparameters the step started
+            from: the ones its ``outer_loss`` (and evaluation) belong to.
         callbacks: objects with any of ``on_eval(loop, record)``, ``on_step(loop,
             record)``, ``on_checkpoint(loop, path)``, ``on_end(loop)`` (see
             :class:`bilevel.Callback`); call :meth:`stop` to end ``run``.
@@ -497,8 +498,9 @@ class OuterLoop:
             return None
         if warning.args and isinstance(warning.args[0], str):
             warning.args = (warning.args[0] + " [bilevel.OuterLoop shows this kind once; the "
-                            "repeats are counted in loop.warning_counts; warnings='all' "
-                            "shows each]",)
+                            "repeats are counted in loop.warning_counts and the metrics' "
+                            "warnings column; OuterLoop(warnings='all') or the environment "
+                            "variable BILEVEL_WARNINGS=all shows each]",)
         return warning
 
     def _log_warnings(self) -> None:
@@ -545,7 +547,7 @@ class OuterLoop:
         }
         if self.metrics is not None:
             record.update({k: json_value(v) for k, v in
-                           dict(self.metrics(self.current_hparams())).items()})
+                           dict(self.metrics(hp)).items()})
         if self.scheduler is not None:
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(record[self.scheduler_metric])

@@ -116,8 +116,8 @@ def test_run_then_resume(tmp_path: Path) -> None:
              if line]
     assert steps == [0, 1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and 0 <= summary["test_acc"] <= 1
-    assert {"val_acc", "initial_val_acc", "initial_test_acc", "seconds"} <= set(summary)
+    assert summary["steps"] == 4 and 0 <= summary["tuned_test_acc"] <= 1
+    assert {"tuned_val_acc", "initial_val_acc", "initial_test_acc", "seconds"} <= set(summary)
     # summary.json names each hyperparameter by what it is and holds its values, not logs
     hp = summary["hyperparameters"]
     h = load_config(cfg).hyperparameters
@@ -127,11 +127,13 @@ def test_run_then_resume(tmp_path: Path) -> None:
     tuned = torch.load(out / "hparams.pt")
     assert hp["inner_lr"]["tuned"] == pytest.approx(float(tuned["log_lr"].exp()), rel=1e-6)
     assert hp["inner_lr"]["tuned"] != hp["inner_lr"]["initial"]
-    # the metrics hold every hyperparameter's trajectory, ending at the tuned values
+    # the metrics hold every hyperparameter's trajectory: row k at the values its outer loss
+    # belongs to (after k updates), from the initial ones
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().split("\n") if line]
-    assert rows[-1]["inner_lr"] == pytest.approx(hp["inner_lr"]["tuned"], rel=1e-6)
-    assert [rows[-1][f"weight_decay.{n}"] for n in hp["weight_decay"]["layers"]] == \
-        pytest.approx(hp["weight_decay"]["tuned"], rel=1e-6)
+    assert rows[0]["inner_lr"] == pytest.approx(h.lr, rel=1e-6)
+    assert [rows[0][f"weight_decay.{n}"] for n in hp["weight_decay"]["layers"]] == \
+        pytest.approx(hp["weight_decay"]["initial"], rel=1e-6)
+    assert len({r["inner_lr"] for r in rows}) == 4  # one value per update
     assert (out / "hyperparameters.png").stat().st_size > 10_000
     assert f"inner learning rate: {h.lr:.4g} -> {hp['inner_lr']['tuned']:.4g}" in r.stdout
     # a deleted last checkpoint is redone by resume
@@ -238,7 +240,8 @@ def test_digits_convnet_example(tmp_path: Path, capsys: pytest.CaptureFixture,
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["complete"]
-    assert 0 <= summary["test_acc"] <= 1 and summary["val_acc"] > 0.2  # 10 classes
+    assert 0 <= summary["tuned_test_acc"] <= 1
+    assert summary["tuned_val_acc"] > 0.2  # 10 classes
     wd = summary["hyperparameters"]["weight_decay"]
     assert len(wd["tuned"]) == len(wd["layers"]) == 3  # two conv layers and the classifier
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -264,9 +267,10 @@ def test_image_folder_run(tmp_path: Path, one_thread: None) -> None:
             "limit = 3")
         assert main(["run", str(write(tmp_path, text)), "--overwrite"]) == 0
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["steps"] == 1 and 0 <= summary["test_acc"] <= 1
+        assert summary["steps"] == 1 and 0 <= summary["tuned_test_acc"] <= 1
         # test accuracy is over the 4 test images
-        assert summary["test_acc"] * 4 == pytest.approx(round(summary["test_acc"] * 4))
+        acc = summary["tuned_test_acc"]
+        assert acc * 4 == pytest.approx(round(acc * 4))
 
 
 def test_version(capsys):
@@ -276,3 +280,77 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"bilevel {bilevel.__version__}"
+
+
+IMPLICIT = """\
+dtype = "float32"
+
+[model]
+sizes = [8]
+
+[data]
+dataset = "iris"
+
+[hyperparameters]
+tune = ["log_lr", "log_wd"]
+lr = 0.05
+
+[inner]
+steps = 10
+
+[estimator]
+name = "implicit"
+settings = {{ solver = {{ name = "cg", maxiter = 1 }} }}
+
+[outer]
+lr = 0.1
+steps = 4
+
+[output]
+dir = "{out}"
+"""
+
+
+def _warning_lines(err: str, kind: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(f"bilevel: warning: {kind}")]
+
+
+def test_warnings_as_the_command_shows_them(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write(tmp_path, IMPLICIT.format(out=(tmp_path / "out").as_posix()))
+    monkeypatch.delenv("BILEVEL_WARNINGS", raising=False)
+    assert main(["run", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    # each kind once, as one `bilevel: warning:` line (no source line of the library),
+    # then one count per kind; the inner learning rate is said not to be tuned
+    shown = _warning_lines(err, "ConvergenceWarning: ")
+    assert len(shown) == 2 and all("BILEVEL_WARNINGS=all" in line for line in shown)
+    assert len(_warning_lines(err, "ConvergenceWarning (")) == 2
+    assert "x 4 in 4 outer steps" in err and "warnings.warn" not in err
+    assert len(_warning_lines(err, "UserWarning: hyperparameters.tune: log_lr stays")) == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["hyperparameters"]["inner_lr"] == {"initial": 0.05, "tuned": 0.05,
+                                                      "fixed": True}
+    assert "inner learning rate" not in out and "weight decay of" in out
+    # every one of them with BILEVEL_WARNINGS=all; none with -qq (errors only)
+    monkeypatch.setenv("BILEVEL_WARNINGS", "all")
+    assert main(["run", str(cfg), "--overwrite"]) == 0
+    assert len(_warning_lines(capsys.readouterr().err, "ConvergenceWarning: ")) == 8
+    monkeypatch.delenv("BILEVEL_WARNINGS")
+    assert main(["-qq", "run", str(cfg), "--overwrite"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # only the inner learning rate to tune, by an implicit estimator: nothing to tune
+    cfg.write_text(cfg.read_text().replace('["log_lr", "log_wd"]', '["log_lr"]'))
+    assert main(["run", str(cfg), "--overwrite"]) == 2
+    assert "hyperparameters.tune: nothing to tune" in capsys.readouterr().err
+
+
+def test_quiet_distill_prints_only_its_results(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    args = ["distill", "--ipc", "1", "--outer-steps", "2", "--eval-nets", "1",
+            "--no-reference", "--out", str(tmp_path / "d")]
+    assert main(args) == 0
+    assert "outer step 2/2" in capsys.readouterr().err  # progress lines without a terminal
+    assert main(["-q", *args, "--overwrite"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "distilled" in out
