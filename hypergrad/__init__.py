@@ -39,6 +39,15 @@ from .estimators import (
 )
 from .hvp import Linearization, hvp, hvp_batched, mixed_vjp
 from .implicit_diff import RootVJP, Stationarity, root_vjp
+from .layers import (
+    FixedPointInfo,
+    RootLayer,
+    UnrolledLayer,
+    custom_root,
+    fixed_point_layer,
+    kkt_optimality,
+    unrolled_layer,
+)
 from .linear_solve import (
     GMRES,
     ConjugateGradient,
@@ -119,4 +128,6 @@ __all__ = [
     "check_hypergradient", "check_problem", "check_second_order", "hvp", "hvp_batched",
     "hypergradient", "make_estimator", "make_solver", "make_optimizer", "mix_seed", "mixed_vjp",
     "OPTIMIZERS", "root_vjp", "soba_step_size",
+    "FixedPointInfo", "RootLayer", "UnrolledLayer", "custom_root", "fixed_point_layer",
+    "kkt_optimality", "unrolled_layer",
 ]
