@@ -100,6 +100,7 @@ import torch
 from hypergrad import OPTIMIZERS, make_estimator
 
 # scikit-learn datasets split by fractions; digits is also an image dataset (1x8x8)
+from .datasets.named import dataset_key
 from .datasets.tabular import TABULAR_DATASETS
 
 #: Named datasets with their own train/test split (from :mod:`bilevel.datasets`).
@@ -350,6 +351,8 @@ def _positive(path: str, value: float, allow_zero: bool = False) -> None:
 
 def _check_data(d: DataConfig) -> None:
     """Check ``[data]`` and fill in the defaults of ``train`` and ``val``."""
+    if dataset_key(d.dataset) in SPLIT_DATASETS:  # "fashion-mnist" -> "fashion_mnist"
+        d.dataset = dataset_key(d.dataset)
     if d.own_split:
         if not Path(d.dataset).exists() and d.dataset not in SPLIT_DATASETS:
             names = ", ".join(repr(n) for n in DATASETS)

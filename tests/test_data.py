@@ -285,7 +285,9 @@ def test_npz_round_trip(tmp_path: Path) -> None:
     assert ds.name == "mine" and ds.num_classes == 4
     for key in arrays:
         np.testing.assert_array_equal(getattr(ds, key).numpy(), arrays[key])
-    assert load_dataset(str(path), num_classes=7).num_classes == 7
+    with pytest.raises(DataError, match=r"mine\.npz\[train_y\]: 7 classes but 3 of them have "
+                       r"no training example \(classes 4, 5, 6\)"):
+        load_dataset(str(path), num_classes=7)  # classes 4..6 would never be learnt
     np.savez(tmp_path / "partial.npz", train_x=arrays["train_x"])
     with pytest.raises(DataError, match="missing arrays"):
         load_dataset(tmp_path / "partial.npz")
@@ -446,5 +448,6 @@ def test_load_image_folder_layout_errors(tmp_path: Path) -> None:
     (tmp_path / "b" / "train").mkdir(parents=True)
     with pytest.raises(DataError, match="no test/ folder"):
         load_image_folder(tmp_path / "b")
-    with pytest.raises(DataError, match="lacks the IDX file"):  # not an image folder either
+    with pytest.raises(DataError, match=r"b: looks like an image folder but has no test/ "
+                       r"subfolder"):  # not an IDX folder either: said as an image folder
         load_dataset(tmp_path / "b")

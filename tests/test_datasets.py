@@ -75,11 +75,15 @@ def test_npz_class_names(tmp_path: Path) -> None:
     arrays = {"train_x": rng.random((6, 1, 3, 3)), "train_y": np.array([0, 1, 2] * 2),
               "test_x": rng.random((3, 1, 3, 3)), "test_y": np.array([0, 1, 2])}
     np.savez(tmp_path / "named.npz", **arrays, class_names=np.array(["a", "b", "c", "d"]))
+    # num_classes comes from the names: a class absent from the training data is refused
+    with pytest.raises(DataError, match=r"named\.npz\[train_y\]: 4 classes \(4 class names\) "
+                       r"but 1 of them has no training example \(classes 3\)"):
+        load_dataset(tmp_path / "named.npz")
+    np.savez(tmp_path / "named.npz", **arrays, class_names=np.array(["a", "b", "c"]))
     ds = load_dataset(tmp_path / "named.npz")
-    # num_classes comes from the names: a class may be absent from the data
-    assert ds.class_names == ("a", "b", "c", "d") and ds.num_classes == 4
-    with pytest.raises(DataError, match=r"4 class names for num_classes=3"):
-        load_dataset(tmp_path / "named.npz", num_classes=3)
+    assert ds.class_names == ("a", "b", "c") and ds.num_classes == 3
+    with pytest.raises(DataError, match=r"3 class names for num_classes=4"):
+        load_dataset(tmp_path / "named.npz", num_classes=4)
     np.savez(tmp_path / "short.npz", **arrays, class_names=np.array(["a", "b"]))
     with pytest.raises(DataError) as info:
         load_dataset(tmp_path / "short.npz")
@@ -294,8 +298,9 @@ class Broken(torch.utils.data.Dataset):
     ([(torch.zeros(1, 2, 2), 0), (torch.zeros(2, 2, 2, 2), 1)],
      r"bad\.train\[1\]: image of shape \(2, 2, 2, 2\)"),
     ([(torch.zeros(1, 2, 2, dtype=torch.int32), 0)], r"bad\.train\[0\]: image of dtype int32"),
-    ([(torch.full((1, 2, 2), 2.0), 0), (torch.zeros(1, 2, 2), 1)],
-     r"bad\.train: pixel values .* lie in \[0, 2\], expected \[0, 1\]"),
+    ([(torch.zeros(1, 2, 2), 0), (torch.full((1, 2, 2), 2.0), 1)],
+     r"bad\.train\[1\]: pixel values lie in \[2, 2\], expected \[0, 1\] \(for float pixels "
+     r"in 0\.\.255 pass pixel_max=255\)"),
     ([(torch.zeros(1, 2, 2), 0), (torch.zeros(1, 2, 2), 0)],
      r"bad\.train: the training split of bad holds only class 0"),
     ([], r"bad\.train: the dataset is empty"),
@@ -480,24 +485,40 @@ def test_fashion_mnist_root_and_environment(tmp_path: Path,
     for advice in ("--data-root DIR", "root=", "apt-get install dataset-fashion-mnist",
                    "BILEVEL_DATA", "train-images-idx3-ubyte"):
         assert advice in msg, advice
-    # a root is for named datasets: with a path it is refused, for digits it is not needed
+    # a root is for named datasets: with a path it is refused, and with digits
     with pytest.raises(DataError, match="only used by the named datasets"):
         load_dataset(tmp_path / "data" / "fashion-mnist", root=tmp_path)
-    assert load_dataset("digits", root=tmp_path).num_classes == 10
+    for root in (tmp_path, "/nonexistent"):
+        with pytest.raises(DataError, match="digits ships with scikit-learn; root= "
+                           r"\(--data-root\) is for fashion_mnist"):
+            load_dataset("digits", root=root)
 
 
 def test_fashion_mnist_environment_without_files(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A $BILEVEL_DATA without Fashion-MNIST falls back to the Debian package's folder."""
+    """A $BILEVEL_DATA without Fashion-MNIST falls back to the Debian package's folder, warning."""
     monkeypatch.setenv("BILEVEL_DATA", str(tmp_path))
-    try:
-        ds = load_fashion_mnist()
-    except DataError as exc:  # the package is not installed here
-        msg = str(exc)
+    debian = Path(bilevel.datasets.FASHION_MNIST_ROOT)
+    if not (debian / "train-images-idx3-ubyte.gz").is_file():  # the package is not installed
+        with pytest.raises(DataError) as info:
+            load_fashion_mnist()
+        msg = str(info.value)
         assert f"Fashion-MNIST not found in {tmp_path}" in msg
         assert bilevel.datasets.FASHION_MNIST_ROOT in msg
-    else:
-        assert ds.train_x.shape == (60000, 1, 28, 28)
+        return
+    # the fallback is kept, but said: the folder and the files it lacks
+    write_idx(tmp_path / FASHION_MNIST_FILES["image_train"], np.zeros((2, 2, 2), np.uint8))
+    with pytest.warns(UserWarning) as record:
+        ds = load_fashion_mnist()
+    assert ds.train_x.shape == (60000, 1, 28, 28)
+    msg = str(record[0].message)
+    assert f"$BILEVEL_DATA is set to {tmp_path}, but it holds no Fashion-MNIST" in msg, msg
+    assert "lacks train-labels-idx1-ubyte, t10k-images-idx3-ubyte" in msg
+    assert "train-images-idx3-ubyte," not in msg  # the one it has is not listed
+    assert f"using the Debian package's copy in {debian}" in msg
+    # an explicit root that lacks the files stays an error, with no fallback
+    with pytest.raises(DataError, match=f"Fashion-MNIST not found in {tmp_path}"):
+        load_fashion_mnist(tmp_path)
 
 
 def _distill_args(out: Path, *more: str) -> list[str]:
@@ -567,8 +588,8 @@ def test_run_data_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "settings differ" in err and "data.root" in err and str(tmp_path / "data") in err
     assert main(["resume", str(tmp_path / "run"), "--data-root", data]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["complete"] and summary["test_acc"] * 10 == pytest.approx(
-        round(summary["test_acc"] * 10))  # over the 10 test images of the tiny files
+    assert summary["complete"] and summary["tuned_test_acc"] * 10 == pytest.approx(
+        round(summary["tuned_test_acc"] * 10))  # over the 10 test images of the tiny files
     # [data] root in the config, and --data-root overriding it
     cfg = _run_config(tmp_path, extra=f'root = "{(tmp_path / "nowhere").as_posix()}"\n')
     assert main(["run", cfg, "--overwrite"]) == 2
@@ -587,3 +608,286 @@ def test_run_data_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
                       f'root = "{data}"\n')
     assert main(["run", cfg]) == 2
     assert "data.root: only used by the named datasets" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+
+def _split(n: int = 20, classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(n) % classes, np.arange(max(n // 4, classes)) % classes
+
+
+def test_undetectable_layout_is_refused(tmp_path: Path) -> None:
+    """(N, 28, 28, 2): 28 channels of 28x2, or 2 channels of 28x28? Asked, not guessed."""
+    rng = np.random.default_rng(0)
+    ytr, yte = _split()
+    x = rng.random((20, 28, 28, 2))
+    path = tmp_path / "hwc2.npz"
+    np.savez(path, train_x=x, train_y=ytr, test_x=x[:5], test_y=yte)
+    with pytest.raises(DataError) as info:
+        load_dataset(path)
+    msg = str(info.value)
+    assert "hwc2.npz[train_x]" in msg and "(20, 28, 28, 2)" in msg, msg
+    assert "28 channels of 28x2" in msg and "2 channels of 28x28" in msg, msg
+    assert "channels_last=True" in msg and "channels_last=False" in msg, msg
+    assert load_dataset(path, channels_last=True).train_x.shape == (20, 2, 28, 28)
+    assert load_dataset(path, channels_last=False).train_x.shape == (20, 28, 28, 2)
+    # the same through IDX files: the file is named
+    p = {k: tmp_path / k for k in ("xtr", "ytr", "xte", "yte")}
+    for key, arr in zip(p, ((x * 255).astype(np.uint8), ytr.astype(np.uint8),
+                            (x[:5] * 255).astype(np.uint8), yte.astype(np.uint8)), strict=True):
+        write_idx(p[key], arr)
+    with pytest.raises(DataError, match=rf"{p['xtr']}: cannot tell the layout"):
+        load_idx_dataset(p["xtr"], p["ytr"], p["xte"], p["yte"])
+    # channels-first data of 2 channels, and the usual channels-last shapes, still load
+    assert load_arrays(x.transpose(0, 3, 1, 2), ytr, x[:5].transpose(0, 3, 1, 2),
+                       yte).train_x.shape == (20, 2, 28, 28)
+    assert load_arrays(x[..., :1], ytr, x[:5, ..., :1], yte).train_x.shape == (20, 1, 28, 28)
+    for bad in ("no", 0, 1, "False"):
+        with pytest.raises(DataError, match=r"channels_last must be True, False or None"):
+            load_arrays(x, ytr, x[:5], yte, channels_last=bad)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((20, 1, 0, 8), 2), ((20, 0, 8, 8), 1),
+                                             ((20, 8, 0), 2), ((20, 8, 8, 0), 3)])
+def test_empty_image_dimension(tmp_path: Path, shape: tuple[int, ...], axis: int) -> None:
+    ytr, yte = _split()
+    path = tmp_path / "flat.npz"
+    np.savez(path, train_x=np.zeros(shape), train_y=ytr, test_x=np.zeros((5, *shape[1:])),
+             test_y=yte)
+    with pytest.raises(DataError, match=rf"flat\.npz\[train_x\]: images shaped "
+                       rf"\({shape[0]}, .*\) have an empty dimension \(axis {axis} has size 0\)"):
+        load_dataset(path)
+
+
+def test_empty_image_dimension_idx(tmp_path: Path) -> None:
+    p = {k: tmp_path / k for k in ("xtr", "ytr", "xte", "yte")}
+    write_idx(p["xtr"], np.zeros((20, 0, 0), np.uint8))
+    write_idx(p["ytr"], (np.arange(20) % 2).astype(np.uint8))
+    write_idx(p["xte"], np.zeros((4, 0, 0), np.uint8))
+    write_idx(p["yte"], (np.arange(4) % 2).astype(np.uint8))
+    with pytest.raises(DataError, match=rf"{p['xtr']}: images shaped \(20, 0, 0\) have an "
+                       r"empty dimension \(axis 1"):
+        load_idx_dataset(p["xtr"], p["ytr"], p["xte"], p["yte"])
+
+
+def test_classes_without_training_examples(tmp_path: Path) -> None:
+    import time
+
+    x = np.random.default_rng(0).random((8, 1, 3, 3))
+    # train labels {0, 2}, test label 1: three classes, one never trained
+    _npz(tmp_path / "gap.npz", train_y=np.array([0, 2] * 4), test_y=np.array([1, 0, 2, 1]))
+    with pytest.raises(DataError) as info:
+        load_dataset(tmp_path / "gap.npz")
+    msg = str(info.value)
+    assert "gap.npz[train_y]: 3 classes (num_classes inferred from the training labels) but " \
+        "1 of them has no training example (classes 1)" in msg, msg
+    # a stray label 255: 256 classes, 252 of them absent, the first few shown
+    with pytest.raises(DataError, match=r"stray\.train_y: 256 classes .* but 251 of them have no "
+                       r"training example \(classes 4, 5, 6, 7, 8, \.\.\.\)"):
+        load_arrays(x, np.array([0, 1, 2, 3, 255, 0, 1, 2]), x[:4], np.arange(4), name="stray")
+    # a label 2**40 is refused at once (no per-class work over 2**40 classes)
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"1099511627777 classes .* \(classes 2, 3, 4, 5, 6, "):
+        load_arrays(x, np.array([0, 1, 2**40, 0, 1, 0, 1, 0]), x[:4], np.array([0, 1, 0, 1]))
+    assert time.perf_counter() - start < 5
+    # more class names than classes present
+    with pytest.raises(DataError, match=r"names\.train_y: 5 classes \(5 class names\) but 1 of "
+                       r"them has no training example \(classes 4\)"):
+        load_arrays(x, np.arange(8) % 4, x[:4], np.arange(4), name="names",
+                    class_names=list("abcde"))
+    # explicit num_classes likewise
+    with pytest.raises(DataError, match=r"6 classes but 2 of them .*\(classes 4, 5\)"):
+        load_arrays(x, np.arange(8) % 4, x[:4], np.arange(4), num_classes=6)
+    # every class present: fine
+    assert load_arrays(x, np.arange(8) % 4, x[:4], np.arange(4)).num_classes == 4
+
+
+def test_negative_labels_message(tmp_path: Path) -> None:
+    _npz(tmp_path / "neg.npz", train_y=-1 - np.arange(8) % 2)
+    with pytest.raises(DataError) as info:
+        load_dataset(tmp_path / "neg.npz")
+    msg = str(info.value)
+    assert "neg.npz[train_y]: labels lie in [-2, -1], expected class numbers 0, 1, 2, ..." in msg
+    assert "[0, 0]" not in msg
+
+
+def _zip_npy(path: Path, shapes: dict[str, tuple[int, ...]], bad: dict[str, bytes]) -> Path:
+    """An .npz whose members hold only a header (the data is missing), or given bytes."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for key, shape in shapes.items():
+            f = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f8" if key.endswith("x") else "<i8", "fortran_order": False,
+                    "shape": shape})
+            z.writestr(f"{key}.npy", bad.get(key, f.getvalue()))
+    return path
+
+
+def test_npz_huge_or_broken_header(tmp_path: Path) -> None:
+    shapes = {"train_x": (10**9, 10**9), "train_y": (3,), "test_x": (2, 1, 2, 2),
+              "test_y": (2,)}
+    path = _zip_npy(tmp_path / "huge.npz", shapes, {})
+    with pytest.raises(DataError) as info:
+        load_dataset(path)
+    msg = str(info.value)
+    assert f"{path}[train_x]" in msg and "shape too large" in msg, msg
+    assert not isinstance(info.value.__cause__, MemoryError)  # not chained: memory freed
+    path = _zip_npy(tmp_path / "garbled.npz", {**shapes, "train_x": (3, 1, 2, 2)},
+                    {"train_x": b"\x93NUMPY\x01\x00\x10\x00{'descr': 'zz'}\n    "})
+    with pytest.raises(DataError, match=r"garbled\.npz\[train_x\]: cannot read the array"):
+        load_dataset(path)
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG file whose header claims ``width x height`` pixels (its data holds one)."""
+    import zlib as _zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", _zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("side", [20_000, 10_000])  # the bomb error, and the bomb warning
+def test_png_decompression_bomb(tmp_path: Path, side: int) -> None:
+    write_image_folder(tmp_path / "pets", counts=(1, 1))
+    bomb = next((tmp_path / "pets" / "train" / "cat").iterdir())
+    _png_claiming(bomb, side, side)
+    with pytest.raises(DataError, match=rf"{bomb}: image too large, refused as a possible "
+                       r"decompression bomb"):
+        load_dataset(tmp_path / "pets")
+
+
+def test_idx_too_many_dimensions(tmp_path: Path) -> None:
+    path = tmp_path / "deep.idx"
+    path.write_bytes(bytes([0, 0, 0x08, 65]) + struct.pack(">65I", *[1] * 65) + b"\x07")
+    with pytest.raises(DataError, match=rf"{path}: IDX header declares 65 dimensions, more "
+                       r"than the 64"):
+        read_idx(path)
+    path.write_bytes(bytes([0, 0, 0x08, 64]) + struct.pack(">64I", *[1] * 64) + b"\x07")
+    assert read_idx(path).shape == (1,) * 64
+
+
+def test_from_torch_dataset_wide_pil_modes() -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    f = rng.random((4, 5)).astype(np.float32)
+    i16 = rng.integers(0, 65536, (4, 5)).astype(np.uint16)
+    items = [(Image.fromarray(f, mode="F"), 0),
+             (Image.fromarray(i16.astype(np.int32), mode="I"), 1),
+             (Image.fromarray(i16), 0)]  # mode I;16
+    assert [img.mode for img, _ in items] == ["F", "I", "I;16"]
+    ds = from_torch_dataset(PairDataset(items), PairDataset(items), name="wide")
+    torch.testing.assert_close(ds.train_x[0, 0], torch.from_numpy(f))  # kept, not zeroed
+    want = torch.from_numpy(i16 / 65535).float()
+    torch.testing.assert_close(ds.train_x[1, 0], want)  # scaled, not clipped at 255
+    torch.testing.assert_close(ds.train_x[2, 0], want)
+    bad_f = Image.fromarray(f * 255, mode="F")
+    with pytest.raises(DataError, match=r"w\.train\[1\]: float image \(PIL mode F\) with "
+                       r"values in \[.*\], expected \[0, 1\]"):
+        from_torch_dataset(PairDataset([items[0], (bad_f, 1)]), PairDataset(items), name="w")
+    big = Image.fromarray(np.full((4, 5), 70_000, np.int32), mode="I")
+    with pytest.raises(DataError, match=r"w\.train\[1\]: integer image \(PIL mode I\) with "
+                       r"values in \[70000, 70000\]; only 16-bit values 0\.\.65535"):
+        from_torch_dataset(PairDataset([items[0], (big, 1)]), PairDataset(items), name="w")
+
+
+def test_from_torch_dataset_pixel_max() -> None:
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (2, 1, 3, 3))).float()
+    items = [(x[0], 0), (x[1], 1)]
+    with pytest.raises(DataError, match=r"p\.train\[0\]: pixel values lie in .* expected "
+                       r"\[0, 1\] \(for float pixels in 0\.\.255 pass pixel_max=255\)"):
+        from_torch_dataset(PairDataset(items), PairDataset(items), name="p")
+    ds = from_torch_dataset(PairDataset(items), PairDataset(items), pixel_max=255)
+    torch.testing.assert_close(ds.train_x, x / 255)
+    # any integer dtype with pixel_max, as load_arrays
+    raw = [(np.full((3, 3), 4095, np.int16), 0), (np.zeros((3, 3), np.int16), 1)]
+    assert float(from_torch_dataset(PairDataset(raw), PairDataset(raw),
+                                    pixel_max=4095).train_x.max()) == 1.0
+    with pytest.raises(DataError, match=r"p\.train\[1\]: pixel values lie in \[.*\] after "
+                       r"dividing by pixel_max=1, expected \[0, 1\]$"):
+        from_torch_dataset(PairDataset([(x[0] / 255, 0), (x[1], 1)]), PairDataset(items),
+                           name="p", pixel_max=1)
+    # normalised images: the hint is to give them unnormalised
+    normed = [((x[0] / 255 - 0.5) / 0.5, 0), (x[1] / 255, 1)]
+    with pytest.raises(DataError, match=r"p\.train\[0\]: pixel values lie in \[-0\.9.*\], "
+                       r"expected \[0, 1\]: images must be unnormalised, with pixels in "
+                       r"\[0, pixel_max\]") as info:
+        from_torch_dataset(PairDataset(normed), PairDataset(items), name="p")
+    assert "pass pixel_max" not in str(info.value)
+    for bad in (0, -1.0, float("nan"), True, "255"):
+        with pytest.raises(DataError, match="pixel_max must be a positive number"):
+            from_torch_dataset(PairDataset(items), PairDataset(items), pixel_max=bad)
+
+
+def test_digits_refuses_a_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bilevel.distill.app import main as distill_main
+
+    with pytest.raises(DataError, match="digits ships with scikit-learn"):
+        load_dataset("digits", root="/nonexistent")
+    args = _distill_args(tmp_path / "o", "--data-root", str(tmp_path))
+    args[1] = "digits"
+    assert distill_main(args) == 2
+    err = capsys.readouterr().err
+    assert "digits ships with scikit-learn; root= (--data-root) is for fashion_mnist" in err
+
+
+def test_dataset_aliases_and_presets(tmp_path: Path) -> None:
+    import argparse
+
+    from bilevel.datasets import dataset_key
+    from bilevel.distill.app import PRESETS, add_arguments, config_from_args
+
+    assert [dataset_key(n) for n in ("fashion_mnist", "fashion-mnist", "fashionmnist",
+                                     "digits", "fashion", str(tmp_path))] == [
+        "fashion_mnist", "fashion_mnist", "fashion_mnist", "digits", None, None]
+    write_mnist_dir(tmp_path / "fm", compress=False)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for alias in ("fashion_mnist", "fashion-mnist", "fashionmnist"):
+        assert load_dataset(alias, root=tmp_path / "fm").name == "fashion_mnist"
+        cfg = config_from_args(p.parse_args(["--dataset", alias]), alias)
+        assert cfg.width == PRESETS["fashion_mnist"]["width"] == 128, alias
+        assert cfg.inner_optimizer == "momentum", alias
+
+
+def test_load_dataset_messages_and_spellings(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from bilevel.distill.app import main as distill_main
+
+    path = _npz(tmp_path / "upper.npz").rename(tmp_path / "UPPER.NPZ")
+    assert load_dataset(path).name == "UPPER"
+    for name in ("fashion_mnist", "digits"):
+        with pytest.raises(DataError, match="root is empty"):
+            load_dataset(name, root="")
+    with pytest.raises(DataError, match="root is empty"):
+        load_fashion_mnist("")
+    with pytest.raises(DataError, match="empty dataset name"):
+        load_dataset("")
+    assert distill_main(_distill_args(tmp_path / "o", "--data-root", "")) == 2
+    assert "root is empty" in capsys.readouterr().err
+    (tmp_path / "half" / "test").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"half: looks like an image folder but has no train/"):
+        load_dataset(tmp_path / "half")
+
+
+def test_config_takes_every_spelling_of_a_named_dataset() -> None:
+    from bilevel.config import parse_config
+
+    table = {"model": {"sizes": [4]}, "hyperparameters": {"tune": ["log_wd"]},
+             "inner": {"steps": 2}, "estimator": {"name": "unrolled"},
+             "outer": {"lr": 0.1, "steps": 1}, "output": {"dir": "runs/x"}}
+    for spelling in ("fashion-mnist", "fashionmnist", "fashion_mnist"):
+        cfg = parse_config({**table, "data": {"dataset": spelling}})
+        assert cfg.data.dataset == "fashion_mnist" and cfg.data.own_split

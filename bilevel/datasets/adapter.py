@@ -27,21 +27,49 @@ def _is_pil(obj: Any) -> bool:
     return type(obj).__module__.startswith("PIL.") and hasattr(obj, "mode")
 
 
-def _scaled(arr: np.ndarray, what: str) -> np.ndarray:
-    """``uint8`` divided by 255, float kept (range checked later); other dtypes refused."""
+def _scaled(arr: np.ndarray, what: str, pixel_max: float | None) -> np.ndarray:
+    """Scale one tensor / array image to ``[0, 1]``: see :func:`from_torch_dataset`."""
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer)
+                                     or np.issubdtype(arr.dtype, np.floating)):
+        raise DataError(f"{what}: image of dtype {arr.dtype}; expected uint8 (0..255) or float "
+                        f"(0..1), or any integer type with pixel_max=")
+    if pixel_max is not None:
+        return (arr.astype(np.float64) / pixel_max).astype(np.float32)
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     if np.issubdtype(arr.dtype, np.floating):
         return arr.astype(np.float32)
     raise DataError(f"{what}: image of dtype {arr.dtype}; expected uint8 (0..255) or float "
-                    f"(0..1)")
+                    f"(0..1), or pass pixel_max= (the value that maps to 1.0)")
 
 
-def _image(img: Any, what: str) -> np.ndarray:
+def _check_range(arr: np.ndarray, what: str, pixel_max: float | None, pil: bool) -> None:
+    """Refuse NaNs and values outside ``[0, 1]`` of one scaled image, with a hint."""
+    if not arr.size:
+        return
+    if not np.isfinite(arr).all():
+        raise DataError(f"{what}: image contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return
+    found = f"{what}: pixel values lie in [{lo:g}, {hi:g}]"
+    if pixel_max is not None and not pil:
+        found += f" after dividing by pixel_max={pixel_max:g}"
+    if lo < 0.0:
+        raise DataError(f"{found}, expected [0, 1]: images must be unnormalised, with pixels "
+                        f"in [0, pixel_max] (drop transforms.Normalize; normalise later)")
+    hint = "" if pixel_max is not None or pil else \
+        " (for float pixels in 0..255 pass pixel_max=255)"
+    raise DataError(f"{found}, expected [0, 1]{hint}")
+
+
+def _image(img: Any, what: str, pixel_max: float | None = None) -> np.ndarray:
     """One image as ``float32`` ``(C, H, W)``: see :func:`from_torch_dataset`."""
     if _is_pil(img):
-        arr, _ = pil_array(img, None)
-        return arr.transpose(2, 0, 1).astype(np.float32)
+        arr, _ = pil_array(img, None, what)
+        out = arr.transpose(2, 0, 1).astype(np.float32)
+        _check_range(out, what, pixel_max, pil=True)
+        return out
     if isinstance(img, torch.Tensor):
         arr, channels_first = img.detach().cpu().numpy(), True
     elif isinstance(img, np.ndarray):
@@ -62,7 +90,9 @@ def _image(img: Any, what: str) -> np.ndarray:
     else:
         raise DataError(f"{what}: image of shape {tuple(arr.shape)}; expected (C, H, W) or "
                         f"(H, W) for a tensor, (H, W, C) or (H, W) for an array")
-    return _scaled(np.ascontiguousarray(arr), what)
+    out = _scaled(np.ascontiguousarray(arr), what, pixel_max)
+    _check_range(out, what, pixel_max, pil=False)
+    return out
 
 
 def _label(label: Any, what: str) -> int:
@@ -77,8 +107,8 @@ def _label(label: Any, what: str) -> int:
     raise DataError(f"{what}: label must be an int or a 0-d integer tensor, got {shown}")
 
 
-def _convert(ds: Any, split: str, name: str, max_items: int | None,
-             bar: Any) -> tuple[np.ndarray, np.ndarray]:
+def _convert(ds: Any, split: str, name: str, max_items: int | None, bar: Any,
+             pixel_max: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All (or ``max_items`` evenly spaced) items of one split as ``(N, C, H, W)`` and labels."""
     try:
         n = len(ds)
@@ -103,7 +133,7 @@ def _convert(ds: Any, split: str, name: str, max_items: int | None,
             kind = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) \
                 else type(item).__name__
             raise DataError(f"{what}: expected an (image, label) pair, got {kind}")
-        image = _image(item[0], what)
+        image = _image(item[0], what, pixel_max)
         if images is None:
             images = np.empty((len(indices), *image.shape), dtype=np.float32)
             first = what
@@ -126,6 +156,7 @@ def from_torch_dataset(
     name: str = "torch",
     class_names: Sequence[str] | None = None,
     max_items: int | None = None,
+    pixel_max: float | None = None,
 ) -> ImageDataset:
     """An :class:`ImageDataset` from two map-style datasets of ``(image, label)`` pairs.
 
@@ -134,10 +165,17 @@ def from_torch_dataset(
     (grayscale stays one channel, other modes become RGB, alpha dropped) or a NumPy
     array ``(H, W, C)`` or ``(H, W)`` (as PIL and OpenCV give); a 3-D tensor whose last
     axis alone has 1, 3 or 4 entries is read as ``(H, W, C)``, a 3-D array whose first
-    axis alone has them as ``(C, H, W)``. ``uint8`` pixels are divided by 255, float pixels
-    must lie in ``[0, 1]``. The label is an ``int`` (or NumPy integer) or a 0-d integer
-    tensor. All images must have the same shape. Converting more than
-    :data:`PROGRESS_MIN_ITEMS` items shows a progress bar (tqdm, on stderr).
+    axis alone has them as ``(C, H, W)``. Tensor and array pixels: ``uint8`` are divided by
+    255 and float must lie in ``[0, 1]``, unless ``pixel_max`` is given, which divides them
+    all (of any integer or float dtype). PIL images are scaled by their mode, whatever
+    ``pixel_max``: 8-bit modes by 1/255; 16-bit grayscale (``I;16``) and 32-bit integer
+    (``I``) by 1/65535, refused unless the values fit in ``0..65535``; float (``F``) kept,
+    refused unless in ``[0, 1]`` (see :func:`~bilevel.datasets.folder.pil_array`). Every
+    image is checked as it is read: pixel values outside ``[0, 1]`` (e.g. normalised
+    images, which must be given unnormalised) are refused naming the item. The label is an
+    ``int`` (or NumPy integer) or a 0-d integer tensor. All images must have the same shape.
+    Converting more than :data:`PROGRESS_MIN_ITEMS` items shows a progress bar (tqdm, on
+    stderr).
 
     Args:
         train, test: the two splits (``len(ds)`` and ``ds[i]``; no ``DataLoader``).
@@ -148,6 +186,8 @@ def from_torch_dataset(
             attribute (torchvision's datasets have one) when it is a list of strings.
         max_items: read at most this many items of each split, evenly spaced over it
             (``i * len(ds) // max_items``), so a class-sorted dataset keeps every class.
+        pixel_max: the tensor / array pixel value that maps to 1.0 (e.g. ``255`` for float
+            pixels in ``0..255``, ``4095`` for 12-bit ``int16`` data).
 
     Returns:
         ``float32`` images ``(N, C, H, W)`` in ``[0, 1]`` and ``int64`` labels, with the
@@ -155,14 +195,21 @@ def from_torch_dataset(
 
     Raises:
         DataError: naming the split and index (``name.train[17]``) of an item that is not an
-            ``(image, label)`` pair, an image of another type, shape or dtype, a label that
-            is not an integer, an item the dataset fails to read; or any problem of
+            ``(image, label)`` pair, an image of another type, shape or dtype, pixel values
+            outside ``[0, 1]`` after scaling, a PIL image of mode ``I`` / ``I;16`` / ``F``
+            whose values do not fit (above), a label that is not an integer, an item the
+            dataset fails to read; a ``pixel_max`` that is not a positive number; or any problem of
             :func:`~bilevel.datasets.load_arrays` (empty split, labels out of range, fewer
             than two training classes, class names of the wrong length).
     """
     if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int)
                                   or max_items < 1):
         raise DataError(f"{name}: max_items must be a positive int, got {max_items!r}")
+    if pixel_max is not None and (isinstance(pixel_max, bool) or not isinstance(
+            pixel_max, (int, float, np.integer, np.floating)) or not 0 < pixel_max < np.inf):
+        raise DataError(f"{name}: pixel_max must be a positive number, got {pixel_max!r}")
+    if pixel_max is not None:
+        pixel_max = float(pixel_max)
     if class_names is None:
         classes = getattr(train, "classes", None)
         if isinstance(classes, (list, tuple)) and classes and all(
@@ -182,6 +229,6 @@ def from_torch_dataset(
         arrays = {}
         for split, ds in (("train", train), ("test", test)):
             arrays[f"{split}_x"], arrays[f"{split}_y"] = _convert(ds, split, name, max_items,
-                                                                  bar)
+                                                                  bar, pixel_max)
     sources = {f"{s}_{k}": f"{name}.{s}" for s in ("train", "test") for k in ("x", "y")}
     return build(arrays, sources, name, num_classes, None, class_names, channels_last=False)

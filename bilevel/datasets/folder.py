@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ __all__ = ["IMAGE_SUFFIXES", "load_image_folder", "pil_array"]
 #: File suffixes (case-insensitive) that :func:`load_image_folder` reads.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
-_GRAY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B")
+_GRAY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 def pil_image() -> Any:
@@ -57,31 +58,72 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def pil_array(img: Any, gray: bool | None) -> tuple[np.ndarray, bool]:
+def pil_array(img: Any, gray: bool | None, what: str = "image") -> tuple[np.ndarray, bool]:
     """A Pillow image as ``float64`` ``(H, W, C)`` in ``[0, 1]``; also whether it was grayscale.
 
     ``gray=None`` keeps the image's own kind (grayscale or RGB), ``True`` / ``False`` convert
-    to one / three channels; alpha is dropped; 16-bit grayscale is scaled by 1/65535.
+    to one / three channels; alpha is dropped. Modes ``1``, ``L``, ``P``, ``RGB``... are
+    8-bit (divided by 255). The one-channel modes of wider pixels are read from their own
+    values, never through an 8-bit conversion (which would clip them): 16-bit grayscale
+    (``I;16``) and 32-bit integer (``I``) images are divided by 65535, and ``I`` values must
+    fit in 16 bits (``0..65535``); float images (``F``) are kept as they are and must lie
+    in ``[0, 1]``. With ``gray=False`` they are repeated to three channels.
+
+    Raises:
+        DataError: naming ``what``, for an ``I`` image with values outside ``0..65535``, an
+            ``F`` image with values outside ``[0, 1]`` (or NaN), or an image Pillow cannot
+            convert.
     """
-    is_gray = img.mode in _GRAY_MODES
-    if img.mode.startswith("I;16"):
-        arr = np.asarray(img, dtype=np.float64) / 65535.0
-    elif gray or (gray is None and is_gray):
-        arr = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
-    else:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    mode = img.mode
+    is_gray = mode in _GRAY_MODES
+    if mode == "F" or mode == "I" or mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if mode == "F":
+            if not np.isfinite(arr).all() or lo < 0.0 or hi > 1.0:
+                raise DataError(f"{what}: float image (PIL mode F) with values in [{lo:g}, "
+                                f"{hi:g}], expected [0, 1]")
+        else:
+            if lo < 0 or hi > 65535:
+                raise DataError(f"{what}: integer image (PIL mode {mode}) with values in "
+                                f"[{lo:g}, {hi:g}]; only 16-bit values 0..65535 are read "
+                                f"(divided by 65535)")
+            arr = arr / 65535.0
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if gray is False:
+            arr = np.repeat(arr, 3, axis=2)
+        return arr, is_gray
+    try:
+        if gray or (gray is None and is_gray):
+            arr = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+        else:
+            arr = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    except ValueError as exc:  # a mode Pillow cannot convert
+        raise DataError(f"{what}: cannot convert a PIL image of mode {mode} ({exc})") from exc
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr, is_gray
 
 
 def _read_image(image_mod: Any, path: Path, gray: bool | None) -> tuple[np.ndarray, bool]:
-    """One image file as ``float64`` ``(H, W, C)`` in ``[0, 1]`` (:func:`pil_array`)."""
+    """One image file as ``float64`` ``(H, W, C)`` in ``[0, 1]`` (:func:`pil_array`).
+
+    An image whose header claims more pixels than Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 million) is refused, before it is decoded.
+    """
     try:
-        with image_mod.open(path) as img:
-            img.load()
-            return pil_array(img, gray)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", image_mod.DecompressionBombWarning)
+            with image_mod.open(path) as img:
+                img.load()
+                return pil_array(img, gray, str(path))
+    except (image_mod.DecompressionBombError, image_mod.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: image too large, refused as a possible decompression bomb "
+                        f"({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"{path}: cannot read image ({exc})") from exc
 
 
@@ -105,7 +147,8 @@ def load_image_folder(
         num_classes: if given, the number of class folders must equal it.
         grayscale: ``True`` converts every image to one channel, ``False`` to three (RGB);
             ``None`` gives one channel when every image is grayscale and RGB otherwise.
-            Alpha channels are dropped; 16-bit grayscale is scaled by 1/65535.
+            Alpha channels are dropped; 16-bit grayscale is scaled by 1/65535 (see
+            :func:`pil_array`).
 
     Returns:
         ``float32`` images in ``[0, 1]`` shaped ``(N, C, H, W)``; named after ``root``.
@@ -114,8 +157,8 @@ def load_image_folder(
 
     Raises:
         DataError: naming the folder or file at fault (missing split or class folders,
-            different classes in the two splits, an unreadable file, an image of another
-            size, a ``num_classes`` mismatch).
+            different classes in the two splits, an unreadable file, an image too large
+            (a decompression bomb), an image of another size, a ``num_classes`` mismatch).
     """
     root = Path(root)
     for split in ("train", "test"):

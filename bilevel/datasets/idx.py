@@ -36,6 +36,8 @@ IDX_TYPES: dict[int, np.dtype] = {
 }
 
 _GZIP_MAGIC = b"\x1f\x8b"
+#: The most dimensions an IDX file may declare (NumPy's limit).
+MAX_DIMS = 64
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -70,8 +72,8 @@ def read_idx(path: PathLike) -> torch.Tensor:
 
     Raises:
         DataError: naming the file, if it is missing, has a wrong magic, an unknown type code,
-            zero dimensions, fewer bytes than the header promises (truncated, or absurd
-            sizes in the header) or more (trailing garbage).
+            zero or more than 64 dimensions, fewer bytes than the header promises
+            (truncated, or absurd sizes in the header) or more (trailing garbage).
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -87,6 +89,9 @@ def read_idx(path: PathLike) -> torch.Tensor:
         raise DataError(f"{path}: unknown IDX type code 0x{code:02X} (known: {known})")
     if ndim == 0:
         raise DataError(f"{path}: IDX header declares zero dimensions")
+    if ndim > MAX_DIMS:
+        raise DataError(f"{path}: IDX header declares {ndim} dimensions, more than the "
+                        f"{MAX_DIMS} an array can have")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(
@@ -106,8 +111,12 @@ def read_idx(path: PathLike) -> torch.Tensor:
             f"{path}: {len(data) - expected} trailing bytes after the IDX data "
             f"(expected {expected} bytes for shape {shape})"
         )
-    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-    return torch.from_numpy(arr.astype(dtype.newbyteorder("="), copy=True))
+    try:
+        arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+        return torch.from_numpy(arr.astype(dtype.newbyteorder("="), copy=True))
+    except (ValueError, RuntimeError, TypeError) as exc:  # e.g. more dimensions than allowed
+        raise DataError(f"{path}: cannot hold the IDX data of shape {shape} in an array "
+                        f"({type(exc).__name__}: {exc})") from exc
 
 
 def load_idx_dataset(

@@ -9,6 +9,7 @@ environment variable :data:`DATA_ENV` (``BILEVEL_DATA``), else where the Debian 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from ._base import DataError, ImageDataset, PathLike
 from .arrays import load_arrays
 from .idx import FASHION_MNIST_FILES, find_idx_files, load_idx_dataset
 
-__all__ = ["DATA_ENV", "DIGITS_CLASSES", "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT",
-           "load_digits", "load_fashion_mnist"]
+__all__ = ["DATASET_ALIASES", "DATA_ENV", "DIGITS_CLASSES", "FASHION_MNIST_CLASSES",
+           "FASHION_MNIST_ROOT", "dataset_key", "load_digits", "load_fashion_mnist"]
 
 #: Default install location of the Debian package ``dataset-fashion-mnist``.
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -30,6 +31,26 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 #: The ten digits classes, by label.
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
+
+#: The spellings of the named datasets -> their canonical name (see :func:`dataset_key`).
+DATASET_ALIASES: dict[str, str] = {
+    "digits": "digits",
+    "fashion_mnist": "fashion_mnist",
+    "fashion-mnist": "fashion_mnist",
+    "fashionmnist": "fashion_mnist",
+}
+
+
+def dataset_key(name_or_path: PathLike) -> str | None:
+    """The canonical name of a named dataset (``"fashion-mnist"`` -> ``"fashion_mnist"``).
+
+    Returns ``None`` for anything else (a path). Used by
+    :func:`~bilevel.datasets.load_dataset` and by ``bilevel distill``'s per-dataset presets,
+    so every accepted spelling gets the same data and the same defaults.
+    """
+    return DATASET_ALIASES.get(os.fspath(name_or_path)) if isinstance(
+        name_or_path, (str, os.PathLike)) else None
+
 
 #: Sub-folders of a data root that may hold Fashion-MNIST.
 _FASHION_FOLDERS = ("fashion-mnist", "fashion_mnist")
@@ -79,15 +100,30 @@ def load_fashion_mnist(root: PathLike | None = None) -> ImageDataset:
     them. Returns 60000/10000 ``(N, 1, 28, 28)`` images in ``[0, 1]``, 10 classes named as
     in :data:`FASHION_MNIST_CLASSES` (for the real data).
 
+    Warns:
+        UserWarning: when ``$BILEVEL_DATA`` is set but does not hold the files and the
+            Debian package's copy is used instead (naming the folder and the missing files).
+
     Raises:
         DataError: when the files are not there (saying where it looked, how to install
-            them and how to point to them) or are malformed.
+            them and how to point to them), are malformed, or ``root`` is empty (``""``).
     """
+    if root is not None and not os.fspath(root):
+        raise DataError("root is empty: give the folder holding the Fashion-MNIST files "
+                        "(--data-root DIR / root=), or leave it out")
     folders = _candidates(root)
     partial: tuple[Path, list[str]] | None = None
+    env = os.environ.get(DATA_ENV) if root is None else None
     for folder in folders:
         found, missing = find_idx_files(folder)
         if not missing:
+            if env and str(folder) == FASHION_MNIST_ROOT:
+                where, lacking = partial or (env, list(FASHION_MNIST_FILES.values()))
+                warnings.warn(
+                    f"${DATA_ENV} is set to {env}, but it holds no Fashion-MNIST ({where} "
+                    f"lacks {', '.join(lacking)}[.gz]; its fashion-mnist/ and fashion_mnist/ "
+                    f"sub-folders were searched too); using the Debian package's copy in "
+                    f"{FASHION_MNIST_ROOT}", UserWarning, stacklevel=2)
             return load_idx_dataset(**found, name="fashion_mnist", num_classes=10,
                                     class_names=FASHION_MNIST_CLASSES)
         if found and partial is None:
