@@ -488,13 +488,15 @@ class RunFolder:
                     what = f"a {previous!r} run, not a {self.kind!r} one"
                     resume = ""
                 else:
-                    what = "another run"
+                    same = has_run and self._stored().get("fingerprint") == \
+                        config_fingerprint(given or {})
+                    what = "a run with these same settings" if same else "another run"
                     resume = f"resume it ({RESUME_HINTS.get(self.kind, RESUME_HINTS[''])}), " \
                         if has_run else ""
                 raise RunFolderError(
                     f"{self.path} already holds {what} ({', '.join(found)}): {resume}"
-                    "replace it (mode='overwrite', --overwrite: deletes those files), or "
-                    "choose another folder")
+                    "replace it (--overwrite on the command line, mode='overwrite' in "
+                    "Python: deletes those files), or choose another folder")
         self.run_id = uuid.uuid4().hex
         self.config = given or {}
         self.fingerprint = config_fingerprint(self.config)

@@ -325,7 +325,7 @@ def test_cli_distill(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["distilled_accs"] == \
         summary["distilled_accs"]
     assert cli_main(args) == 2  # the folder holds a run: refused without --overwrite
-    assert "already holds another run" in capsys.readouterr().err
+    assert "already holds a run with these same settings" in capsys.readouterr().err
     assert cli_main(args + ["--overwrite"]) == 0
     assert "full-data reference: cached" in capsys.readouterr().out  # not trained again
     assert cli_main(args + ["--overwrite", "--no-reference"]) == 0
