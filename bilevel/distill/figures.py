@@ -205,7 +205,7 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path,
             n = len(report.distilled.accuracies)
             a.errorbar([last], [100 * report.distilled.mean], yerr=[100 * report.distilled.std],
                        marker="*", ms=10, capsize=3, color="tab:red", ls="none",
-                       label=f"distilled, protocol ({n} nets)")
+                       label=f"distilled, protocol ({n} network{'' if n == 1 else 's'})")
             r = report.random
             a.axhline(100 * r.mean, ls="--", color="tab:green",
                       label=f"random real subset ({100 * r.mean:.1f} %)")

@@ -202,8 +202,11 @@ class Unrolled(Estimator):
         "Evaluating Derivatives" (2008).
 
     Example:
-        >>> est = Unrolled(mode="forward")          # a handful of hyperparameters
-        >>> result = est(problem, hparams, params)  # doctest: +SKIP
+        >>> est = Unrolled(mode="forward")  # a handful of hyperparameters
+        >>> est.name, est.mode
+        ('unrolled', 'forward')
+
+        then ``est(problem, hparams, params)`` as for every estimator.
     """
 
     name: ClassVar[str] = "unrolled"
