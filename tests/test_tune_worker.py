@@ -323,6 +323,9 @@ def test_solver_budget_searched_and_convergence_warnings_counted(
     counted = re.search(r"(\d+) ConvergenceWarning\(s\), the last: implicit: the linear "
                         r"solve stopped", err)
     assert counted and int(counted.group(1)) >= 2  # at least one per outer step
+    # other warnings are shown once, after the trial (shown inside the recording, one
+    # was recorded again and again: a loop that ate all memory)
+    assert err.count("log_lr stays at lr") == 1
     cfg = load_config(out / "w" / "trial-0" / "config.toml")
     assert cfg.estimator.settings["solver"] == {"name": "cg", "maxiter": 1}
 

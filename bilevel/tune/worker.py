@@ -555,18 +555,19 @@ def _convergence_warnings(trial: optuna.Trial) -> Iterator[None]:
     message) instead of printing each; other warnings are shown as usual. The trial's
     outer loop passes every warning through (:func:`bilevel.log.every_warning`), so that
     all are counted here, not only the first of each kind."""
-    with warnings.catch_warnings(record=True) as caught, every_warning():
-        warnings.simplefilter("always", ConvergenceWarning)
-        try:
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught, every_warning():
+            warnings.simplefilter("always", ConvergenceWarning)
             yield
-        finally:
-            ours = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
-            for w in caught:
-                if not issubclass(w.category, ConvergenceWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-            if ours:
-                trial.set_user_attr("convergence_warnings", len(ours))
-                trial.set_user_attr("convergence_warning", str(ours[-1].message))
+    finally:  # outside the recording: a warning shown inside it would be recorded again
+        ours = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+        for w in caught:
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        if ours:
+            trial.set_user_attr("convergence_warnings", len(ours))
+            trial.set_user_attr("convergence_warning", str(ours[-1].message))
 
 
 def _set_constraints(s: Setup, trial: optuna.Trial, history: Sequence[Mapping]) -> None:
