@@ -38,15 +38,17 @@ SEARCH = """
 """
 
 
-def config(tmp_path: Path, outer_steps: int) -> Path:
+def config(tmp_path: Path, outer_steps: int, inner_steps: int = 3,
+           search: str = SEARCH) -> Path:
     """The digits MLP example, shortened, checkpointing every outer step."""
     text = (ROOT / "examples" / "configs" / "digits_mlp.toml").read_text()
-    for old, new in [("steps = 60", "steps = 3"), ("steps = 20", f"steps = {outer_steps}"),
+    for old, new in [("steps = 60", f"steps = {inner_steps}"),
+                     ("steps = 20", f"steps = {outer_steps}"),
                      ("checkpoint_every = 5", "checkpoint_every = 1")]:
         assert old in text
         text = text.replace(old, new)
     path = tmp_path / "cfg.toml"
-    path.write_text(text + SEARCH)
+    path.write_text(text + search)
     return path
 
 
@@ -242,7 +244,11 @@ def test_ctrl_c_ends_the_worker_with_a_resumable_folder(tmp_path: Path) -> None:
     """SIGINT mid-trial: exit status 130, one line saying which trial and how to continue
     its folder (whose checkpoint ``bilevel resume`` takes up)."""
     storage = f"sqlite:///{tmp_path / 'tune.db'}"
-    path, out = config(tmp_path, outer_steps=40), tmp_path / "out"
+    # outer steps of 300 inner steps: the trial outlasts the signal's way to it (with 3
+    # inner steps it could finish between its first checkpoint and the signal)
+    path = config(tmp_path, outer_steps=40, inner_steps=300,
+                  search='[search]\n"outer.lr" = { float = [1e-3, 1e-1], log = true }\n')
+    out = tmp_path / "out"
     proc = start_worker(path, out, "int", storage, "--n-trials", "1")
     folder = out / "int" / "trial-0"
     end = time.monotonic() + 240
