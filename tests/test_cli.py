@@ -282,33 +282,10 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"bilevel {bilevel.__version__}"
 
 
-IMPLICIT = """\
-dtype = "float32"
-
-[model]
-sizes = [8]
-
-[data]
-dataset = "iris"
-
-[hyperparameters]
-tune = ["log_lr", "log_wd"]
-lr = 0.05
-
-[inner]
-steps = 10
-
-[estimator]
-name = "implicit"
-settings = {{ solver = {{ name = "cg", maxiter = 1 }} }}
-
-[outer]
-lr = 0.1
-steps = 4
-
-[output]
-dir = "{out}"
-"""
+# TINY with an implicit estimator whose linear solve cannot converge (one CG iteration)
+IMPLICIT = TINY.replace('name = "truncated"\nsettings = {{ window = 5 }}',
+                        'name = "implicit"\nsettings = {{ solver = {{ name = "cg", '
+                        'maxiter = 1 }} }}').replace("checkpoint_every = 1\n", "")
 
 
 def _warning_lines(err: str, kind: str) -> list[str]:
@@ -317,7 +294,7 @@ def _warning_lines(err: str, kind: str) -> list[str]:
 
 def test_warnings_as_the_command_shows_them(tmp_path: Path, capsys: pytest.CaptureFixture,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = write(tmp_path, IMPLICIT.format(out=(tmp_path / "out").as_posix()))
+    cfg = write(tmp_path, IMPLICIT.format(steps=4, out=(tmp_path / "out").as_posix()))
     monkeypatch.delenv("BILEVEL_WARNINGS", raising=False)
     assert main(["run", str(cfg)]) == 0
     out, err = capsys.readouterr()
@@ -329,7 +306,7 @@ def test_warnings_as_the_command_shows_them(tmp_path: Path, capsys: pytest.Captu
     assert "x 4 in 4 outer steps" in err and "warnings.warn" not in err
     assert len(_warning_lines(err, "UserWarning: hyperparameters.tune: log_lr stays")) == 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["hyperparameters"]["inner_lr"] == {"initial": 0.05, "tuned": 0.05,
+    assert summary["hyperparameters"]["inner_lr"] == {"initial": 0.1, "tuned": 0.1,
                                                       "fixed": True}
     assert "inner learning rate" not in out and "weight decay of" in out
     # every one of them with BILEVEL_WARNINGS=all; none with -qq (errors only)
