@@ -165,9 +165,9 @@ def make_graphs(num_graphs: int, nodes: int = 20, signals: int = 300, *, edges_p
         raise BilevelInputError(f"weight_sigma must be a number >= 0, got {weight_sigma!r}")
     try:
         import networkx as nx
-    except ImportError as exc:  # pragma: no cover - networkx is a dependency
-        raise ImportError("bilevel.graphs.make_graphs needs networkx: pip install networkx") \
-            from exc
+    except ImportError as exc:  # pragma: no cover - the `graphs` extra
+        raise ImportError("bilevel.graphs.make_graphs needs networkx: pip install "
+                          "'bilevel[graphs]' (or pip install networkx)") from exc
     rng = np.random.default_rng(seed)
     iu = np.triu_indices(nodes, 1)
     zs, ws = [], []

@@ -193,14 +193,18 @@ def test_glr_layer_gradient_matches_finite_differences(backward):
     assert directional == pytest.approx(fd, rel=1e-6, abs=1e-9)
 
 
-def test_training_lowers_the_loss():
+def test_training_beats_the_untrained_network_on_held_out_patches():
     torch.manual_seed(0)
     ii, jj = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
     # a colour texture near the Bayer frequencies, where bilinear interpolation errs
-    images = [torch.stack([0.5 + 0.4 * torch.sin(1.1 * ii + 0.6 * jj),
-                           0.5 + 0.4 * torch.sin(0.7 * ii - 1.2 * jj),
-                           0.5 + 0.3 * torch.cos(0.9 * ii + 0.9 * jj)])]
-    x = dm.random_patches(images, 4, 16, torch.Generator().manual_seed(6))
+    def texture(phase: float) -> torch.Tensor:
+        return torch.stack([0.5 + 0.4 * torch.sin(1.1 * ii + 0.6 * jj + phase),
+                            0.5 + 0.4 * torch.sin(0.7 * ii - 1.2 * jj + 2 * phase),
+                            0.5 + 0.3 * torch.cos(0.9 * ii + 0.9 * jj - phase)])
+
+    images = [texture(0.0)]
+    # held out: patches of another image of the family (shifted phases), never trained on
+    x = dm.random_patches([texture(1.3)], 4, 16, torch.Generator().manual_seed(6))
     y, m = dm.mosaic(x)
     for model, lr in ((dm.UnrolledGLRNet(1, features=4, rank=2, window=3, steps=3), 3e-2),
                       (dm.PlainCNN(3, 8), 1e-2)):
@@ -273,3 +277,25 @@ def test_soft_layer_learns_mu_and_smooths_observed_pixels():
     assert layer.log_mu.grad is not None and float(layer.log_mu.grad.abs()) > 0
     hard = dm.GLRLayer(features=4, rank=2, window=3, steps=5).double()
     assert torch.allclose(hard(dm.bilinear_demosaic(y, m), y, m) * m, y, atol=1e-12, rtol=0)
+
+
+def test_unrolled_cg_reaches_the_exact_glr_solve_in_as_many_steps_as_unknowns():
+    """CG is exact after (at most) as many steps as unknowns: K = n_u unrolled steps give
+    the dense solve L_uu x_u = −L_uo y_o to 1e-8, fewer do not."""
+    feats, y, m, win = _problem(5, 5, batch=1, window=3)
+    w = dm.graph_weights(feats, win)
+    L = _dense_laplacian(w)
+    free = (1 - m).expand_as(y)
+    n_u = int(free[0].flatten(1).sum(1).max())  # the channel with most unknowns (blue: 21)
+    exact = []
+    for c in range(3):
+        u = free[0, c].flatten() > 0
+        exact.append(torch.linalg.solve(L[u][:, u], -L[u][:, ~u] @ y[0, c].flatten()[~u]))
+
+    def error(steps: int) -> float:
+        x = dm.glr_interpolate(w, y, 1 - m, steps=steps, backward="unrolled", tol=0.0)
+        return max(float((x[0, c].flatten()[free[0, c].flatten() > 0] - e).norm() / e.norm())
+                   for c, e in enumerate(exact))
+
+    assert error(n_u) < 1e-8
+    assert error(n_u // 4) > 1e-6
