@@ -48,6 +48,29 @@ parser.add_argument("--png", metavar="FILE", default="runs/demosaic/demosaic.png
                     help="figure of a test crop ('' for none)")
 parser.add_argument("--no-progress", action="store_true")
 args = parser.parse_args()
+# every setting is checked before any work (a bad one would otherwise surface minutes in)
+for name, value, low in [("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                         ("--layers", args.layers, 1), ("--cg-steps", args.cg_steps, 1),
+                         ("--features", args.features, 1), ("--rank", args.rank, 1),
+                         ("--threads", args.threads, 1), ("--test-crop", args.test_crop, 0)]:
+    if value < low:
+        parser.error(f"{name} must be >= {low}, got {value}")
+for name, value in [("--window", args.window), ("--guide", args.guide)]:
+    if value < 1 or value % 2 == 0:
+        parser.error(f"{name} must be an odd positive integer, got {value}")
+if args.size < 8 or args.size % 2:
+    parser.error(f"--size must be an even number >= 8, got {args.size}")
+if 0 < args.test_crop < 2 * 8 + 2:
+    parser.error(f"--test-crop must be 0 (full images) or >= 18 (PSNR drops an 8-pixel "
+                 f"border), got {args.test_crop}")
+if not 0 <= args.train_sigma < 1 or not args.lr > 0:
+    parser.error("--train-sigma must be in [0, 1) and --lr positive")
+try:
+    CNN_WIDTHS = [int(w) for w in args.cnn_widths.split(",") if w.strip()]
+except ValueError:
+    parser.error(f"--cnn-widths must be comma-separated integers, got {args.cnn_widths!r}")
+if any(w < 1 for w in CNN_WIDTHS):
+    parser.error(f"--cnn-widths must be positive, got {args.cnn_widths!r}")
 torch.set_num_threads(args.threads)
 start = time.perf_counter()
 SIGMAS = (0.0, 5 / 255, 10 / 255)
@@ -61,7 +84,7 @@ if args.test_crop:
 models, trained = {}, {}
 common = dict(steps=args.steps, batch=args.batch, size=args.size, sigma=args.train_sigma,
               seed=args.seed, progress=not args.no_progress)
-for width in [int(w) for w in args.cnn_widths.split(",") if w]:
+for width in CNN_WIDTHS:
     torch.manual_seed(args.seed)
     cnn = dm.PlainCNN(5, width)
     models[f"CNN-5x{width}"] = cnn

@@ -332,7 +332,7 @@ def fixed_point_layer(phi: Callable[..., PyTree], solver: Any = None, *,
         while k < forward_iterations:
             k += 1
             new = phi(x, *args)
-            change = _tree_norm(_tree_sub(new, x)) / (1 + _tree_norm(new))
+            change = _tree_norm(_tree_sub(x, new)) / (1 + _tree_norm(new))
             x = new
             if change <= eps:
                 break
@@ -561,6 +561,13 @@ class _Root(torch.autograd.Function):
         if plan.n_init and spec != plan.init_spec:
             raise BilevelInputError(f"custom_root: the solver's output has structure {spec}, "
                                     f"its init {plan.init_spec}: they must match")
+        for i in pos if plan.n_init else ():
+            x0, x = leaves[i], out_leaves[i]
+            if isinstance(x0, torch.Tensor) and (x.shape != x0.shape or x.dtype != x0.dtype):
+                raise BilevelInputError(
+                    f"custom_root: the solver's output (leaf {i}) is {x.dtype} of shape "
+                    f"{tuple(x.shape)}, its init {x0.dtype} of shape {tuple(x0.shape)}: "
+                    "x* must have the shape and dtype of init")
         plan.out_spec, plan.out_pos = spec, pos
         return tuple(out_leaves[i].detach().clone() for i in pos)
 
@@ -758,6 +765,10 @@ def _tree_sub(x: PyTree, y: PyTree) -> PyTree:
     if spec != spec_y:
         raise BilevelInputError(f"fixed_point_layer: Φ(x) has structure {spec_y}, x has "
                                 f"{spec}: they must match")
+    for a, b in zip(xs, ys, strict=True):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
+            raise BilevelInputError(f"fixed_point_layer: Φ(x) has shape {tuple(b.shape)}, x "
+                                    f"has {tuple(a.shape)}: they must match")
     return tree_unflatten([a - b for a, b in zip(xs, ys, strict=True)], spec)
 
 

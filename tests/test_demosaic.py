@@ -241,6 +241,10 @@ def test_example_runs_and_writes_its_results(tmp_path):
          "--json", str(out), "--png", str(tmp_path / "demosaic.png")],
         cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # settings that cannot work are refused before any training
+    bad = subprocess.run([sys.executable, str(root / "examples" / "demosaic.py"), "--steps",
+                          "0"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--steps must be >= 1, got 0" in bad.stderr
     res = json.loads(out.read_text())
     assert set(res["psnr_db"]) == {"bilinear", "Malvar 2004", "Menon 2007", "CNN-5x4",
                                    "GLR-unrolled"}

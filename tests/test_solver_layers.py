@@ -552,3 +552,11 @@ def test_bad_input_is_refused_at_call():
     bad = custom_root(lambda x, t: x - t)(lambda init, t: "x")
     with pytest.raises(BilevelInputError, match="floating tensor"):
         bad(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT))
+    # a solver returning another shape or dtype than init's is refused in the forward
+    for wrong in (torch.zeros(3, dtype=DT), torch.zeros(2, dtype=torch.float32)):
+        bad = custom_root(lambda x, t: x - t)(lambda init, t, w=wrong: w)
+        with pytest.raises(BilevelInputError, match="shape and dtype of init"):
+            bad(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT, requires_grad=True))
+    bad = fixed_point_layer(lambda x, t: torch.cat([x, t]))
+    with pytest.raises(BilevelInputError, match=r"Φ\(x\) has shape \(4,\), x has \(2,\)"):
+        bad(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT))
