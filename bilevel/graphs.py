@@ -285,8 +285,26 @@ def solve_pds(z: torch.Tensor, alpha: float, beta: float, *, iterations: int = 5
 
 
 def gmse(w: torch.Tensor, w_true: torch.Tensor) -> torch.Tensor:
-    """Normalised error ‖w − w*‖² / ‖w*‖² per graph: (B, m), (B, m) → (B,)."""
-    return ((w - w_true) ** 2).sum(-1) / (w_true**2).sum(-1)
+    """Normalised error ‖w − w*‖² / ‖w*‖² per graph: (B, m), (B, m) → (B,).
+
+    Raises:
+        BilevelInputError: shapes that differ, or a true graph without edges (‖w*‖ = 0,
+            for which the normalised error is undefined).
+    """
+    _check_pair(w, w_true)
+    norm = (w_true**2).sum(-1)
+    if not bool((norm > 0).all()):
+        raise BilevelInputError("gmse: a true graph has no edges (‖w*‖ = 0): its normalised "
+                                "error is undefined")
+    return ((w - w_true) ** 2).sum(-1) / norm
+
+
+def _check_pair(w: torch.Tensor, w_true: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor) or not isinstance(w_true, torch.Tensor):
+        raise BilevelInputError("gmse: w and w_true must be tensors")
+    if w.shape != w_true.shape:
+        raise BilevelInputError(f"gmse: w has shape {tuple(w.shape)}, w_true "
+                                f"{tuple(w_true.shape)}: they must match (B, m)")
 
 
 def rescaled_gmse(w: torch.Tensor, w_true: torch.Tensor) -> torch.Tensor:
@@ -296,6 +314,7 @@ def rescaled_gmse(w: torch.Tensor, w_true: torch.Tensor) -> torch.Tensor:
     change of scale cannot remove (GMSE is scale-sensitive; this is the fairer comparison
     of shapes).
     """
+    _check_pair(w, w_true)
     cos2 = (w * w_true).sum(-1) ** 2 / ((w * w).sum(-1) * (w_true**2).sum(-1)).clamp_min(1e-300)
     return 1 - cos2
 
@@ -396,6 +415,10 @@ class UnrolledPDS(nn.Module):
         if z.shape[-1] != num_pairs(self.nodes):
             raise BilevelInputError(f"z has {z.shape[-1]} pairs; this network has "
                                     f"{self.nodes} nodes ({num_pairs(self.nodes)} pairs)")
+        if z.dtype != self.log_gamma.dtype:
+            raise BilevelInputError(f"z is {z.dtype}, the network's parameters "
+                                    f"{self.log_gamma.dtype}: convert one (e.g. z.to("
+                                    f"{self.log_gamma.dtype}) or net.to(z.dtype))")
         gamma, alpha, beta = self.log_gamma.exp(), self.log_alpha.exp(), self.log_beta.exp()
         tau = None if self.log_tau is None else self.log_tau.exp()
         shared = alpha.numel() == 1
