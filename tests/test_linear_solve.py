@@ -313,3 +313,18 @@ def test_cg_recursive_residual_and_float32():
                    torch.linalg.solve(SPD, tree_ravel(b))) < 1e-4
     true = (tree_ravel(b) - SPD @ tree_ravel(out.x).double()).norm() / tree_ravel(b).norm()
     assert float(true) < 1e-5  # the recursive residual did not drift away from the true one
+
+
+def test_gmres_says_a_singular_system_is_singular_and_stops():
+    """b outside A's range: the Krylov space breaks down at once with the residual where it
+    was; GMRES stops there (not after maxiter restarts) and says why."""
+    A = torch.diag(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64))
+    b = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)  # only the null direction
+    result = GMRES(maxiter=1000)(lambda v: A @ v, b)
+    assert not result.converged and result.iterations <= 2
+    assert "singular" in result.note and "damping" in result.note
+    # a consistent singular system still solves (b in the range)
+    ok = GMRES(maxiter=1000)(lambda v: A @ v, torch.tensor([2.0, 1.0, 0.0],
+                                                              dtype=torch.float64))
+    assert ok.converged and ok.note is None
+    assert torch.allclose(ok.x, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))

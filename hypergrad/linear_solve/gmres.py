@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -63,20 +63,33 @@ class GMRES:
         x, r = system.start(x0)
         rel = system.relative(r)
         active, history = rel > self.tol, [float(rel.max())]
+        singular = torch.zeros_like(active)
         while active.any() and len(history) <= self.maxiter:
             steps = min(self.restart, self.maxiter + 1 - len(history))
-            dx, rel = self._cycle(system, precond, r, active, rel, steps, history)
+            before = rel
+            dx, rel, stuck = self._cycle(system, precond, r, active, rel, steps, history)
             x = tree_add(x, precond(dx))
             r = tree_sub(system.b, system.apply(x))
             rel = system.relative(r).where(active, rel)
-            active = active & (rel > self.tol)
+            # a breakdown that left the residual where it was: b is not in A's range
+            singular = singular | (stuck & (rel > self.tol) & (rel > 0.5 * before))
+            active = active & (rel > self.tol) & ~singular
             history[-1] = float(rel.max())
-        return system.result(x, len(history) - 1, history, self.tol)
+        result = system.result(x, len(history) - 1, history, self.tol)
+        if bool(singular.any()):
+            result = replace(result, note=(
+                f"GMRES broke down at relative residual {float(rel[singular].max()):.2e}: the "
+                "Krylov space is invariant under A but does not hold b, so the system is "
+                "singular (b is not in A's range) and more iterations cannot help. Add "
+                "damping (GMRES(damping=...)), or check that the optimality condition's "
+                "Jacobian is invertible at the solution"))
+        return result
 
     def _cycle(self, system: _System, precond: MatVec, r: PyTree, active: torch.Tensor,
                rel: torch.Tensor, steps: int, history: list[float],
-               ) -> tuple[PyTree, torch.Tensor]:
-        """At most ``steps`` Arnoldi steps from r; returns the update V y and the residuals.
+               ) -> tuple[PyTree, torch.Tensor, torch.Tensor]:
+        """At most ``steps`` Arnoldi steps from r; returns the update V y, the residuals and
+        which columns broke down (an invariant Krylov space: exact if b lies in it).
 
         A column that stops gets zero basis vectors from then on, so its later Hessenberg
         columns are zero (made identity on the diagonal) and it takes no further update.
@@ -84,6 +97,7 @@ class GMRES:
         beta = tree_norm(r, batched=True)
         eps = torch.finfo(beta.dtype).eps
         running = active
+        broke = torch.zeros_like(active)
         basis = [_cols(torch.where(running, 1 / beta, 0), r)]
         rotations: list[tuple[torch.Tensor, torch.Tensor]] = []
         R = beta.new_zeros(beta.shape[0], steps, steps)  # triangular factor of H̄ = Q R
@@ -109,6 +123,7 @@ class GMRES:
             rel = (g[:, j + 1].abs() / system.bscale).where(running, rel)
             history.append(float(rel.max()))
             breakdown = hnext <= 100 * eps * wnorm  # A V_{j+1} ⊂ span V: the solve is exact
+            broke = broke | (running & breakdown)
             running = running & ~breakdown & (rel > self.tol)
             basis.append(_cols(torch.where(running, 1 / hnext, 0), w))
         m = len(rotations)
@@ -116,4 +131,4 @@ class GMRES:
         dx = tree_zeros_like(r)
         for j in range(m):
             dx = tree_axpy(y[:, j], basis[j], dx, batched=True)
-        return dx, rel
+        return dx, rel, broke
