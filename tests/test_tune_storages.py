@@ -58,7 +58,10 @@ def start_worker(path: Path, out: Path, study: str, storage: str, *args: str
     return subprocess.Popen(
         [sys.executable, "-m", "bilevel", "tune", str(path), "--threads", "1", "--out",
          str(out), "--study", study, "--storage", storage, "--pruner", "none", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent, env=env,
+        # a suite started in the background (`cmd &`) ignores SIGINT, and Python keeps an
+        # ignored SIGINT ignored: give the worker the default, as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
