@@ -91,6 +91,9 @@ COLOUR_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemist
                  "colorwheel", "stereo_motorcycle", "hubble_deep_field", "retina")
 TRAIN_IMAGES = ("astronaut", "rocket", "stereo_motorcycle")
 TEST_IMAGES = ("chelsea", "coffee", "immunohistochemistry")
+#: the validation images of the configuration choice (:func:`load_validation_images`):
+#: neither a training nor a test image
+VALIDATION_IMAGES = ("stereo_motorcycle right view", "retina centre 512x512")
 
 
 # --- Bayer pattern, baselines, PSNR --------------------------------------------------------
@@ -102,6 +105,17 @@ def _check_image(x: torch.Tensor, name: str = "x") -> None:
         raise BilevelInputError(f"{name} must be a tensor of shape (B, 3, H, W), got {shape}")
     if not x.dtype.is_floating_point:
         raise BilevelInputError(f"{name} must be floating point, got {x.dtype}")
+
+
+def _check_mask(m: torch.Tensor, name: str = "m") -> None:
+    """Refuse masks that are not 0/1 (a fractional or 0..255 mask would silently weight the
+    observations)."""
+    if not isinstance(m, torch.Tensor):
+        raise BilevelInputError(f"{name} must be a 0/1 mask tensor, got {type(m).__name__}")
+    bad = (m != 0) & (m != 1)
+    if bool(bad.any()):
+        raise BilevelInputError(f"{name} must be a 0/1 mask (as from bayer_masks / mosaic), "
+                                f"found the value {float(m[bad][0])!r}")
 
 
 def bayer_masks(height: int, width: int, *, dtype: torch.dtype = torch.float32,
@@ -134,7 +148,7 @@ def mosaic(x: torch.Tensor, sigma: float = 0.0,
     """Bayer (RGGB) observation of RGB images, optionally with Gaussian noise.
 
     Args:
-        x: images (B, 3, H, W), values in [0, 1].
+        x: images (B, 3, H, W), values in [0, 1] (not 0..255).
         sigma: standard deviation of the additive Gaussian noise on the observed values
             (same units as x; e.g. 5/255), ≥ 0.
         generator: random generator of the noise.
@@ -144,9 +158,14 @@ def mosaic(x: torch.Tensor, sigma: float = 0.0,
         masks m (1, 3, H, W) of :func:`bayer_masks`. The single-channel mosaic is y.sum(1).
 
     Raises:
-        BilevelInputError: ``x`` not (B, 3, H, W) floating point, ``sigma`` negative.
+        BilevelInputError: ``x`` not (B, 3, H, W) floating point, values outside [0, 1]
+            (the range found is named), ``sigma`` negative.
     """
     _check_image(x)
+    lo, hi = float(x.min()), float(x.max())
+    if not (lo >= 0.0 and hi <= 1.0):  # also refuses NaN
+        raise BilevelInputError(f"mosaic: x must have values in [0, 1], found [{lo:g}, {hi:g}]"
+                                + (" (0..255 images: divide by 255)" if hi > 1.5 else ""))
     if not sigma >= 0:
         raise BilevelInputError(f"mosaic: sigma must be >= 0, got {sigma!r}")
     m = bayer_masks(x.shape[2], x.shape[3], dtype=x.dtype, device=x.device)
@@ -463,17 +482,22 @@ class GLRLayer(nn.Module):
         guide: odd size of the guide filter Γ.
         shared: one graph for the three channels, else one per channel (a metric of rank
             ``rank`` each).
+
+    Raises:
+        BilevelInputError: ``window`` not an odd int ≥ 3, ``guide`` not an odd int ≥ 1.
     """
 
     def __init__(self, features: int = 12, rank: int = 6, window: int = 5, steps: int = 8,
                  soft: bool = False, guide: int = 5, shared: bool = True) -> None:
         super().__init__()
+        if not isinstance(window, int) or isinstance(window, bool) or window < 3 or window % 2 == 0:
+            raise BilevelInputError(f"GLRLayer: window must be an odd int >= 3, got {window!r}")
+        if not isinstance(guide, int) or guide < 1 or guide % 2 == 0:
+            raise BilevelInputError(f"GLRLayer: guide must be an odd int >= 1, got {guide!r}")
         self.conv = nn.Conv2d(3, features, 3, padding=1, padding_mode="replicate")
         self.mix = nn.Conv2d(features, features, 1)
         self.shared = shared
         self.metric = nn.Conv2d(features, rank * (1 if shared else 3), 1, bias=False)
-        if not isinstance(guide, int) or guide < 1 or guide % 2 == 0:
-            raise BilevelInputError(f"GLRLayer: guide must be an odd int >= 1, got {guide!r}")
         self.guide = nn.Conv2d(3, 3, guide, padding=guide // 2, padding_mode="replicate",
                                bias=False)
         with torch.no_grad():
@@ -496,7 +520,12 @@ class GLRLayer(nn.Module):
     def forward(self, xhat: torch.Tensor, y: torch.Tensor, m: torch.Tensor,
                 backward: str = "unrolled") -> torch.Tensor:
         """The next estimate (B, 3, H, W) from the estimate ``xhat``, observations ``y``
-        and masks ``m`` (as from :func:`mosaic`)."""
+        and masks ``m`` (as from :func:`mosaic`).
+
+        Raises:
+            BilevelInputError: ``m`` not a 0/1 mask.
+        """
+        _check_mask(m)
         w = self.weights(xhat)
         s = self.guide(xhat)
         if self.soft:
@@ -524,7 +553,12 @@ class UnrolledGLRNet(nn.Module):
 
     def forward(self, y: torch.Tensor, m: torch.Tensor, backward: str = "unrolled"
                 ) -> torch.Tensor:
-        """RGB estimate (B, 3, H, W) from observations y and masks m (:func:`mosaic`)."""
+        """RGB estimate (B, 3, H, W) from observations y and masks m (:func:`mosaic`).
+
+        Raises:
+            BilevelInputError: ``m`` not a 0/1 mask.
+        """
+        _check_mask(m)
         x = bilinear_demosaic(y, m)
         for layer in self.layers:
             x = layer(x, y, m, backward)
@@ -551,7 +585,12 @@ class PlainCNN(nn.Module):
 
     def forward(self, y: torch.Tensor, m: torch.Tensor, backward: str = "unrolled"
                 ) -> torch.Tensor:
-        """RGB estimate (B, 3, H, W) from observations y and masks m (``backward`` unused)."""
+        """RGB estimate (B, 3, H, W) from observations y and masks m (``backward`` unused).
+
+        Raises:
+            BilevelInputError: ``m`` not a 0/1 mask.
+        """
+        _check_mask(m)
         x = bilinear_demosaic(y, m)
         return x + self.net(x)
 
@@ -585,6 +624,23 @@ def load_images(names: Sequence[str], dtype: torch.dtype = torch.float32) -> lis
         im = np.asarray(im)[..., :3].astype(np.float64) / 255.0
         out.append(torch.as_tensor(im.transpose(2, 0, 1).copy(), dtype=dtype))
     return out
+
+
+def load_validation_images(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The validation images (3, H, W) in [0, 1] of :data:`VALIDATION_IMAGES`: the right view
+    of ``stereo_motorcycle`` (500 × 741; training uses the left view) and the centre
+    512 × 512 of ``retina`` (rows and columns 450:962). Used only to choose the network
+    configuration, so that the test images stay unseen.
+
+    Raises:
+        ModuleNotFoundError: scikit-image not installed (extra ``demosaic``).
+    """
+    import skimage.data
+
+    right = np.asarray(skimage.data.stereo_motorcycle()[1])[..., :3]
+    retina = np.asarray(skimage.data.retina())[450:962, 450:962, :3]
+    return [torch.as_tensor((im.astype(np.float64) / 255.0).transpose(2, 0, 1).copy(),
+                            dtype=dtype) for im in (right, retina)]
 
 
 def random_patches(images: Sequence[torch.Tensor], n: int, size: int,

@@ -60,6 +60,46 @@ def test_bad_inputs_raise():
         dm.psnr(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 5))
 
 
+def test_mosaic_refuses_values_outside_unit_range():
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x255 = torch.round(x * 255)
+    x255[0, 0, 0, 0], x255[0, 0, 0, 1] = 0.0, 255.0  # an 8-bit image not divided by 255
+    with pytest.raises(BilevelInputError, match=r"\[0, 1\].*found \[0, 255\].*divide by 255"):
+        dm.mosaic(x255)
+    shifted = x.clone()
+    shifted[0, 1, 2, 3] = -0.5
+    with pytest.raises(BilevelInputError, match=r"found \[-0.5, "):
+        dm.mosaic(shifted)
+    with pytest.raises(BilevelInputError, match="nan"):
+        dm.mosaic(torch.where(x > 0.5, float("nan"), x))
+    y, m = dm.mosaic(torch.cat([x, torch.zeros_like(x), torch.ones_like(x)]))  # edges accepted
+    assert torch.equal(y, m * torch.cat([x, torch.zeros_like(x), torch.ones_like(x)]))
+
+
+def test_glr_window_checked_at_construction():
+    for window in (4, 1, 2.0, True):
+        with pytest.raises(BilevelInputError, match=f"window must be an odd int >= 3, got "
+                                                    f"{window!r}"):
+            dm.UnrolledGLRNet(2, window=window)
+    assert dm.UnrolledGLRNet(1, window=5).layers[0].window == 5
+
+
+def test_networks_refuse_a_mask_that_is_not_0_1():
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y, m = dm.mosaic(x)
+    torch.manual_seed(0)
+    nets = [dm.UnrolledGLRNet(1, window=3), dm.GLRLayer(window=3), dm.PlainCNN(2, 4)]
+    for bad in (0.5 * m, 255 * m, m + 0.1):
+        for net in nets:
+            args = (dm.bilinear_demosaic(y, m), y, bad) if isinstance(net, dm.GLRLayer) else (
+                y, bad)
+            with pytest.raises(BilevelInputError, match="0/1 mask"):
+                net(*args)
+    with torch.no_grad():  # the 0/1 mask (and a bool-valued float mask) is accepted
+        out = nets[0](y, m)
+    assert out.shape == x.shape and torch.allclose(out[m.expand_as(out) > 0], y[m.expand_as(y) > 0])
+
+
 def test_bilinear_exact_on_linear_images_in_the_interior():
     ii, jj = torch.meshgrid(torch.arange(10, dtype=D), torch.arange(12, dtype=D), indexing="ij")
     x = torch.stack([0.1 + 0.02 * ii + 0.03 * jj, 0.5 - 0.01 * ii + 0.02 * jj,
