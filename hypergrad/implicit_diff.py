@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .hvp import HVPMode, Objective, choose_between, hvp_batched, mixed_vjp
+from .hvp import HVPMode, Objective, choose_between, hvp_batched, mixed_vjp, remembered_mode
 from .linear_solve import LinearSolver, SolveResult
 from .pytree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
@@ -78,6 +78,10 @@ class Linearized:
     transposed: Callable[[PyTree, bool], PyTree]
     args_vjp: Callable[[PyTree, bool], PyTree]
     mode: str
+    #: T(x*, θ) (detached, a tree like x) where the mode evaluated it anyway
+    #: (``"linearized"``), else ``None``; for a :class:`Stationarity` it is ∇_x f(x*, θ),
+    #: whose norm says how well the inner problem is solved
+    value: PyTree | None = None
 
 
 class RootVJP(NamedTuple):
@@ -135,7 +139,20 @@ def root_vjp(optimality: Optimality, solution: PyTree, args: PyTree, cotangent: 
         raise ValueError(f"root_vjp: {type(solver).__name__} needs a symmetric system; "
                          "pass symmetric=True if ∂_x T is symmetric, else use GMRES, "
                          "FixedPoint or Direct")
-    lin = linearize(optimality, solution, args, mode)
+    return solve_linearized(linearize(optimality, solution, args, mode), cotangent, solver,
+                            x0=x0, batched=batched)
+
+
+def solve_linearized(lin: Linearized, cotangent: PyTree, solver: LinearSolver, *,
+                     x0: PyTree | None = None, batched: bool = False) -> RootVJP:
+    """:func:`root_vjp` from a linearization already made by :func:`linearize` (e.g. to
+    read ``lin.value`` first): solves (∂_x T)ᵀ v = ``cotangent`` and returns
+    ``(−(∂_θ T)ᵀ v, solve, mode)``. The arguments are those of :func:`root_vjp`; the
+    solver must suit the system (no symmetry check here).
+
+    Raises:
+        LinearSolveError, NonFiniteError: raised by the solver.
+    """
     result = solver(lambda u: lin.transposed(u, batched), cotangent, x0=x0, batched=batched)
     return RootVJP(tree_map(torch.neg, lin.args_vjp(result.x, batched)), result, lin.mode)
 
@@ -157,7 +174,8 @@ def linearize(optimality: Optimality, solution: PyTree, args: PyTree,
         xs, ts = _tracked(x), _tracked(theta)
         with torch.enable_grad():
             out = optimality(xs, ts)
-        return Linearized(_lift(_pullback(out, xs)), _lift(_pullback(out, ts)), "linearized")
+        return Linearized(_lift(_pullback(out, xs)), _lift(_pullback(out, ts)), "linearized",
+                          tree_map(torch.Tensor.detach, out))
     if mode == "reverse":
         def transposed(u: PyTree) -> PyTree:
             return vjp(lambda x_: optimality(x_, theta), x)[1](u)[0]
@@ -184,7 +202,12 @@ def linearize(optimality: Optimality, solution: PyTree, args: PyTree,
     def probe(u: PyTree) -> PyTree:  # raw forward-over-reverse: its failure is no error here
         return jvp(lambda x_: optimality(x_, theta), (x,), (u,))[1]
 
-    return built[0] if choose_between(linearized, probe, x) == "linearized" else forward
+    # the choice is remembered per problem (objective and layout): later calls skip the probe
+    chosen = remembered_mode(optimality.objective, x, theta, optimality.batch,
+                             lambda: choose_between(linearized, probe, x), kind="root")
+    if chosen == "jvp":
+        return forward
+    return built[0] if built else linearize(optimality, x, theta, "linearized")
 
 
 def _forward(stationarity: Stationarity, x: PyTree, theta: PyTree) -> Linearized:
@@ -216,10 +239,11 @@ def _pullback(out: PyTree, inputs: PyTree) -> Callable[[PyTree], PyTree]:
     almost nothing.)"""
     outs, (ins, spec) = tree_leaves(out), tree_flatten(inputs)
     live = [i for i, o in enumerate(outs) if o.requires_grad]
+    live_outs = [outs[i] for i in live]
 
     def pull(u: PyTree) -> PyTree:
         us = tree_leaves(u)
-        grads = torch.autograd.grad([outs[i] for i in live], ins, [us[i] for i in live],
+        grads = torch.autograd.grad(live_outs, ins, [us[i] for i in live],
                                     retain_graph=True, allow_unused=True) if live else \
             [None] * len(ins)
         return tree_unflatten([torch.zeros_like(a) if g is None else g
@@ -251,4 +275,4 @@ def outer_grads(objective: Objective, params: PyTree, hparams: PyTree,
 
 
 __all__ = ["Linearized", "Optimality", "RootVJP", "Stationarity", "linearize",
-           "outer_grads", "root_vjp"]
+           "outer_grads", "root_vjp", "solve_linearized"]

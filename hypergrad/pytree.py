@@ -90,7 +90,7 @@ def tree_vdot(x: PyTree, y: PyTree, batched: bool = False) -> torch.Tensor:
     dims = (lambda a: tuple(range(1, a.dim()))) if batched else (lambda a: tuple(range(a.dim())))
     terms = [(a * b).sum(dim=dims(a)) if a.dim() > int(batched) else a * b
              for a, b in zip(tree_leaves(x), tree_leaves(y), strict=True)]
-    return torch.stack(terms).sum(0)
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
 
 
 def tree_norm(x: PyTree, batched: bool = False) -> torch.Tensor:

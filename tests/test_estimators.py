@@ -280,3 +280,44 @@ def test_implicit_continues_the_inner_optimizer_state(ridge):
     w, s = problem.solve_inner(ridge.params0(), ridge.hparams(), steps=10)
     assert torch.equal(second.params["w"], w["w"])
     assert torch.equal(second.state["inner_state"]["m"]["w"], s["m"]["w"])
+
+
+@pytest.mark.parametrize("mode", ["linearized", "auto", "jvp", "reverse"])
+@pytest.mark.parametrize("steps", [0, 3])
+def test_implicit_inner_grad_norm_and_evaluations(ridge, mode, steps):
+    """Diagnostics.inner_grad_norm is ‖∇_w f‖ at the returned w* in every hvp mode (and
+    the unconverged-inner warning is judged on it); with "linearized" it is read off the
+    one evaluation of ∇_w f(w*) that the products are pulled back through, so f is
+    evaluated once at w* per call (plus once before and once after the inner steps, for
+    the divergence check, and once per inner step)."""
+    calls = []
+
+    def inner(p, h, batch):
+        calls.append(1)
+        return Ridge.inner_loss(p, h, batch)
+
+    problem = hg.Problem(inner, Ridge.outer_loss, (ridge.X, ridge.y), (ridge.Xv, ridge.yv),
+                         optimizer=hg.SGD(lr=1e-3), steps=steps)
+    params = {"w": ridge.w_star() + 0.01}  # off w*, and a small lr: a visible gradient
+    solver = hg.ConjugateGradient(tol=1e-13)
+    hg.Implicit(solver=solver, hvp=mode, inner_tol=None)(problem, ridge.hparams(), params)
+    calls.clear()  # the self-check ran on the first call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inner_tol=None: no warning
+        out = hg.Implicit(solver=solver, hvp=mode, inner_tol=None)(
+            problem, ridge.hparams(), params)
+    n = ridge.X.shape[0]
+    w = out.params["w"]
+    grad = ridge.A() @ w - ridge.X.T @ ridge.y / n  # ∇_w f in closed form
+    # the same gradient by another summation order: rounding of n·d products relative to
+    # the terms' scale ‖A‖‖w‖ + ‖Xᵀy/n‖, which cancel to ‖∇_w f‖ (observed ≤ 1e-15 rel.)
+    scale = float(torch.linalg.matrix_norm(ridge.A(), 2) * w.norm()
+                  + (ridge.X.T @ ridge.y / n).norm())
+    floor = rounding(n * ridge.X.shape[1]) * scale
+    assert float(grad.norm()) > 1e3 * floor
+    assert out.diagnostics.inner_grad_norm == pytest.approx(float(grad.norm()), rel=0,
+                                                            abs=floor)
+    if mode == "linearized":
+        assert len(calls) == (1 if steps == 0 else steps + 3)
+    with pytest.warns(hg.ConvergenceWarning, match="inner problem is not converged"):
+        hg.Implicit(solver=solver, hvp=mode, inner_tol=1e-6)(problem, ridge.hparams(), params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch.func import grad
@@ -13,6 +15,16 @@ from hypergrad.pytree import tree_map, tree_ravel, tree_stack, tree_unravel
 from problems import fd_check, fd_directional, normwise_resolution, rounding
 
 DT = torch.float64
+H = importlib.import_module("hypergrad.hvp")  # ``hg.hvp`` is the function
+ID = importlib.import_module("hypergrad.implicit_diff")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mode_cache():
+    """Every test starts without remembered "auto" choices."""
+    H.clear_mode_cache()
+    yield
+    H.clear_mode_cache()
 
 
 def _mlp_problem(seed: int = 0):
@@ -163,3 +175,192 @@ def test_hvp_on_cuda_matches_cpu(mode):
     to = lambda t: tree_map(lambda a: a.cuda(), t)  # noqa: E731
     gpu = tree_ravel(hg.hvp(f, to(params), to(hparams), to(batch), to(v), mode=mode))
     assert gpu.is_cuda and (gpu.cpu() - cpu).norm() / cpu.norm() < 1e-10
+
+
+def _count_probes(monkeypatch, module=H, answer=None):
+    """Wrap ``module.choose_between`` to count its calls (and force ``answer``, if given,
+    after running the real probe)."""
+    calls = []
+    real = module.choose_between
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        chosen = real(*args, **kwargs)
+        return chosen if answer is None else answer
+
+    monkeypatch.setattr(module, "choose_between", counted)
+    return calls
+
+
+@pytest.mark.parametrize("forced", [None, "linearized", "jvp"])
+def test_auto_probes_once_per_problem_and_serves_the_remembered_form(monkeypatch, forced):
+    calls = _count_probes(monkeypatch, answer=forced)
+    f, params, hparams, batch = _mlp_problem()
+    chosen = hg.Linearization(f, params, hparams, batch, mode="auto").mode
+    assert calls == [1] and chosen == (forced or chosen)
+    v = _random_like(params, 5)
+    again = hg.hvp(f, params, hparams, batch, v, mode="auto")
+    lin = hg.Linearization(f, params, hparams, batch, mode="auto")
+    assert calls == [1] and lin.mode == chosen
+    assert (lin._pullback is None) == (chosen != "linearized")  # no probe graph is kept
+    # the remembered form is the fixed form, bit for bit (the same operations)
+    fixed = hg.hvp(f, params, hparams, batch, v, mode=chosen)
+    for k in params:
+        assert torch.equal(again[k], fixed[k])
+    # the same objective and layout at other values: still remembered
+    _, params2, hparams2, batch2 = _mlp_problem(seed=1)
+    assert hg.Linearization(f, params2, hparams2, batch2, mode="auto").mode == chosen
+    assert calls == [1]
+    hg.hvp.clear_mode_cache()  # the documented way (hypergrad.hvp is the function)
+    hg.Linearization(f, params, hparams, batch, mode="auto")
+    assert calls == [1, 1]
+
+
+def test_another_objective_or_layout_gets_its_own_choice(monkeypatch):
+    calls = _count_probes(monkeypatch)
+    f, params, hparams, batch = _mlp_problem()
+    hg.Linearization(f, params, hparams, batch, mode="auto")
+    assert len(calls) == 1
+    g = lambda p, h, b: f(p, h, b) + (p["b1"] ** 4).sum()  # noqa: E731 - other code
+    hg.Linearization(g, params, hparams, batch, mode="auto")
+    assert len(calls) == 2
+    X, y = batch
+    hg.Linearization(f, params, hparams, (X[:10], y[:10]), mode="auto")  # batch shape
+    assert len(calls) == 3
+    wide = {**params, "b1": torch.zeros(7, 1, dtype=DT)}
+    hg.Linearization(lambda p, h, b: f({**p, "b1": p["b1"][:, 0]}, h, b), wide, hparams,
+                     batch, mode="auto")
+    assert len(calls) == 4
+    single = tree_map(lambda a: a.float(), (params, hparams, batch[0]))
+    hg.Linearization(f, single[0], single[1], (single[2], y), mode="auto")  # dtype
+    assert len(calls) == 5
+    scale = torch.tensor(2.0, dtype=DT)  # one code over other objects: other objectives
+    defaulted = [lambda p, h, b, s=s: s * f(p, h, b) for s in (scale, scale.clone())]
+    for c in defaulted + defaulted:
+        hg.Linearization(c, params, hparams, batch, mode="auto")
+    assert len(calls) == 7
+    def scaled(s):
+        return lambda p, h, b: s * f(p, h, b)
+
+    made = [scaled(s) for s in (scale, scale.clone())]
+    for c in made + made:
+        hg.Linearization(c, params, hparams, batch, mode="auto")
+    assert len(calls) == 9
+
+
+def test_the_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(H, "CACHE_SIZE", 2)
+    calls = _count_probes(monkeypatch)
+    f, params, hparams, (X, y) = _mlp_problem()
+    for n in (4, 5, 6, 6, 5, 4):  # the fourth problem pushes out the first
+        hg.Linearization(f, params, hparams, (X[:n], y[:n]), mode="auto")
+    assert len(calls) == 4 and len(H._CACHE) == 2
+
+
+def test_a_remembered_disagreement_keeps_forward_mode(monkeypatch):
+    calls = _count_probes(monkeypatch)
+    f = lambda p, h, b: _Cube.apply(p["x"]).sum() + 0.5 * (h["s"] * p["x"] ** 2).sum()  # noqa: E731
+    params, hparams = {"x": torch.tensor([1.0, 2.0], dtype=DT)}, {"s": torch.ones(2, dtype=DT)}
+    v = {"x": torch.ones(2, dtype=DT)}
+    with pytest.warns(RuntimeWarning, match="disagree"):
+        first = hg.hvp(f, params, hparams, None, v, mode="auto")
+    again = hg.hvp(f, params, hparams, None, v, mode="auto")
+    assert len(calls) == 1
+    for out in (first, again):  # 3x² + s: exact in float64
+        assert torch.equal(out["x"], torch.tensor([7.0, 13.0], dtype=DT))
+
+
+def test_the_probe_forms_forward_products_before_the_linearization():
+    """Peak memory: the forward-mode products are formed while no linearization exists."""
+    events = []
+
+    def linearize():
+        events.append("linearize")
+        return lambda v: events.append("pull") or v
+
+    def forward(v):
+        events.append("jvp")
+        return v
+
+    assert H.choose_between(linearize, forward, torch.ones(3, dtype=DT)) in ("linearized",
+                                                                              "jvp")
+    assert events[:3] == ["jvp", "jvp", "linearize"] and events.count("linearize") == 1
+
+
+def test_root_linearize_auto_remembers_its_choice(monkeypatch):
+    calls = _count_probes(monkeypatch, module=ID)
+    f, params, hparams, batch = _mlp_problem()
+    T = ID.Stationarity(f, batch)
+    v = _random_like(params, 6)
+    first = ID.linearize(T, params, hparams, mode="auto")
+    again = ID.linearize(T, params, hparams, mode="auto")
+    assert calls == [1] and again.mode == first.mode
+    fixed = ID.linearize(T, params, hparams, mode=first.mode)
+    for lin in (first, again):
+        out, ref = lin.transposed(v, False), fixed.transposed(v, False)
+        mixed, ref_mixed = lin.args_vjp(v, False), fixed.args_vjp(v, False)
+        for k in params:
+            assert torch.equal(out[k], ref[k])
+        assert torch.equal(mixed["log_wd"], ref_mixed["log_wd"])
+
+
+@pytest.mark.parametrize("way", ["vmap", "chunk", "loop"])
+def test_batched_auto_equals_the_loop_whatever_it_picks(monkeypatch, way):
+    real, timed = H._fastest_batching, []
+
+    def forced(pull, v, k):
+        timed.append(k)
+        return way, real(pull, v, k)[1]
+
+    monkeypatch.setattr(H, "_fastest_batching", forced)
+    f, params, hparams, batch = _mlp_problem()
+    lin = hg.Linearization(f, params, hparams, batch, mode="linearized")
+    for k in (12, 9, 16, 3):  # 9..16 share a choice, 3 gets its own
+        vs = tree_stack([_random_like(params, 10 + s) for s in range(k)])
+        looped = tree_stack([lin.matvec(tree_map(lambda a: a[i], vs)) for i in range(k)])  # noqa: B023
+        for out in (lin.matvec(vs, batched=True), hg.hvp_batched(f, params, hparams, batch, vs,
+                                                                  mode="linearized")):
+            # vmap vs a loop: as in test_batched_equals_looped (bound 1e-13, observed 4e-16)
+            for n in params:
+                assert (out[n] - looped[n]).abs().max() < 1e-12
+        assert lin.batching(k) == way
+    assert timed == [12, 3]
+    for batching in ("vmap", "loop"):
+        out = lin.matvec(vs, batched=True, batching=batching)
+        for n in params:
+            assert (out[n] - looped[n]).abs().max() < 1e-12
+
+
+def test_batched_auto_chooses_by_itself():
+    f, params, hparams, batch = _mlp_problem()
+    lin = hg.Linearization(f, params, hparams, batch, mode="linearized")
+    assert lin.batching(12) is None
+    lin.matvec(tree_stack([_random_like(params, s) for s in range(12)]), batched=True)
+    assert lin.batching(12) in ("vmap", "chunk", "loop") and lin.batching(16) == \
+        lin.batching(12) and lin.batching(4) is None
+
+
+def test_bad_batching_is_rejected():
+    f, params, hparams, batch = _mlp_problem()
+    vs = tree_stack([params, params])
+    with pytest.raises(ValueError, match="batching"):
+        hg.hvp_batched(f, params, hparams, batch, vs, mode="linearized", batching="threads")
+    with pytest.raises(ValueError, match="chunk_size"):
+        hg.hvp_batched(f, params, hparams, batch, vs, mode="jvp", batching="loop",
+                       chunk_size=2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        hg.Linearization(f, params, hparams, batch, "linearized").matvec(vs, True, 0)
+
+
+def test_implicit_without_state_probes_once(monkeypatch):
+    from problems import Ridge
+
+    calls = _count_probes(monkeypatch, module=ID)
+    r = Ridge.make()
+    est = hg.Implicit(solver=hg.ConjugateGradient(tol=1e-14, maxiter=50), hvp="auto",
+                      inner_steps=0)
+    outs = [est(r.problem(), r.hparams(), {"w": r.w_star()}) for _ in range(3)]  # no state
+    assert calls == [1]
+    assert {o.state["hvp_mode"] for o in outs} == {outs[0].state["hvp_mode"]}
+    for o in outs[1:]:  # the same form on the same inputs: the same numbers
+        assert torch.equal(o.grad["lam"], outs[0].grad["lam"])

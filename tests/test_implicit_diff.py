@@ -316,3 +316,26 @@ def test_fixed_point_and_batched_on_cuda_match_cpu(ridge):
     cpu_out = ridge_root_vjp(ridge, {"w": C}, solver, batched=True)
     gpu_out = ridge_root_vjp(gpu, {"w": C.cuda()}, solver, batched=True)
     assert rel(gpu_out.grad["lam"].cpu(), cpu_out.grad["lam"]) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["linearized", "reverse", "jvp"])
+def test_linearization_value_and_solve_linearized(ridge, mode):
+    """``linearize(..., "linearized").value`` is T at the point (here ∇_w f, detached), the
+    others leave it None; ``solve_linearized`` on a linearization is ``root_vjp``."""
+    from hypergrad.implicit_diff import solve_linearized
+
+    T = Stationarity(ridge.inner_loss, (ridge.X, ridge.y))
+    w = {"w": ridge.w_star() + 0.1}
+    lin = linearize(T, w, ridge.hparams(), mode)
+    if mode == "linearized":
+        assert not lin.value["w"].requires_grad
+        # the same gradient, evaluated with and without a graph: bitwise equal kernels
+        assert torch.equal(lin.value["w"], T(w, ridge.hparams())["w"])
+    else:
+        assert lin.value is None
+    c = {"w": torch.ones(len(ridge.lam), dtype=DT)}
+    solver = hg.ConjugateGradient(tol=1e-14, maxiter=50)
+    out = solve_linearized(lin, c, solver)
+    ref = root_vjp(T, w, ridge.hparams(), c, solver, mode=mode)
+    assert out.mode == ref.mode == mode and out.solve.iterations == ref.solve.iterations
+    assert torch.equal(out.grad["lam"], ref.grad["lam"])

@@ -328,3 +328,74 @@ def test_gmres_says_a_singular_system_is_singular_and_stops():
                                                               dtype=torch.float64))
     assert ok.converged and ok.note is None
     assert torch.allclose(ok.x, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+
+
+# --- CG on one right-hand side (flat leaves, one host sync per iteration) -----------------
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"damping": 0.5}, {"preconditioner": "jacobi"}])
+@pytest.mark.parametrize("warm", [False, True])
+def test_cg_one_rhs_equals_a_batch_of_one(kwargs, warm):
+    """The unbatched iteration and the batched one (k = 1) are the same iteration: the
+    same iterates up to rounding, the same residual history, the same count."""
+    A = SPD
+    if kwargs.get("preconditioner") == "jacobi":
+        kwargs = {"preconditioner": lambda r: tree_unravel(tree_ravel(r) / A.diagonal(), LIKE)}
+    b = vec(20)
+    x0 = vec(21) if warm else None
+    solver = ConjugateGradient(tol=1e-10, maxiter=200, **kwargs)
+    one = solver(operator(A), b, x0=x0)
+    batch = ConjugateGradient(tol=1e-10, maxiter=200, damping=solver.damping,
+                              preconditioner=None if solver.preconditioner is None else
+                              lambda R: tree_unravel(cols(R) / A.diagonal(), LIKE))(
+        operator(A, batched=True), {k: v[None] for k, v in b.items()},
+        x0=None if x0 is None else {k: v[None] for k, v in x0.items()}, batched=True)
+    assert one.converged and batch.converged and one.iterations == batch.iterations
+    # the two differ only in the summation order of the inner products: rounding of
+    # `iterations` steps on N unknowns with κ ≤ 10 (relative residuals: relative to ‖b‖)
+    floor = rounding(one.iterations * N, KAPPA)
+    np.testing.assert_allclose(one.residuals, batch.residuals, rtol=0, atol=floor)
+    x = tree_ravel(one.x)
+    torch.testing.assert_close(cols(batch.x)[0], x, rtol=0, atol=floor * float(x.norm()))
+    x_star = torch.linalg.solve(A + solver.damping * torch.eye(N, dtype=DT), tree_ravel(b))
+    assert rel_err(one.x, x_star) < KAPPA * solver.tol
+
+
+def test_cg_one_rhs_leaves_its_inputs_alone():
+    """The iteration updates its vectors in place: never b's or x0's."""
+    b, x0 = vec(22), vec(23)
+    b_copy, x0_copy = {k: v.clone() for k, v in b.items()}, {k: v.clone() for k, v in x0.items()}
+    for start in (None, x0):
+        out = ConjugateGradient(tol=1e-12)(operator(SPD), b, x0=start)
+        assert out.converged
+    for k in b:
+        assert torch.equal(b[k], b_copy[k]) and torch.equal(x0[k], x0_copy[k])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("at", [1, 3])
+def test_cg_non_finite_product_at_a_later_iteration(batched, at):
+    """NaN in the product A p of iteration ``at`` raises NonFiniteError at that product
+    (the batched path checks every product, the other only when pᵀAp is not finite);
+    a NaN iterate fed to A raises LinearSolveError."""
+    from hypergrad.errors import LinearSolveError
+
+    calls = []
+
+    def flaky(x):
+        calls.append(1)
+        y = operator(SPD, batched)(x)
+        if len(calls) == at:
+            y["a"] = y["a"] * float("nan")
+        return y
+
+    b = vec(24) if not batched else tree_unravel(cols(vec(24, k=2)), LIKE)
+    with pytest.raises(NonFiniteError, match="ConjugateGradient: the matrix-vector product"):
+        ConjugateGradient(tol=0.0, maxiter=10)(flaky, b, batched=batched)
+    assert len(calls) == at
+    def nan_precond(r):
+        return {k: v * float("nan") for k, v in r.items()}
+
+    with pytest.raises(LinearSolveError, match="vector multiplied by A already contains NaN"):
+        ConjugateGradient(preconditioner=nan_precond)(operator(SPD, batched), b,
+                                                        batched=batched)

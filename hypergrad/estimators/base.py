@@ -148,18 +148,20 @@ class Estimator(ABC):
         if getattr(self, "self_check", "off") != "off" and isinstance(problem, Problem):
             state = self.verify_second_order(problem, hparams, params, state)
         result = self.compute(problem, hparams, params, state)
-        _check_finite(result, self.name)
+        gnorm, params_finite = _norm_and_finite(result)
+        if not (math.isfinite(gnorm) and params_finite):
+            _check_finite(result, self.name)  # raises, naming the leaf (not on overflow)
         d = result.diagnostics
         if d.solve_converged is False:
             advice = d.solve_note or "raise maxiter or tol"
             warn(f"{self.name}: the linear solve stopped at relative residual "
                  f"{d.solve_residual:.2e} after {d.solve_iterations} iterations; {advice}",
                  ConvergenceWarning, kind=LINEAR_SOLVE_NOT_CONVERGED)
-        if self.warn_zero and all(bool((g == 0).all()) for g in tree_leaves(result.grad)):
+        if self.warn_zero and gnorm == 0 and all(  # (a norm of 0 may be an underflow)
+                bool((g == 0).all()) for g in tree_leaves(result.grad)):
             warn(self.zero_message(problem, hparams, result.params), RuntimeWarning)
         seconds = time.perf_counter() - start
-        return replace(result, diagnostics=replace(
-            d, seconds=seconds, hypergrad_norm=float(tree_norm(result.grad))))
+        return replace(result, diagnostics=replace(d, seconds=seconds, hypergrad_norm=gnorm))
 
     @abstractmethod
     def compute(self, problem: Problem, hparams: PyTree, params: PyTree,
@@ -258,6 +260,18 @@ def second_order_message(est: Estimator, report: SecondOrderReport,
     parts.append(f"(To skip this check: {type(est).__name__}(..., self_check='off'); "
                  "self_check='warn' warns instead.)")
     return "\n".join(parts)
+
+
+def _norm_and_finite(result: Hypergradient) -> tuple[float, bool]:
+    """‖grad‖ and whether every tensor leaf of ``params`` is free of NaN and inf, from one
+    host sync (a NaN or inf in ``grad`` makes the norm non-finite)."""
+    norm = tree_norm(result.grad)
+    leaves = [a for a in tree_leaves(result.params) if isinstance(a, torch.Tensor)]
+    if not leaves:
+        return float(norm), True
+    finite = torch.stack([torch.isfinite(a).all().to(norm.device) for a in leaves]).all()
+    value, ok = torch.stack((norm, finite.to(norm))).tolist()
+    return value, bool(ok)
 
 
 def _check_finite(result: Hypergradient, who: str) -> None:

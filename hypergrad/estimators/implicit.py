@@ -34,11 +34,18 @@ from torch.func import grad
 
 from ..errors import INNER_NOT_CONVERGED, ConvergenceWarning, warn
 from ..hvp import HVP_MODES, HVPMode
-from ..implicit_diff import Optimality, Stationarity, outer_grads, root_vjp
+from ..implicit_diff import (
+    Optimality,
+    Stationarity,
+    linearize,
+    outer_grads,
+    root_vjp,
+    solve_linearized,
+)
 from ..linear_solve import GMRES, ConjugateGradient, LinearSolver
 from ..optim import State, check_settings
 from ..problem import Problem
-from ..pytree import PyTree, tree_detach, tree_map2, tree_sub, tree_zeros_like
+from ..pytree import PyTree, tree_detach, tree_map2, tree_norm, tree_sub, tree_zeros_like
 from ..second_order import BLOCKS, Use, check_second_order, uses
 from ..validation import read_only_by_settings
 from .base import (
@@ -181,19 +188,30 @@ class Implicit(Estimator):
                 state: EstimatorState) -> Hypergradient:
         """One estimate; call the estimator instead (``__call__`` adds the checks)."""
         hparams = tree_detach(hparams)
-        w, opt_state, gnorm = self._solve_inner(problem, hparams, params, state)
+        mode = state.get("hvp_mode", self.hvp) if self.hvp == "auto" else self.hvp
+        # "linearized" evaluates ∇_w f(w*) with its graph anyway: its norm comes free
+        free_norm = not self.fixed_point and mode in ("linearized", "auto")
+        w, opt_state, gnorm = self._solve_inner(problem, hparams, params, state,
+                                                need_norm=not free_norm)
+        # ∇F before the linearization: its graph is freed before the solve's is recorded
         loss, (gF_w, gF_lam) = outer_grads(problem.outer_loss, w, hparams, problem.outer_batch)
+        lin = None
+        if not self.fixed_point:
+            lin = linearize(Stationarity(problem.inner_loss, problem.full_batch()), w,
+                            hparams, mode)
+            if gnorm is None:
+                gnorm = (float(tree_norm(lin.value)) if lin.value is not None
+                         else inner_fit(problem, w, hparams)[1])
+                self._check_inner_norm(gnorm)
         x0 = state.get("v") if self.warm_start else None
         new_state = dict(state)
-        if self.fixed_point:
+        if lin is None:
             T = self._fixed_point_residual(problem, opt_state)
             z = (w, _carried(problem, opt_state))
             out = root_vjp(T, z, hparams, (gF_w, tree_zeros_like(z[1])), self.linear_solver,
                            x0=x0)
         else:
-            mode = state.get("hvp_mode", self.hvp) if self.hvp == "auto" else self.hvp
-            out = root_vjp(Stationarity(problem.inner_loss, problem.full_batch()), w, hparams,
-                           gF_w, self.linear_solver, mode=mode, x0=x0)
+            out = solve_linearized(lin, gF_w, self.linear_solver, x0=x0)
             new_state["hvp_mode"] = out.mode
         result = out.solve
         new_state["v"] = tree_detach(result.x)
@@ -205,9 +223,11 @@ class Implicit(Estimator):
             solve_residuals=result.residuals, solve_note=result.note))
 
     def _solve_inner(self, problem: Problem, hparams: PyTree, params: PyTree,
-                     state: EstimatorState) -> tuple[PyTree, State, float]:
+                     state: EstimatorState, need_norm: bool = True,
+                     ) -> tuple[PyTree, State, float | None]:
         """w* by the graph-free inner steps, checked for divergence (NaN or inf, or a
-        loss grown by orders of magnitude), and ‖∇_w f(w*)‖."""
+        loss grown by orders of magnitude), and ‖∇_w f(w*)‖ (checked against
+        ``inner_tol``) if ``need_norm``, else ``None`` (the caller gets it elsewhere)."""
         steps = problem.steps if self.inner_steps is None else self.inner_steps
         check_settings(problem.optimizer, hparams)
         start = inner_loss_value(problem, params, hparams) if steps else 0.0
@@ -215,16 +235,25 @@ class Implicit(Estimator):
             params, hparams, self.inner_steps,
             state.get("inner_state") if self.warm_start else None)
         check_inner_params(self.name, w, steps)
-        end, gnorm = inner_fit(problem, w, hparams)
+        gnorm = None
+        if need_norm:
+            end, gnorm = inner_fit(problem, w, hparams)
+        elif steps:
+            end = inner_loss_value(problem, w, hparams)
         if steps:
             check_growth(self.name, start, end, steps)
+        if gnorm is not None:
+            self._check_inner_norm(gnorm)
+        return w, opt_state, gnorm
+
+    def _check_inner_norm(self, gnorm: float) -> None:
+        """Warn when ‖∇_w f(w*)‖ exceeds ``inner_tol``."""
         if self.inner_tol is not None and gnorm > self.inner_tol:
             warn(
                 f"implicit: the inner problem is not converged (‖∇_w f‖ = {gnorm:.2e} > "
                 f"inner_tol = {self.inner_tol:.0e}); the hypergradient may be badly wrong. "
                 "Run more inner steps or use an unrolled estimator", ConvergenceWarning,
                 kind=INNER_NOT_CONVERGED)
-        return w, opt_state, gnorm
 
     def zero_message(self, problem: Problem, hparams: PyTree, params: PyTree) -> str:
         """Zero because only optimizer settings read the hyperparameters, or as usual."""

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
-from ..errors import LinearSolveError
-from ..pytree import PyTree, tree_axpy, tree_vdot
+from ..errors import LinearSolveError, NonFiniteError
+from ..pytree import (
+    PyTree,
+    tree_all_finite,
+    tree_axpy,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+    tree_vdot,
+)
 from .base import MatVec, SolveResult
-from .system import _lift, _System, check_common
+from .system import _lift, _System, check_common, check_product, check_rhs
 
 
 @dataclass(frozen=True)
@@ -20,7 +29,8 @@ class ConjugateGradient:
     With z = M⁻¹ r (M = I without a preconditioner), each iteration takes
     α = ⟨r, z⟩ / ⟨p, A p⟩, x ← x + α p, r ← r − α A p, p ← z' + (⟨r', z'⟩ / ⟨r, z⟩) p,
     and the A-norm error falls at least like 2 ((√κ − 1) / (√κ + 1))^k. One product per
-    iteration; the residuals reported are the recursive ones.
+    iteration and, for one right-hand side, one host sync (the step, pᵀAp, ⟨r, M⁻¹r⟩ and
+    ‖r‖ read together); the residuals reported are the recursive ones.
 
     A step α that is not finite (pᵀAp = 0: A singular or indefinite) raises
     :class:`~hypergrad.errors.LinearSolveError`. A curvature pᵀAp < 0 is not an error by
@@ -79,6 +89,8 @@ class ConjugateGradient:
         Returns:
             :class:`SolveResult` with ``x`` shaped like ``b``.
         """
+        if not batched:
+            return self._solve_one(matvec, b, x0)
         system = _System.build(self, matvec, b, batched)
         precond = _lift(self.preconditioner, batched) or (lambda r: r)
         x, r = system.start(x0)
@@ -97,9 +109,12 @@ class ConjugateGradient:
             worst, failed, met = torch.stack(  # one host sync per iteration, as ever
                 (rel.max(), broken.any().to(rel.dtype), negative.any().to(rel.dtype))).tolist()
             if failed:
-                raise _breakdown(system, len(history), broken, curvature)
+                col, where = _column(system, broken)
+                raise _breakdown(len(history), where, system.damping, float(curvature[col]))
             if met and indefinite is None:
-                indefinite = _nonpositive(system, len(history), negative, curvature, rz)
+                col, where = _column(system, negative)
+                indefinite = _nonpositive(len(history), where, system.damping,
+                                          float(curvature[col]), float(rz[col]))
             history.append(worst)
             if not worst <= DIVERGED * history[0]:
                 raise _diverged(history, indefinite)
@@ -110,6 +125,88 @@ class ConjugateGradient:
         if indefinite is not None and not result.converged:
             result = replace(result, note=f"CG met {indefinite}")
         return result
+
+    def _solve_one(self, matvec: MatVec, b: PyTree, x0: PyTree | None) -> SolveResult:
+        """The iteration of :meth:`__call__` for one right-hand side, on the flat list of
+        leaves (flattened once; no batch dimension). One host sync per iteration: the
+        step, the curvature, ⟨r, M⁻¹r⟩ and the residual together. A NaN or inf in a product
+        A p makes pᵀAp non-finite, so the products are checked leaf by leaf only then, and
+        raise as :meth:`_System.apply` does."""
+        name, tol, damping = type(self).__name__, self.tol, self.damping
+        bs, spec = tree_flatten(b)
+
+        def leaves(tree: PyTree) -> list[torch.Tensor]:
+            out = tree_leaves(tree)
+            if len(out) != len(bs):
+                raise ValueError(f"{name}: got a tree of {len(out)} leaves where b has "
+                                 f"{len(bs)}")
+            return out
+
+        def apply(v: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            y = leaves(matvec(tree_unflatten(v, spec)))
+            return y, [a + damping * c for a, c in zip(y, v, strict=True)] if damping else y
+
+        def as_tree(v: list[torch.Tensor]) -> PyTree:
+            return tree_unflatten(v, spec)
+
+        bnorm_f = math.sqrt(max(float(_dot(bs, bs)), 0.0))
+        if not math.isfinite(bnorm_f):
+            check_rhs(name, b)
+        bscale = bnorm_f if bnorm_f > 0 else 1.0
+        if x0 is None or not bnorm_f > 0:
+            x, r = [torch.zeros_like(a) for a in bs], [a.clone() for a in bs]
+            rel = 1.0 if bnorm_f > 0 else 0.0
+        else:
+            if not tree_all_finite(x0):
+                raise NonFiniteError(f"{name}: the initial guess x0 contains NaN or inf")
+            x = [a * 1.0 for a in leaves(x0)]
+            y, ax = apply(x)
+            check_product(name, as_tree(x), as_tree(y))
+            r = [a - c for a, c in zip(bs, ax, strict=True)]
+            rel = math.sqrt(max(float(_dot(r, r)), 0.0)) / bscale
+        history, indefinite = [rel], None
+        precond = self.preconditioner
+        if rel > tol:
+            z = leaves(precond(as_tree(r))) if precond else r
+            p, rz = [a.clone() for a in z], _dot(r, z)
+            while True:
+                y, ap = apply(p)
+                curvature = _dot(p, ap)
+                step = rz / curvature
+                for a, c in zip(x, p, strict=True):
+                    a.addcmul_(c, step)
+                for a, c in zip(r, ap, strict=True):
+                    a.addcmul_(c, step, value=-1)
+                rr = _dot(r, r)
+                step_f, pap, rz_f, rr_f = torch.stack((step, curvature, rz, rr)).tolist()
+                if not (math.isfinite(step_f) and math.isfinite(pap)):
+                    check_product(name, as_tree(p), as_tree(y))
+                    if not math.isfinite(step_f):
+                        raise _breakdown(len(history), "", damping, pap)
+                if not (pap > 0 and rz_f > 0) and indefinite is None:
+                    indefinite = _nonpositive(len(history), "", damping, pap, rz_f)
+                rel = math.sqrt(rr_f) / bscale if rr_f >= 0 else math.nan
+                history.append(rel)
+                if not rel <= DIVERGED * history[0]:
+                    raise _diverged(history, indefinite)
+                if not rel > tol or len(history) > self.maxiter:
+                    break
+                z = leaves(precond(as_tree(r))) if precond else r
+                rz, rz_old = (_dot(r, z) if precond else rr), rz
+                beta = rz / rz_old
+                p = [torch.addcmul(a, c, beta) for a, c in zip(z, p, strict=True)]
+        result = SolveResult(as_tree(x), len(history) - 1, history[-1], history[-1] <= tol,
+                             history)
+        if indefinite is not None and not result.converged:
+            result = replace(result, note=f"CG met {indefinite}")
+        return result
+
+
+def _dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+    """⟨x, y⟩ over matching lists of leaves (a 0-d tensor)."""
+    terms = [torch.dot(a.reshape(-1), c.reshape(-1)) if a.dtype == c.dtype else (a * c).sum()
+             for a, c in zip(xs, ys, strict=True)]
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
 
 
 #: growth of the relative residual over its start beyond which CG has diverged (on an SPD
@@ -136,28 +233,24 @@ def _column(system: _System, mask: torch.Tensor) -> tuple[int, str]:
     return col, f" (column {col})" if system.batched else ""
 
 
-def _breakdown(system: _System, iteration: int, broken: torch.Tensor,
-               curvature: torch.Tensor) -> LinearSolveError:
-    """The error for a step α = ⟨r, M⁻¹r⟩ / pᵀAp that is not finite: pᵀAp = 0, A singular."""
-    col, where = _column(system, broken)
-    damped = "(A + damping·I)" if system.damping else "A"
+def _breakdown(iteration: int, where: str, damping: float, pap: float) -> LinearSolveError:
+    """The error for a step α = ⟨r, M⁻¹r⟩ / pᵀAp that is not finite: pᵀAp = 0, A singular
+    (``where`` names the column of a batched solve)."""
+    damped = "(A + damping·I)" if damping else "A"
     return LinearSolveError(
         f"ConjugateGradient broke down at iteration {iteration}{where}: the curvature "
-        f"pᵀ{damped}p = {float(curvature[col]):.3e} gives no finite step, so the system is "
+        f"pᵀ{damped}p = {pap:.3e} gives no finite step, so the system is "
         "singular or not positive definite (CG needs a symmetric positive-definite matrix). "
         + _ADVICE)
 
 
-def _nonpositive(system: _System, iteration: int, negative: torch.Tensor,
-                 curvature: torch.Tensor, rz: torch.Tensor) -> str:
+def _nonpositive(iteration: int, where: str, damping: float, pap: float, rz: float) -> str:
     """What a step of the wrong sign met (CG may still converge on an indefinite system;
     this is reported only if it does not)."""
-    col, where = _column(system, negative)
-    pap, rz = float(curvature[col]), float(rz[col])
     if pap > 0:
         return (f"⟨r, M⁻¹r⟩ = {rz:.3e} ≤ 0 at iteration {iteration}{where}: the "
                 "preconditioner is not positive definite; fix it or drop it")
-    damped = "(A + damping·I)" if system.damping else "A"
+    damped = "(A + damping·I)" if damping else "A"
     return (f"the curvature pᵀ{damped}p = {pap:.3e} ≤ 0 at iteration {iteration}{where}: the "
             "system is singular or not positive definite, which CG does not handle, so more "
             "iterations may not help. " + _ADVICE)

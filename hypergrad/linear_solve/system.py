@@ -1,8 +1,10 @@
 """Plumbing shared by the solvers: validation and (A + damping·I) x = b as k columns.
 
-Internally every solver works on k columns (k = 1 when ``batched=False``): each leaf
+Internally the solvers work on k columns (k = 1 when ``batched=False``): each leaf
 carries a leading dimension k, step sizes are vectors of length k, and a column
-whose relative residual reached ``tol`` is frozen while the others go on.
+whose relative residual reached ``tol`` is frozen while the others go on. (CG solves a
+single right-hand side on the flat list of leaves instead, without the column
+dimension; it shares the checks below.)
 """
 
 from __future__ import annotations
@@ -59,6 +61,24 @@ def _cols(alpha: torch.Tensor, x: PyTree) -> PyTree:
     return tree_map(lambda a: a * alpha.reshape(-1, *[1] * (a.dim() - 1)), x)
 
 
+def check_rhs(name: str, b: PyTree) -> None:
+    """Raise :class:`NonFiniteError` when the right-hand side holds NaN or inf."""
+    if not tree_all_finite(b):
+        raise NonFiniteError(f"{name}: the right-hand side b contains NaN or inf")
+
+
+def check_product(name: str, x: PyTree, y: PyTree) -> None:
+    """Raise when the product ``y`` = A ``x`` holds NaN or inf: a :class:`LinearSolveError`
+    if ``x`` already did (the solve broke down, not A), else a :class:`NonFiniteError`."""
+    if not tree_all_finite(y):
+        if not tree_all_finite(x):  # the solver fed it NaN: blame the solve, not A
+            raise LinearSolveError(
+                f"{name}: the solve broke down: the vector multiplied by A already "
+                "contains NaN or inf (the iterates overflowed: A is singular or not "
+                "positive definite, or a preconditioner is; add damping or use Direct)")
+        raise NonFiniteError(f"{name}: the matrix-vector product returned NaN or inf")
+
+
 @dataclass(frozen=True)
 class _System:
     """(A + damping·I) x = b as k columns; every product is checked for NaN and inf."""
@@ -69,35 +89,26 @@ class _System:
     bnorm: torch.Tensor  # (k,)
     damping: float
     batched: bool
+    #: ‖b‖ per column, 1 where b = 0: the denominator of the relative residual
+    bscale: torch.Tensor
 
     @classmethod
     def build(cls, solver: object, matvec: MatVec, b: PyTree, batched: bool) -> _System:
         name = type(solver).__name__
-        if not tree_all_finite(b):
-            raise NonFiniteError(f"{name}: the right-hand side b contains NaN or inf")
+        check_rhs(name, b)
         b = _as_cols(b, batched)
-        return cls(name, _lift(matvec, batched), b, tree_norm(b, batched=True),
-                   solver.damping, batched)
+        bnorm = tree_norm(b, batched=True)
+        return cls(name, _lift(matvec, batched), b, bnorm, solver.damping, batched,
+                   torch.where(bnorm > 0, bnorm, 1))
 
     @property
     def nonzero(self) -> torch.Tensor:
         return self.bnorm > 0
 
-    @property
-    def bscale(self) -> torch.Tensor:
-        """‖b‖ per column, 1 where b = 0: the denominator of the relative residual."""
-        return torch.where(self.nonzero, self.bnorm, 1)
-
     def apply(self, x: PyTree) -> PyTree:
         """(A + damping·I) x."""
         y = self.matvec(x)
-        if not tree_all_finite(y):
-            if not tree_all_finite(x):  # the solver fed it NaN: blame the solve, not A
-                raise LinearSolveError(
-                    f"{self.name}: the solve broke down: the vector multiplied by A already "
-                    "contains NaN or inf (the iterates overflowed: A is singular or not "
-                    "positive definite, or a preconditioner is; add damping or use Direct)")
-            raise NonFiniteError(f"{self.name}: the matrix-vector product returned NaN or inf")
+        check_product(self.name, x, y)
         return tree_axpy(self.damping, x, y) if self.damping else y
 
     def relative(self, r: PyTree) -> torch.Tensor:
