@@ -9,7 +9,9 @@ inner optimizer; estimators differ in how they differentiate through that.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,3 +130,52 @@ class Problem:
         state = self.optimizer.init(params) if state is None else state
         return self.run(params, state, hparams, 0, self.steps if steps is None else steps,
                         graph=False)
+
+
+#: the values of once_per_run in the current run scope (None: no scope open)
+_RUN_VALUES: ContextVar[dict | None] = ContextVar("hypergrad_run_values", default=None)
+
+
+def once_per_run(fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+    """``fn(*args)``, evaluated once per run of inner steps where the estimator allows it.
+
+    For a term of the inner loss that depends on the hyperparameters (or constants) alone,
+    not on the parameters or the batch, e.g. soft labels ``softmax(hparams["labels"])``:
+    write ``once_per_run(soft, hparams["labels"])`` with a function ``soft`` defined once
+    (not a new lambda per call). Inside a :func:`run_scope` (reverse-mode unrolling opens
+    one for each run of steps that it back-propagates once) the value is computed at the
+    first call with these tensor objects and this ``fn`` and reused, with its graph, at
+    the later steps of the run; elsewhere (other estimators, ``torch.func`` transforms,
+    direct calls) it is plain ``fn(*args)``. Either way the result and its derivatives are
+    the same.
+
+    Args:
+        fn: a pure function of the tensors ``args``.
+        *args: tensors (e.g. hyperparameter leaves).
+
+    Returns:
+        ``fn(*args)``.
+    """
+    values = _RUN_VALUES.get()
+    if values is None:
+        return fn(*args)
+    key = (fn, torch.is_grad_enabled(), *((id(a), a._version) for a in args))
+    hit = values.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], args, strict=True)):
+        return hit[1]
+    value = fn(*args)
+    values[key] = (args, value)
+    return value
+
+
+@contextmanager
+def run_scope() -> Iterator[None]:
+    """A scope in which :func:`once_per_run` reuses its values: open it around the steps
+    of one graph that is back-propagated once (a value shared by two backward passes
+    would meet a freed graph). Scopes nest; each starts empty."""
+    token = _RUN_VALUES.set({})
+    try:
+        yield
+    finally:
+        _RUN_VALUES.reset(token)
+

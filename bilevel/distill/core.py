@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import hypergrad as hg
+from hypergrad.problem import once_per_run
 
 from .. import checkpoint as ckpt
 from ..callbacks import Callback
@@ -302,6 +302,10 @@ def make_estimator(cfg: DistillConfig) -> hg.Estimator:
         settings.setdefault("window", max(1, (3 * cfg.inner_steps + 3) // 4))
     if cfg.estimator in ("truncated", "random_window"):
         settings.setdefault("seed", cfg.seed)
+    if cfg.estimator != "implicit":
+        # nothing here reads ‖∇_w f‖ of the network trained from scratch (NaN in the
+        # records): skip its extra gradient evaluation
+        settings.setdefault("grad_norm", False)
     return hg.make_estimator(cfg.estimator, **settings)
 
 
@@ -372,6 +376,7 @@ class Distiller:
         self.optimizer = torch.optim.Adam(groups)
         self.estimator = make_estimator(cfg)
         self.net, _ = init_networks(self.make_net, [0], self.device, dtype)
+        self._net_call = _ParameterSwap(self.net)
         self.loop = self._new_loop(None)
 
     # -- the bilevel problem ---------------------------------------------------------
@@ -380,9 +385,10 @@ class Distiller:
         return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
     def targets(self, hparams: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Soft-label probabilities (or one-hot rows without learned labels)."""
+        """Soft-label probabilities (or one-hot rows without learned labels); inside the
+        inner steps of one run computed once (:func:`hypergrad.problem.once_per_run`)."""
         if "labels" in hparams:
-            return F.softmax(hparams["labels"], dim=-1)
+            return once_per_run(_soft_labels, hparams["labels"])
         return F.one_hot(self.classes, self.num_classes).to(hparams["images"].dtype)
 
     def lr(self, hparams: dict[str, torch.Tensor] | None = None) -> torch.Tensor | float:
@@ -406,21 +412,25 @@ class Distiller:
         outer = (self.train_x[idx], self.train_y[idx])
         draws = cfg.augment.draw(self.hparams["images"].shape[0], gen, steps=cfg.inner_steps) \
             if cfg.augment.active else None
-        net, augment = self.net, cfg.augment
+        net, augment = self._net_call, cfg.augment
 
         def inner_loss(p: dict, h: dict, draw: torch.Tensor | None) -> torch.Tensor:
-            logits = functional_call(net, p, (augment(h["images"], draw),))
+            logits = net(p, augment(h["images"], draw))
             return soft_cross_entropy(logits, self.targets(h))
 
         def outer_loss(p: dict, h: dict, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            return F.cross_entropy(functional_call(net, p, (batch[0],)), batch[1])
+            return F.cross_entropy(net(p, batch[0]), batch[1])
 
         problem = hg.Problem(
             inner_loss, outer_loss, inner_batch=None if draws is None else draws[-1],
             outer_batch=outer, optimizer=self.inner_optimizer(), steps=cfg.inner_steps,
             step_batch=None if draws is None else (lambda t: draws[t]))
-        _, w0 = init_networks(self.make_net, [seed], self.device, cfg.torch_dtype)
-        return problem, {k: v[0] for k, v in w0.items()}
+        # the parameters init_networks(make_net, [seed]) gives, without stacking them; the
+        # network is built on the CPU, so seeding the CPU generator alone draws the same
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            fresh = self.make_net().to(device=self.device, dtype=cfg.torch_dtype)
+        return problem, {k: v.detach() for k, v in fresh.named_parameters()}
 
     # -- the outer loop --------------------------------------------------------------
 
@@ -589,6 +599,36 @@ class Distiller:
         return evaluate(self.make_net, d.images, d.labels, self.test_x, self.test_y,
                         self.config.eval_recipe(d.lr), n_nets or self.config.eval_nets,
                         seed=10_000 + seed)
+
+
+def _soft_labels(logits: torch.Tensor) -> torch.Tensor:
+    """Soft-label probabilities of label logits ``(N, K)``: their row softmax."""
+    return F.softmax(logits, dim=-1)
+
+
+class _ParameterSwap:
+    """``net`` evaluated at other parameters: ``swap(params, x)`` is
+    ``torch.func.functional_call(net, params, (x,))`` for a network without buffers, tied or
+    parametrized weights (those of :mod:`bilevel.nets`), by putting the tensors of ``params``
+    (a dict with one tensor per parameter name) in the modules' parameter slots for the call
+    and the originals back afterwards, without functional_call's checks at every call."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+        self.slots = [(m, n, f"{prefix}.{n}" if prefix else n)
+                      for prefix, m in net.named_modules() for n in m._parameters]
+        if len({k for *_, k in self.slots}) != len(dict(net.named_parameters())):
+            raise ValueError("_ParameterSwap: tied parameters are not supported")
+
+    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        old = [m._parameters[n] for m, n, _ in self.slots]
+        try:
+            for m, n, k in self.slots:
+                m._parameters[n] = params[k]
+            return self.net(x)
+        finally:
+            for (m, n, _), o in zip(self.slots, old, strict=True):
+                m._parameters[n] = o
 
 
 class _RecordCallback(Callback):

@@ -27,10 +27,9 @@ from .base import (
     SelfCheck,
     check_growth,
     check_self_check,
-    inner_fit,
     inner_loss_value,
 )
-from .unrolled import Unrolled, differentiate, unrolled_routes
+from .unrolled import Unrolled, differentiate, final_fit, run_autograd, unrolled_routes
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,7 @@ class Truncated(Estimator):
         seed: seed of the window draws.
         mode, recompute, segment: how the window itself is differentiated (see
             :class:`Unrolled`).
+        grad_norm: measure ‖∇_w f‖ at the returned solution, as in :class:`Unrolled`.
         self_check: the second-order self-check, as in :class:`Unrolled`.
 
     Raises:
@@ -69,10 +69,14 @@ class Truncated(Estimator):
     mode: Literal["reverse", "forward"] = "reverse"
     recompute: bool = False
     segment: int | None = None
+    grad_norm: bool = True
     self_check: SelfCheck = field(default="error", kw_only=True)
 
     def __post_init__(self) -> None:
         check_self_check("Truncated", self.self_check)
+        if not isinstance(self.grad_norm, bool):
+            raise ValueError(f"Truncated.grad_norm must be True or False, got "
+                             f"{self.grad_norm!r}")
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"Truncated.window must be a positive int, got {self.window!r}")
 
@@ -104,10 +108,11 @@ class Truncated(Estimator):
         check_settings(problem.optimizer, hparams)
         start = inner_loss_value(problem, params, hparams)
         opt_state = problem.optimizer.init(params)
-        params, opt_state = problem.run(params, opt_state, hparams, 0, n0, graph=False)
+        params, opt_state = run_autograd(problem, params, opt_state, hparams, 0, n0,
+                                         graph=False)
         inner = Unrolled(mode=self.mode, recompute=self.recompute, segment=self.segment)
         grad, w, loss = differentiate(inner, problem, hparams, params, opt_state, n0, stop)
-        end, gnorm = inner_fit(problem, w, hparams)
+        end, gnorm = final_fit(problem, w, hparams, self.mode, self.grad_norm)
         check_growth(self.name, start, end, stop)
         new_state = {**state, "draws": draws + 1} if self.random else state
         return Hypergradient(grad, w, new_state, Diagnostics(

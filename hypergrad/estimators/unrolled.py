@@ -13,6 +13,7 @@ exact gradient of λ ↦ F(w_T(λ), λ) for the T-step map.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -20,13 +21,15 @@ from typing import ClassVar, Literal
 import torch
 from torch.func import jvp, vmap
 
-from ..optim import State, check_settings
-from ..problem import Problem
+from ..optim import InnerOptimizer, State, check_settings
+from ..optim.base import split
+from ..problem import Problem, run_scope
 from ..pytree import (
     PyTree,
     tree_detach,
     tree_flatten,
     tree_leaves,
+    tree_norm,
     tree_ravel,
     tree_requires_grad,
     tree_unflatten,
@@ -52,6 +55,90 @@ def _float_leaves(tree: PyTree) -> list[torch.Tensor]:
 
 def _grads_or_zeros(grads: tuple, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True)]
+
+
+def run_autograd(problem: Problem, params: PyTree, state: State, hparams: PyTree, start: int,
+                 stop: int, graph: bool = True) -> tuple[PyTree, State]:
+    """Inner steps ``start..stop-1`` as :meth:`Problem.run`, by plain autograd.
+
+    Each step takes ∇_w f by ``torch.autograd.grad`` (``create_graph=graph``) on the leaves
+    of ``params`` instead of ``torch.func.grad``: the same derivative, which reverse-mode
+    unrolling back-propagates by double backward (the self-check's ``"reverse"`` route),
+    without a functorch transform per step. The optimizer's callable settings (e.g. a
+    learned ``lr = lambda h: h["log_lr"].exp()``) are evaluated once for all the steps
+    (:func:`bind_settings`), and the terms the inner loss wraps in
+    :func:`~hypergrad.problem.once_per_run` once for the whole run (one
+    :func:`~hypergrad.problem.run_scope`). Without ``graph`` (or with grad mode off)
+    nothing is kept for backward and the results are detached. A problem whose class
+    overrides :meth:`Problem.step` or :meth:`Problem.run` (e.g. one that also updates
+    BatchNorm statistics), and parameters with a leaf that is not a floating tensor, go
+    through ``problem.run``.
+
+    Returns:
+        ``(params, state)`` after step ``stop - 1`` (same structures as the inputs).
+    """
+    graph = graph and torch.is_grad_enabled()
+    leaves, rebuild = split(params)
+    if type(problem).step is not Problem.step or type(problem).run is not Problem.run or \
+            not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves):
+        return problem.run(params, state, hparams, start, stop, graph=graph)
+    if not graph:
+        hparams, state = tree_detach(hparams), tree_detach(state)
+        leaves = [x.detach() for x in leaves]
+        params = rebuild(leaves)
+    with torch.set_grad_enabled(graph):
+        optimizer = bind_settings(problem.optimizer, hparams)
+    with run_scope():
+        for t in range(start, stop):
+            inputs = [x if x.requires_grad else x.detach().requires_grad_() for x in leaves]
+            with torch.enable_grad():
+                loss = problem.inner_loss(rebuild(inputs), hparams, problem.batch_at(t))
+                grads = torch.autograd.grad(loss, inputs, create_graph=graph,
+                                            allow_unused=True, materialize_grads=True) \
+                    if loss.requires_grad else [torch.zeros_like(x) for x in inputs]
+            with torch.set_grad_enabled(graph):
+                params, state = optimizer.step(params, rebuild(list(grads)), state, hparams)
+            leaves = tree_leaves(params)
+    return params, state
+
+
+def bind_settings(optimizer: InnerOptimizer, hparams: PyTree) -> InnerOptimizer:
+    """``optimizer`` with its callable settings (the fields its ``limits`` name, and the
+    callables inside a tuple setting such as Adam's ``betas``) replaced by their values at
+    ``hparams``, so that a run of steps evaluates each once; an optimizer that is not a
+    dataclass with ``limits``, or has no callable setting, is returned as it is.
+
+    The values keep the graph to ``hparams`` (in grad mode): bind once per graph that is
+    back-propagated, never across two backward passes.
+    """
+    names = getattr(optimizer, "limits", None)
+    if not names or not dataclasses.is_dataclass(optimizer):
+        return optimizer
+    changes = {}
+    for name in names:
+        value = getattr(optimizer, name)
+        if callable(value):
+            changes[name] = value(hparams)
+        elif isinstance(value, tuple) and any(callable(v) for v in value):
+            changes[name] = tuple(v(hparams) if callable(v) else v for v in value)
+    return dataclasses.replace(optimizer, **changes) if changes else optimizer
+
+
+def inner_fit_autograd(problem: Problem, params: PyTree, hparams: PyTree) -> tuple[float, float]:
+    """(f, ‖∇_w f‖) at ``params`` on the full batch, as :func:`~.base.inner_fit`, by plain
+    autograd: one gradient evaluation, one host sync, no graph kept."""
+    leaves, spec = tree_flatten(params)
+    if not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves):
+        return inner_fit(problem, params, hparams)
+    inputs = [x.detach().requires_grad_() for x in leaves]
+    with torch.enable_grad():
+        f = problem.inner_loss(tree_unflatten(inputs, spec), tree_detach(hparams),
+                               problem.full_batch())
+        g = torch.autograd.grad(f, inputs, allow_unused=True, materialize_grads=True) \
+            if f.requires_grad else [torch.zeros_like(x) for x in inputs]
+    with torch.no_grad():
+        f, gnorm = torch.stack((f.detach(), tree_norm(list(g)).to(f.dtype))).tolist()
+    return f, gnorm
 
 
 def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state: State,
@@ -83,13 +170,13 @@ def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
     z = (tree_detach(params), tree_detach(opt_state))
     for a, b in zip(bounds[:-2], bounds[1:-1], strict=True):
         stored.append((a, b, z))
-        z = problem.run(*z, lam, a, b, graph=False)
+        z = run_autograd(problem, *z, lam, a, b, graph=False)
 
     def segment_grads(a: int, b: int, z_start: tuple, first: bool,
                       outputs_fn) -> tuple[list, list, tuple]:
         z_in = z_start if first else tree_requires_grad(z_start)
         with torch.enable_grad():
-            z_out = problem.run(*z_in, lam, a, b, graph=True)
+            z_out = run_autograd(problem, *z_in, lam, a, b, graph=True)
             outputs, cotangents = outputs_fn(z_out)
         inputs = ([] if first else _float_leaves(z_in)) + lam_leaves
         live = [i for i, o in enumerate(outputs) if o.requires_grad]
@@ -183,6 +270,9 @@ class Unrolled(Estimator):
         recompute: store only every ``segment``-th state and recompute in backward.
         segment: steps per stored state with ``recompute``; default ⌈√T⌉.
         chunk_size: forward mode: hyperparameter coordinates per vmap chunk.
+        grad_norm: measure ‖∇_w f‖ at the returned inner solution for
+            ``Diagnostics.inner_grad_norm`` (one more gradient evaluation); ``False``
+            skips it and reports NaN there.
         self_check: ``"error"`` (default), ``"warn"`` or ``"off"``: the second-order
             self-check on the first call for an inner loss (:mod:`hypergrad.second_order`).
 
@@ -214,6 +304,7 @@ class Unrolled(Estimator):
     recompute: bool = False
     segment: int | None = None
     chunk_size: int | None = None
+    grad_norm: bool = True
     self_check: SelfCheck = field(default="error", kw_only=True)
 
     def __post_init__(self) -> None:
@@ -222,6 +313,8 @@ class Unrolled(Estimator):
             raise ValueError(f"Unrolled.mode must be 'reverse' or 'forward', got {self.mode!r}")
         if self.segment is not None and self.segment < 1:
             raise ValueError(f"Unrolled.segment must be >= 1, got {self.segment}")
+        if not isinstance(self.grad_norm, bool):
+            raise ValueError(f"Unrolled.grad_norm must be True or False, got {self.grad_norm!r}")
         if self.recompute and self.mode == "forward":
             raise ValueError("Unrolled: recompute applies to reverse mode only "
                              "(forward mode already uses memory independent of T)")
@@ -243,10 +336,21 @@ class Unrolled(Estimator):
         opt_state = problem.optimizer.init(tree_detach(params))
         grad, w, loss = differentiate(self, problem, hparams, params, opt_state,
                                       0, problem.steps)
-        end, gnorm = inner_fit(problem, w, hparams)
+        end, gnorm = final_fit(problem, w, hparams, self.mode, self.grad_norm)
         check_growth(self.name, start, end, problem.steps)
         return Hypergradient(grad, w, state, Diagnostics(
             self.name, float(loss), gnorm, problem.steps))
+
+
+def final_fit(problem: Problem, params: PyTree, hparams: PyTree, mode: str,
+              grad_norm: bool) -> tuple[float, float]:
+    """(f, ‖∇_w f‖) at the inner solution ``params`` on the full batch (plain autograd in
+    reverse mode, ``torch.func`` in forward mode); ‖∇_w f‖ is NaN without ``grad_norm``."""
+    if not grad_norm:
+        return inner_loss_value(problem, params, hparams), math.nan
+    if mode == "reverse":
+        return inner_fit_autograd(problem, params, hparams)
+    return inner_fit(problem, params, hparams)
 
 
 def unrolled_routes(mode: str) -> frozenset[Use]:
@@ -268,4 +372,5 @@ def differentiate(est: Unrolled, problem: Problem, hparams: PyTree, params: PyTr
     return unroll_reverse(problem, hparams, params, opt_state, start, stop, segment)
 
 
-__all__ = ["Unrolled", "differentiate", "unroll_forward", "unroll_reverse"]
+__all__ = ["Unrolled", "bind_settings", "differentiate", "final_fit", "inner_fit_autograd",
+           "run_autograd", "unroll_forward", "unroll_reverse"]

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..pytree import PyTree, tree_flatten, tree_unflatten, tree_zeros_like
+from ..pytree import PyTree, tree_flatten, tree_leaves, tree_unflatten, tree_zeros_like
 from .base import (
     BETA,
     EPS,
@@ -70,13 +70,13 @@ class Adam:
         leaves, spec = tree_flatten(params)
         t = state["t"] + 1
         b1, b2 = (resolve(b, hparams) for b in resolve(self.betas, hparams))
-        settings = [leafwise(s, params) for s in
+        settings = [leafwise(s, params, len(leaves)) for s in
                     (resolve(self.lr, hparams), b1, b2, resolve(self.eps, hparams),
                      resolve(self.weight_decay, hparams))]
         new_p, new_m, new_v = [], [], []
         for p, g, m, v, lr, b1, b2, eps, wd in zip(
-                leaves, tree_flatten(grads)[0], tree_flatten(state["m"])[0],
-                tree_flatten(state["v"])[0], *settings, strict=True):
+                leaves, tree_leaves(grads), tree_leaves(state["m"]),
+                tree_leaves(state["v"]), *settings, strict=True):
             decay = nonzero(wd)
             if decay and not self.decoupled:
                 g = g + wd * p

@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..errors import OptimizerSettingError
-from ..pytree import PyTree, tree_flatten, tree_structure, tree_unflatten
+from ..pytree import PyTree, tree_flatten, tree_leaves, tree_structure, tree_unflatten
 
 Setting = float | torch.Tensor | Callable[[PyTree], Any]
 State = dict[str, Any]
@@ -194,16 +194,30 @@ def nonzero(value: Any) -> bool:
     return not (isinstance(value, (int, float)) and value == 0)
 
 
-def leafwise(value: Any, params: PyTree) -> list[Any]:
-    """One value per parameter leaf: a scalar is repeated, a matching pytree is split."""
-    leaves, spec = tree_flatten(params)
-    if isinstance(value, (dict, list, tuple)):
-        if tree_structure(value) != spec:
-            raise ValueError(
-                "a per-leaf optimizer setting must have the structure of the parameters; "
-                f"got {tree_structure(value)}, expected {spec}")
-        return tree_flatten(value)[0]
-    return [value] * len(leaves)
+def leafwise(value: Any, params: PyTree, n_leaves: int | None = None) -> list[Any]:
+    """One value per parameter leaf: a scalar is repeated, a matching pytree is split.
+    ``n_leaves``, the number of leaves of ``params`` where the caller knows it, saves
+    flattening ``params`` for a scalar."""
+    if not isinstance(value, (dict, list, tuple)):
+        return [value] * (len(tree_leaves(params)) if n_leaves is None else n_leaves)
+    spec = tree_structure(params)
+    if tree_structure(value) != spec:
+        raise ValueError(
+            "a per-leaf optimizer setting must have the structure of the parameters; "
+            f"got {tree_structure(value)}, expected {spec}")
+    return tree_flatten(value)[0]
+
+
+def split(tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyTree]]:
+    """``(leaves, rebuild)``: the leaves of ``tree`` and a function putting new leaves into
+    its structure, as ``tree_flatten`` / ``tree_unflatten`` (same order), with a shortcut
+    for a flat dict of tensors, the usual parameters, which the generic pytree code
+    flattens several times slower (inner optimizers do it at every step)."""
+    if type(tree) is dict and all(isinstance(v, torch.Tensor) for v in tree.values()):
+        keys = list(tree)
+        return list(tree.values()), lambda leaves: dict(zip(keys, leaves, strict=True))
+    leaves, spec = tree_flatten(tree)
+    return leaves, lambda new: tree_unflatten(new, spec)
 
 
 def map_leaves(fn: Callable[..., Any], params: PyTree, *others: PyTree) -> PyTree:

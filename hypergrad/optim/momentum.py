@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..pytree import PyTree, tree_flatten, tree_unflatten, tree_zeros_like
+from ..pytree import PyTree, tree_zeros_like
 from .base import (
     MOMENTUM,
     STEP_SIZE,
@@ -17,6 +17,7 @@ from .base import (
     leafwise,
     nonzero,
     resolve,
+    split,
 )
 
 
@@ -60,18 +61,18 @@ class Momentum:
     def step(self, params: PyTree, grads: PyTree, state: State,
              hparams: PyTree) -> tuple[PyTree, State]:
         """One differentiable step; returns ``(new_params, new_state)``."""
-        leaves, spec = tree_flatten(params)
-        settings = [leafwise(resolve(s, hparams), params)
+        leaves, rebuild = split(params)
+        settings = [leafwise(resolve(s, hparams), params, len(leaves))
                     for s in (self.lr, self.momentum, self.weight_decay)]
         new_p, new_m = [], []
-        for p, g, m, lr, mu, wd in zip(leaves, tree_flatten(grads)[0],
-                                       tree_flatten(state["m"])[0], *settings, strict=True):
+        for p, g, m, lr, mu, wd in zip(leaves, split(grads)[0], split(state["m"])[0],
+                                       *settings, strict=True):
             if nonzero(wd):
                 g = g + wd * p
             m = mu * m + g
             new_p.append(p - lr * (g + mu * m if self.nesterov else m))
             new_m.append(m)
-        return tree_unflatten(new_p, spec), {**state, "m": tree_unflatten(new_m, spec)}
+        return rebuild(new_p), {**state, "m": rebuild(new_m)}
 
 
 @dataclass(frozen=True)

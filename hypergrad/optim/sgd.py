@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..pytree import PyTree, tree_flatten, tree_unflatten
+from ..pytree import PyTree
 from .base import (
     STEP_SIZE,
     WEIGHT_DECAY,
@@ -16,6 +16,7 @@ from .base import (
     leafwise,
     nonzero,
     resolve,
+    split,
 )
 
 
@@ -61,9 +62,9 @@ class SGD:
              hparams: PyTree) -> tuple[PyTree, State]:
         """One differentiable step; ``grads`` matches ``params``; returns
         ``(new_params, state)``, nothing done in place."""
-        leaves, spec = tree_flatten(params)
-        lrs = leafwise(resolve(self.lr, hparams), params)
-        wds = leafwise(resolve(self.weight_decay, hparams), params)
+        leaves, rebuild = split(params)
+        lrs = leafwise(resolve(self.lr, hparams), params, len(leaves))
+        wds = leafwise(resolve(self.weight_decay, hparams), params, len(leaves))
         new = [p - lr * (g + wd * p) if nonzero(wd) else p - lr * g
-               for p, g, lr, wd in zip(leaves, tree_flatten(grads)[0], lrs, wds, strict=True)]
-        return tree_unflatten(new, spec), state
+               for p, g, lr, wd in zip(leaves, split(grads)[0], lrs, wds, strict=True)]
+        return rebuild(new), state
