@@ -32,6 +32,7 @@ from .estimators import (
     Hypergradient,
     Implicit,
     KKTImplicit,
+    LVHBARun,
     Truncated,
     Unrolled,
     make_estimator,
@@ -58,7 +59,7 @@ from .linear_solve import (
     make_solver,
 )
 from .optim import OPTIMIZERS, SGD, Adam, AdamW, Chebyshev, Momentum, Nesterov, make_optimizer
-from .problem import Problem
+from .problem import Problem, once_per_run, run_scope
 from .pytree import PyTree
 from .second_order import SecondOrderReport, check_second_order
 from .seeding import mix_seed
@@ -121,13 +122,13 @@ __all__ = [
     "ConstrainedDiagnostics", "ConstrainedProblem", "ConvergenceWarning", "Diagnostics",
     "Direct", "DivergenceError", "ESTIMATORS", "Estimator", "EstimatorState", "FixedPoint",
     "GMRES", "GradientCheck", "Hypergradient", "HyperparameterError", "Implicit",
-    "KKTImplicit", "LVHBA", "LinearSolveError", "Linearization", "Momentum", "Nesterov",
+    "KKTImplicit", "LVHBA", "LVHBARun", "LinearSolveError", "Linearization", "Momentum", "Nesterov",
     "Neumann", "NonFiniteError", "ObjectiveError", "OptimizerSettingError", "Problem",
     "PyTree", "RootVJP", "SABA", "SGD", "SOBA", "SecondOrderError", "SecondOrderReport",
     "SecondOrderWarning", "SolveResult", "Stationarity", "Truncated", "Unrolled",
     "check_hypergradient", "check_problem", "check_second_order", "hvp", "hvp_batched",
     "hypergradient", "make_estimator", "make_solver", "make_optimizer", "mix_seed", "mixed_vjp",
-    "OPTIMIZERS", "root_vjp", "soba_step_size",
+    "OPTIMIZERS", "once_per_run", "root_vjp", "run_scope", "soba_step_size",
     "FixedPointInfo", "RootLayer", "UnrolledLayer", "custom_root", "fixed_point_layer",
     "kkt_optimality", "unrolled_layer",
 ]

@@ -11,7 +11,7 @@ projection LV-HBA uses) are given by projections (:mod:`hypergrad.projections`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,10 +19,12 @@ from torch.func import grad
 
 from .errors import BilevelInputError
 from .hvp import Objective
-from .projections import Projection, check_feasible, checked, project_tree
-from .pytree import PyTree, tree_ravel, tree_unravel
+from .projections import Projection, check_feasible, checked, flat_projector, project_tree
+from .pytree import PyTree, tree_leaves, tree_ravel, tree_unravel
 
 Constraint = Callable[[PyTree, PyTree, Any], torch.Tensor]
+#: a map of flat vectors, shape (n,) -> (n,)
+FlatMap = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class ConstrainedProblem:
     inner_batch: Any = None
     outer_batch: Any = None
     debug: bool = False
+    #: solvers' work prepared for this problem (LV-HBA's flat, possibly compiled iteration),
+    #: kept here so that it goes when the problem goes
+    _solver_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("inner_loss", "outer_loss"):
@@ -114,6 +119,35 @@ class ConstrainedProblem:
         flat = proj(torch.cat([tree_ravel(x), tree_ravel(y)]))
         n = tree_ravel(x).numel()
         return tree_unravel(flat[:n], x), tree_unravel(flat[n:], y)
+
+    def flat_projections(self, x: PyTree, y: PyTree
+                         ) -> tuple[FlatMap | None, FlatMap | None]:
+        """(Proj_Y, Proj_C) as maps of flat vectors, for variables shaped like ``x``, ``y``
+        (leaves of one dtype): the first takes ``ravel(y)`` and returns the ravel of
+        :meth:`project_y`, the second takes ``cat(ravel(x), ravel(y))`` and returns that of
+        :meth:`project_xy`, with the same values. Shapes and key ranges are resolved once
+        (see :func:`~hypergrad.projections.flat_projector`); ``None`` stands for a map
+        that leaves every point as it is. With ``debug``, each checks its output.
+
+        Raises:
+            BilevelInputError: a dict of projections that does not match ``x`` or ``y``.
+        """
+        def spec(proj: Projection | dict | None, name: str) -> Any:
+            return checked(proj, name) if self.debug else proj
+
+        project_y = flat_projector(spec(self.inner_set, "inner_set"), y)
+        if self.joint_set is not None:
+            return project_y, spec(self.joint_set, "joint_set")
+        project_x = flat_projector(spec(self.outer_set, "outer_set"), x)
+        if project_x is None and project_y is None:
+            return None, None
+        n = sum(leaf.numel() for leaf in tree_leaves(x))
+
+        def project_xy(v: torch.Tensor) -> torch.Tensor:
+            vx, vy = v[:n], v[n:]
+            return torch.cat([vx if project_x is None else project_x(vx),
+                              vy if project_y is None else project_y(vy)])
+        return project_y, project_xy
 
     def _project(self, proj: Projection | dict | None, tree: PyTree, name: str) -> PyTree:
         if proj is None:

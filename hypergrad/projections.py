@@ -50,6 +50,7 @@ __all__ = [
     "checked",
     "contains_tree",
     "distance",
+    "flat_projector",
     "project_tree",
 ]
 
@@ -659,6 +660,56 @@ def project_tree(projection: ProjectionSpec, tree: PyTree) -> PyTree:
         return tree_unravel(out.reshape(-1), tree)
     out = tree_unravel(projection(tree_ravel(tree)), tree)
     return _cast_like(out, tree)
+
+
+def flat_projector(projection: ProjectionSpec, like: PyTree
+                   ) -> Callable[[Tensor], Tensor] | None:
+    """:func:`project_tree` for trees shaped like ``like``, as a map of their flat vectors.
+
+    The returned function takes ``tree_ravel(tree)`` (shape ``(n,)``, n the number of
+    elements of ``like``, whose leaves share one dtype) and returns
+    ``tree_ravel(project_tree(projection, tree))``, with the same values. The leaf
+    shapes and a dict's key ranges are resolved once, here, so that each call is the
+    projection itself (a single leaf still sees its own shape; a dict of projections adds
+    one split and one concatenation). For solvers that keep their iterate flat across
+    many projections.
+
+    Returns:
+        The map ``(n,) → (n,)``, or ``None`` where every point is left as it is
+        (``None``, :class:`Identity`, a dict of those, a tree without leaves).
+
+    Raises:
+        BilevelInputError: a dict of projections for a non-dict ``like`` or with keys it
+            lacks.
+        TypeError: a projection that is neither a Projection, a function nor None.
+    """
+    if projection is None:
+        return None
+    if isinstance(projection, Mapping):
+        _check_spec_keys(projection, like, "flat_projector")
+        sizes, parts = [], []
+        for key, sub in like.items():
+            sizes.append(sum(leaf.numel() for leaf in tree_leaves(sub)))
+            parts.append(flat_projector(as_projection(projection[key]), sub)
+                         if key in projection else None)
+        if all(part is None for part in parts):
+            return None
+
+        def project_pieces(v: Tensor) -> Tensor:
+            return torch.cat([piece if part is None else part(piece)
+                              for part, piece in zip(parts, v.split(sizes), strict=True)])
+        return project_pieces
+    projection = as_projection(projection)
+    leaves = tree_leaves(like)
+    if isinstance(projection, Identity) or not leaves:
+        return None
+    if len(leaves) > 1:
+        return projection
+    shape = leaves[0].shape
+
+    def project_leaf(v: Tensor) -> Tensor:
+        return projection(v.reshape(shape)).reshape(-1)
+    return project_leaf
 
 
 def _cast_like(out: PyTree, like: PyTree) -> PyTree:

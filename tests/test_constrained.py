@@ -3,13 +3,15 @@ against finite differences of a closed form, and the two routes against each oth
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import hypergrad as hg
 from hypergrad.constrained import ConstrainedProblem
 from hypergrad.finite_difference import central_differences
-from hypergrad.projections import Custom, Halfspace
+from hypergrad.projections import Ball, Box, Custom, Halfspace, Simplex
 
 from problems import fd_check
 
@@ -259,3 +261,175 @@ def test_compiled_lvhba_equals_eager():
     assert torch.allclose(compiled[0]["x"], eager[0]["x"], rtol=1e-12, atol=1e-14)
     assert torch.allclose(compiled[2]["lam"], eager[2]["lam"], rtol=1e-12, atol=1e-14)
     assert compiled[3][-1].value_gap == pytest.approx(eager[3][-1].value_gap, rel=1e-9, abs=1e-12)
+
+
+# --- LVHBA.run: many iterations on flat vectors, diagnostics every k-th ------------------
+
+def _toy_start(n):
+    return ({"x": torch.zeros(n, dtype=DT)},
+            {"y1": torch.zeros(n, dtype=DT), "y2": torch.zeros(n, dtype=DT)})
+
+
+def closed_form_lvhba(n, iterations, est):
+    """The LV-HBA iteration on the toy with its gradients written out (no autograd, no
+    projections module): θ, then λ with the new θ, then (x, y) with the new θ and λ,
+    then z with the new λ. Returns x, y1, y2, θ, λ, z."""
+    a, b, e, g1, g2 = est.alpha, est.beta, est.eta, est.gamma1, est.gamma2
+    v, theta = torch.zeros(3 * n, dtype=DT), torch.zeros(2 * n, dtype=DT)
+    lam = z = torch.zeros((), dtype=DT)
+    for k in range(iterations):
+        c = est.c_bar * (k + 1) ** est.p
+        x, y1, y2 = v[:n], v[n:2 * n], v[2 * n:]
+        grad_theta = torch.cat([theta[:n] - x - lam, (1 - lam).expand(n)])
+        theta = theta - e * (grad_theta + (theta - v[n:]) / g1)
+        lam = (lam + e * (-(x.sum() + theta.sum()) - (lam - z) / g2)).clamp_min(0)
+        d = torch.cat([(x - y2) / c - y1 + theta[:n] + lam,
+                       (y1 - 1) / c + (y1 - x) - (y1 - theta[:n]) / g1,
+                       (y2 - x) / c + 1 - (y2 - theta[n:]) / g1])
+        v = v - a * d
+        v = v + (-v.sum()).clamp_min(0) / (3 * n)  # Proj onto {−1ᵀv ≤ 0}
+        z = (z - b * (z - lam) / g2).clamp(0, est.r)
+    return v[:n], v[n:2 * n], v[2 * n:], theta, lam, z
+
+
+def test_lvhba_run_and_calls_follow_the_written_out_iteration():
+    """run() and a loop of calls against the toy's iteration with hand-written gradients.
+
+    The two differ only in the order of floating-point operations (autograd and the
+    projection module against closed forms): 400 iterations on 30 unknowns agreed to
+    ≤ 3e-14 relative (observed, largest in x); the bound, 1e-12, leaves room for other
+    kernels, while a wrong order of updates (λ stepped with the old θ) shows at 3e-3."""
+    n, iterations = 10, 400
+    est = hg.LVHBA(diagnostics_every=50)
+    x_ref, y1_ref, y2_ref, theta_ref, lam_ref, z_ref = closed_form_lvhba(n, iterations, est)
+    out = est.run(toy_problem(n), *_toy_start(n), iterations)
+    calls = run_lvhba(toy_problem(n), est, *_toy_start(n), iterations)
+    for x, y, state in ((out.hparams, out.params, out.state), calls[:3]):
+        for got, want in ((x["x"], x_ref), (y["y1"], y1_ref), (y["y2"], y2_ref),
+                          (torch.cat([state["theta"]["y1"], state["theta"]["y2"]]), theta_ref),
+                          (state["lam"][0], lam_ref), (state["z"][0], z_ref)):
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+        assert state["k"] == iterations
+
+
+def test_lvhba_run_equals_a_loop_of_calls():
+    """Same iterates as calls, up to the round trip x − α·((x − x⁺)/α) of a call's x-step
+    (a few ulp per iteration; observed: bitwise equal on this toy), on a problem with two
+    constraints, separate sets X and Y and a dict of per-leaf projections."""
+    problem, x, y = _sets_problem()
+    est = hg.LVHBA(alpha=0.05, eta=0.05, diagnostics_every=7)
+    out = est.run(problem, x, y, 60)
+    xs, ys, state, history = run_lvhba(problem, est, x, y, 60)
+    for got, want in ((out.hparams, xs), (out.params, ys), (out.state["theta"], state["theta"])):
+        for key in want:
+            assert torch.allclose(got[key], want[key], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(out.state["lam"], state["lam"], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(out.state["z"], state["z"], rtol=1e-12, atol=1e-14)
+    assert float(out.state["lam"].max()) > 0  # a constraint is active: λ is exercised
+    # the diagnostics of run() are those of the calls at the same iterations
+    assert [d.iteration for d in out.diagnostics] == [0, 7, 14, 21, 28, 35, 42, 49, 56, 59]
+    for d in out.diagnostics:
+        ref = history[d.iteration]
+        assert ref.iteration == d.iteration and d.penalty == ref.penalty
+        for name in ("outer_loss", "inner_grad_norm", "max_violation", "value_gap",
+                     "theta_gap"):
+            assert getattr(d, name) == pytest.approx(getattr(ref, name), rel=1e-12, abs=1e-15)
+        assert d.multipliers == pytest.approx(ref.multipliers, rel=1e-12, abs=1e-15)
+
+
+def _sets_problem():
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(3, 4, generator=gen, dtype=DT)
+
+    def f(y, x, _):
+        return (0.5 * (y["a"] ** 2).sum() - (x["w"] * y["a"]).sum()
+                + 0.3 * (y["b"] - x["s"].sum()).pow(2).sum())
+
+    def F(y, x, _):
+        return (((y["a"] - W) ** 2).sum() + (y["b"] ** 2).sum() + 0.1 * (x["w"] ** 2).sum()
+                + x["s"].sum() ** 2)
+
+    def g(y, x, _):
+        return torch.stack([y["a"].sum() - 1.0 - x["s"].sum(), 0.5 - y["b"].sum()])
+
+    problem = ConstrainedProblem(f, F, g, 2, inner_set={"a": Box(-0.5, 0.8), "b": Ball(2.0)},
+                                 outer_set=Box(-1.0, 1.0))
+    x = {"w": torch.zeros(3, 4, dtype=DT), "s": torch.zeros(2, dtype=DT)}
+    y = {"a": torch.zeros(3, 4, dtype=DT), "b": torch.full((5,), 0.2, dtype=DT)}
+    return problem, x, y
+
+
+def test_lvhba_diagnostics_every_changes_no_iterate_and_resumes_its_schedule():
+    problem = toy_problem(10)
+    every_1 = hg.LVHBA(diagnostics_every=1).run(problem, *_toy_start(10), 250)
+    every_100 = hg.LVHBA(diagnostics_every=100).run(problem, *_toy_start(10), 250)
+    for a, b in ((every_1.hparams, every_100.hparams), (every_1.params, every_100.params),
+                 (every_1.state["theta"], every_100.state["theta"])):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert torch.equal(every_1.state["lam"], every_100.state["lam"])
+    assert [d.iteration for d in every_1.diagnostics] == list(range(250))
+    # every 100th iteration (k = 0, 100, 200) and the last, always
+    assert [d.iteration for d in every_100.diagnostics] == [0, 100, 200, 249]
+    assert [d.inner_steps for d in every_100.diagnostics] == [1, 101, 201, 250]
+    assert every_100.diagnostics[-1] == replace(every_1.diagnostics[-1],
+                                                seconds=every_100.diagnostics[-1].seconds)
+    # continuing from the state: the same iterates, the schedule follows k
+    est = hg.LVHBA(diagnostics_every=100)
+    first = est.run(problem, *_toy_start(10), 150)
+    second = est.run(problem, first.hparams, first.params, 100, first.state)
+    assert torch.equal(second.hparams["x"], every_100.hparams["x"])
+    assert second.state["k"] == 250
+    assert [d.iteration for d in first.diagnostics + second.diagnostics] == [0, 100, 149, 200,
+                                                                            249]
+
+
+def test_lvhba_run_reports_divergence_at_the_next_diagnosed_iteration():
+    """η(1 + 1/γ1) = 10 makes the θ-step expand by 9 per iteration: inf after ~330
+    iterations, then NaN; with diagnostics every 500th iteration it is caught at k = 500."""
+    est = hg.LVHBA(alpha=0.01, eta=5.0, diagnostics_every=500)
+    with pytest.raises(hg.DivergenceError, match=r"NaN or inf in .*θ.* after iteration 500"):
+        est.run(toy_problem(5), *_toy_start(5), 2000)
+
+
+def test_lvhba_run_rejects_bad_input():
+    problem, est = toy_problem(4), hg.LVHBA()
+    x, y = _toy_start(4)
+    with pytest.raises(ValueError, match="iterations must be a positive int"):
+        est.run(problem, x, y, 0)
+    with pytest.raises(ValueError, match="diagnostics_every must be a positive int"):
+        hg.LVHBA(diagnostics_every=0)
+    with pytest.raises(hg.BilevelInputError, match="one dtype and device"):
+        est.run(problem, {"x": x["x"].float()}, y, 3)
+    with pytest.raises(hg.BilevelInputError, match=r"state\['theta'\]"):
+        est.run(problem, x, y, 3, {"theta": {"y1": y["y1"]}, "lam": torch.zeros(1, dtype=DT),
+                                   "z": torch.zeros(1, dtype=DT), "k": 1})
+    with pytest.raises(hg.BilevelInputError, match=r"state\['lam'\] must be a tensor of shape"):
+        est(problem, x, y, {"theta": y, "lam": torch.zeros(2, dtype=DT),
+                            "z": torch.zeros(1, dtype=DT), "k": 1})
+
+
+@pytest.mark.parametrize("case", ["joint", "dict_and_box", "single_on_many_leaves"])
+def test_flat_projections_equal_the_tree_projections(case):
+    """ConstrainedProblem.flat_projections acts on flat vectors exactly as project_y and
+    project_xy act on the trees (same values, bitwise)."""
+    gen = torch.Generator().manual_seed(0)
+    x = {"w": torch.randn(3, 4, generator=gen, dtype=DT), "s": torch.randn(2, generator=gen,
+                                                                          dtype=DT)}
+    y = {"a": 3 * torch.randn(3, 4, generator=gen, dtype=DT),
+         "b": 3 * torch.randn(5, generator=gen, dtype=DT)}
+    f = lambda y, x, b: y["a"].sum()  # noqa: E731
+    sets = {
+        "joint": dict(joint_set=Halfspace(torch.ones(31, dtype=DT), -100.0),
+                      inner_set=Ball(1.0)),
+        "dict_and_box": dict(inner_set={"a": Box(-0.5, 0.8), "b": Ball(2.0)},
+                             outer_set={"w": Box(-1.0, 1.0)}),  # "s" left free
+        "single_on_many_leaves": dict(inner_set=Simplex(), outer_set=None),
+    }[case]
+    problem = ConstrainedProblem(f, f, **sets)
+    project_y, project_xy = problem.flat_projections(x, y)
+    ravel = hg.pytree.tree_ravel
+    assert torch.equal(project_y(ravel(y)), ravel(problem.project_y(y)))
+    v = torch.cat([ravel(x), ravel(y)])
+    assert torch.equal(project_xy(v), torch.cat([ravel(t) for t in problem.project_xy(x, y)]))
+    assert not torch.equal(project_xy(v), v)  # the sets do move the point
+    assert ConstrainedProblem(f, f).flat_projections(x, y) == (None, None)

@@ -9,7 +9,7 @@ from ..linear_solve import make_solver
 from .base import Diagnostics, Estimator, EstimatorState, Hypergradient
 from .implicit import Implicit
 from .kkt import KKTImplicit
-from .lvhba import LVHBA, ConstrainedDiagnostics
+from .lvhba import LVHBA, ConstrainedDiagnostics, LVHBARun
 from .soba import SABA, SOBA, soba_step_size
 from .truncated import Truncated
 from .unrolled import Unrolled
@@ -67,6 +67,6 @@ def make_estimator(name: str | Estimator, **settings: Any) -> Estimator:
 
 __all__ = [
     "ConstrainedDiagnostics", "Diagnostics", "ESTIMATORS", "Estimator", "EstimatorState",
-    "Hypergradient", "Implicit", "KKTImplicit", "LVHBA", "SABA", "SOBA", "Truncated", "Unrolled",
-    "make_estimator", "soba_step_size",
+    "Hypergradient", "Implicit", "KKTImplicit", "LVHBA", "LVHBARun", "SABA", "SOBA", "Truncated",
+    "Unrolled", "make_estimator", "soba_step_size",
 ]
