@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NETS = ("convnet", "mlp")
@@ -94,6 +95,24 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` of inputs ``x`` of shape ``(N, C, H, W)``."""
         return self.net(x)
+
+    def functional(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The logits at other parameters, ``functional_call(self, params, (x,))``, by
+        ``F.linear`` and ``relu`` without the modules' dispatch (an inner loop calls the
+        network tens of times per outer step). ``params`` maps every name of
+        ``named_parameters()`` to a tensor of that parameter's shape.
+
+        Raises:
+            KeyError: a parameter name missing from ``params``.
+        """
+        h = x.flatten(1)
+        last = len(self.net) - 1
+        for i, layer in enumerate(self.net):
+            if isinstance(layer, nn.Linear):
+                h = F.linear(h, params[f"net.{i}.weight"], params[f"net.{i}.bias"])
+                if i != last:
+                    h = torch.relu(h)
+        return h
 
 
 def make_net(name: str, in_shape: Sequence[int], num_classes: int, *, width: int = 128,

@@ -254,6 +254,7 @@ def test_soft_labels_with_implicit_and_recompute(digits):
 
 @pytest.mark.parametrize("net,shape,settings", [
     ("mlp", (1, 8, 8), {"hidden": (16, 8)}),
+    ("mlp", (3, 4, 4), {"hidden": ()}),  # softmax regression: no relu at all
     ("convnet", (1, 8, 8), {"width": 4, "depth": 2, "norm": "instance"}),
     ("convnet", (3, 16, 16), {"width": 4, "depth": 3, "norm": "none"}),
 ])

@@ -31,7 +31,7 @@ from hypergrad.problem import once_per_run
 from .. import checkpoint as ckpt
 from ..callbacks import Callback
 from ..data import ImageDataset
-from ..nets import NETS, make_net
+from ..nets import MLP, NETS, make_net
 from ..outer import OuterLoop
 from .augment import Augment
 from .evaluate import EvalResult, Recipe, evaluate, init_networks, random_subset, soft_cross_entropy
@@ -621,6 +621,8 @@ class _ParameterSwap:
             raise ValueError("_ParameterSwap: tied parameters are not supported")
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if type(self.net) is MLP:
+            return self.net.functional(params, x)
         old = [m._parameters[n] for m, n, _ in self.slots]
         try:
             for m, n, k in self.slots:
