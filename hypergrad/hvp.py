@@ -152,6 +152,8 @@ def _loop(one: Callable[[PyTree], PyTree], vs: PyTree) -> PyTree:
     k = tree_leaves(vs)[0].shape[0]
     if k == 0:
         return vmap(one)(vs)
+    if k == 1:  # no copy into a stacked output
+        return tree_map(lambda r: r.unsqueeze(0), one(tree_map(lambda a: a[0], vs)))
     out = None
     for i in range(k):
         res = one(tree_map(lambda a: a[i], vs))  # noqa: B023 - used at once
@@ -236,6 +238,8 @@ class Linearization:
         if batching == "loop":
             return _loop(self._pull, v)
         k = tree_leaves(v)[0].shape[0]
+        if k == 1:  # one product: nothing to choose
+            return _loop(self._pull, v)
         if self._key is None:
             self._key = _problem_key(self._f, self._params, self._hparams, self._batch, "hvp")
         chosen = _entry(self._key, self._f).batching
