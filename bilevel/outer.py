@@ -538,7 +538,8 @@ class OuterLoop:
             "step": step,
             "outer_loss": float(d.outer_loss),
             "hypergrad_norm": float(d.hypergrad_norm),
-            "inner_grad_norm": float(d.inner_grad_norm),
+            # NaN: not measured (e.g. Unrolled(grad_norm=False)); a diverged run raises
+            "inner_grad_norm": None if math.isnan(d.inner_grad_norm) else float(d.inner_grad_norm),
             "solve_residual": None if d.solve_residual is None else float(d.solve_residual),
             "solve_iterations": d.solve_iterations,
             "inner_steps": d.inner_steps,
