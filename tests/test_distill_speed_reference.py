@@ -13,6 +13,7 @@ measured differences are 0 to 4e-16).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -27,10 +28,10 @@ from torch.func import functional_call
 import hypergrad as hg
 from bilevel.data import load_digits
 from bilevel.distill import DistillConfig, Distiller
-from bilevel.distill.core import _ParameterSwap
+from bilevel.distill.core import _ParameterSwap, _redrawable
 from bilevel.distill.evaluate import init_networks
 from bilevel.nets import make_net
-from hypergrad.estimators.unrolled import bind_settings, run_autograd
+from hypergrad.estimators.unrolled import bind_settings, run_autograd, unroll_reverse
 from hypergrad.finite_difference import central_differences
 from hypergrad.optim.base import split
 from hypergrad.problem import once_per_run, run_scope
@@ -297,3 +298,135 @@ def test_split_matches_tree_flatten():
         assert all(torch.equal(a, b) for a, b in zip(tree_flatten(rebuild(new))[0],
                                                      tree_flatten(tree_unflatten(new, spec))[0],
                                                      strict=True))
+
+
+@pytest.mark.parametrize("net,dtype", [("mlp", "float32"), ("mlp", "float64"),
+                                       ("convnet", "float64")])
+def test_initial_params_redrawn_in_place_are_a_new_network(digits, net, dtype):
+    d = Distiller(digits, DistillConfig(ipc=1, inner_steps=2, net=net, width=4, dtype=dtype))
+    assert _redrawable(d._init_net)
+    first = d.initial_params(3)
+    for seed in (3, 11):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            ref = d.make_net().to(dtype=d.config.torch_dtype)
+        got = d.initial_params(seed)
+        assert list(got) == [k for k, _ in ref.named_parameters()]
+        assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype
+                   for k, v in ref.named_parameters())
+    again = d.initial_params(3)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # no aliasing of the kept net
+
+
+def test_initial_params_of_other_networks_are_built_anew(digits):
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3))
+
+    d = Distiller(digits, DistillConfig(ipc=1, inner_steps=2))
+    assert not _redrawable(Custom())
+    d._init_net, d.make_net = Custom(), Custom
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        ref = Custom()
+    assert torch.equal(d.initial_params(5)["w"], ref.w)
+
+
+def _quadratic_problem(steps: int, step_batch=None):
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(8, generator=gen, dtype=torch.float64)
+
+    def inner(p, h, batch):
+        return ((batch[0] @ p["w"] - batch[1]) ** 2).mean() + h["s"].exp() * (p["w"] ** 2).sum()
+
+    def outer(p, h, batch):
+        return ((batch[0] @ p["w"] - 2 * batch[1]) ** 2).mean()
+
+    problem = hg.Problem(inner, outer, (a, y), (a, y), optimizer=hg.SGD(lr=0.2), steps=steps,
+                         step_batch=step_batch)
+    hp = {"s": torch.tensor(-1.0, dtype=torch.float64)}
+    w0 = {"w": torch.randn(3, generator=gen, dtype=torch.float64)}
+    return problem, hp, w0
+
+
+@pytest.mark.parametrize("segment", [None, 1, 2, 3, 7])
+def test_unroll_reverse_records_every_step_loss_once(segment):
+    problem, hp, w0 = _quadratic_problem(7)
+    ref, w = [], w0
+    for t in range(7):  # the losses along the iterates, step by step
+        ref.append(problem.inner_loss(w, hp, problem.batch_at(t)).detach())
+        w, _ = run_autograd(problem, w, {}, hp, t, t + 1, graph=False)
+    losses = []
+    unroll_reverse(problem, hp, w0, {}, 0, 7, segment, losses)
+    assert len(losses) == 7
+    assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(losses, ref,
+                                                                         strict=True))
+
+
+def test_unrolled_divergence_check_uses_the_first_step_loss(monkeypatch):
+    import hypergrad.estimators.unrolled as unrolled
+
+    calls = []
+    real = unrolled.inner_loss_value
+    monkeypatch.setattr(unrolled, "inner_loss_value",
+                        lambda *a: calls.append(1) or real(*a))
+    problem, hp, w0 = _quadratic_problem(4)
+    hg.Unrolled(grad_norm=False, self_check="off")(problem, hp, w0)
+    assert len(calls) == 1  # the end only: f(w_0) is the first step's loss
+    seen = []
+    monkeypatch.setattr(unrolled, "check_growth", lambda who, s, e, n: seen.append(s))
+    for est, batches in ((hg.Unrolled(self_check="off"), None),
+                         (hg.Unrolled(mode="forward", self_check="off"), None),
+                         (hg.Unrolled(self_check="off"), lambda t: problem.inner_batch)):
+        p, _, _ = _quadratic_problem(4, batches)
+        est(p, hp, w0)
+    f0 = float(problem.inner_loss(w0, hp, problem.full_batch()))
+    assert seen == [f0, f0, f0]
+
+
+def test_unrolled_divergence_still_raised():
+    problem, hp, w0 = _quadratic_problem(60)
+    problem = dataclasses.replace(problem, optimizer=hg.SGD(lr=3.0))
+    with pytest.raises(hg.DivergenceError, match="the inner loss went from"):
+        hg.Unrolled(self_check="off")(problem, hp, w0)
+
+
+def test_sgd_shortcut_matches_per_leaf_settings():
+    gen = torch.Generator().manual_seed(2)
+    p = {"a": torch.randn(3, generator=gen, dtype=torch.float64),
+         "b": torch.randn(2, 2, generator=gen, dtype=torch.float64)}
+    g = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in p.items()}
+    lr = torch.tensor(0.3, dtype=torch.float64)
+    one, _ = hg.SGD(lr=lr).step(p, g, {}, None)
+    per_leaf, _ = hg.SGD(lr={"a": lr, "b": lr}, weight_decay={"a": 0.0, "b": 0.0}).step(
+        p, g, {}, None)
+    assert all(torch.equal(one[k], p[k] - lr * g[k]) for k in p)
+    assert all(torch.equal(one[k], per_leaf[k]) for k in p)
+    decayed, _ = hg.SGD(lr=lr, weight_decay=0.5).step(p, g, {}, None)
+    assert all(torch.equal(decayed[k], p[k] - lr * (g[k] + 0.5 * p[k])) for k in p)
+
+
+def test_first_step_loss_not_reused_when_batches_may_differ():
+    from hypergrad.estimators.unrolled import same_batch_throughout
+
+    class OwnFullBatch(hg.Problem):
+        def full_batch(self):
+            return (self.inner_batch[0][:4], self.inner_batch[1][:4])
+
+    problem, hp, w0 = _quadratic_problem(3)
+    assert same_batch_throughout(problem)
+    assert not same_batch_throughout(dataclasses.replace(problem, step_batch=lambda t: None))
+    own = OwnFullBatch(**{f.name: getattr(problem, f.name)
+                          for f in dataclasses.fields(problem)})
+    assert not same_batch_throughout(own)
+
+
+def test_hand_written_convnet_bptt_equals_the_library(bench, digits):
+    """The generic hand-written side (functional_call), which the GPU benchmark times for
+    ConvNet-3 on Fashion-MNIST, gives the library's hypergradient on a ConvNet too (float64:
+    the same operations in the same order, so equal to rounding; 1e-10 relative)."""
+    assert bench.agreement(data=digits, net="convnet", width=4, ipc=1, inner_steps=3) <= 1e-10
+    with pytest.raises(ValueError, match="MLP only"):
+        bench.build_case(1, 2, data=digits, net="convnet", width=4)  # explicit=True default

@@ -31,7 +31,7 @@ from hypergrad.problem import once_per_run
 from .. import checkpoint as ckpt
 from ..callbacks import Callback
 from ..data import ImageDataset
-from ..nets import MLP, NETS, make_net
+from ..nets import MLP, NETS, ConvNet, make_net
 from ..outer import OuterLoop
 from .augment import Augment
 from .evaluate import EvalResult, Recipe, evaluate, init_networks, random_subset, soft_cross_entropy
@@ -351,7 +351,8 @@ class Distiller:
         self.test_y = data.test_y.to(self.device)
         self.num_classes = k = data.num_classes
         self.make_net = cfg.net_factory(data.image_shape, k)
-        self.make_net()  # fail early on a net that does not fit the images
+        # fail early on a net that does not fit the images; kept to redraw w_0 in place
+        self._init_net = self.make_net()
 
         gen = torch.Generator().manual_seed(cfg.seed)
         if cfg.init == "real":
@@ -375,6 +376,7 @@ class Distiller:
             groups.append({"params": [self.hparams["log_lr"]], "lr": cfg.lr_lr})
         self.optimizer = torch.optim.Adam(groups)
         self.estimator = make_estimator(cfg)
+        self._inner_optimizer = self.inner_optimizer()  # one per run: a function of cfg
         self.net, _ = init_networks(self.make_net, [0], self.device, dtype)
         self._net_call = _ParameterSwap(self.net)
         self.loop = self._new_loop(None)
@@ -423,14 +425,31 @@ class Distiller:
 
         problem = hg.Problem(
             inner_loss, outer_loss, inner_batch=None if draws is None else draws[-1],
-            outer_batch=outer, optimizer=self.inner_optimizer(), steps=cfg.inner_steps,
+            outer_batch=outer, optimizer=self._inner_optimizer, steps=cfg.inner_steps,
             step_batch=None if draws is None else (lambda t: draws[t]))
-        # the parameters init_networks(make_net, [seed]) gives, without stacking them; the
-        # network is built on the CPU, so seeding the CPU generator alone draws the same
+        return problem, self.initial_params(seed)
+
+    def initial_params(self, seed: int) -> dict[str, torch.Tensor]:
+        """The parameters ``make_net()`` draws after ``torch.manual_seed(seed)`` (those of
+        ``init_networks(make_net, [seed])``, unstacked), as detached tensors on the
+        distiller's device and dtype; the global random state is left as it was.
+
+        The networks of :mod:`bilevel.nets` draw their parameters in their layers'
+        ``reset_parameters``, in module order, and nothing else: redrawing them in place
+        on one network kept for the purpose gives the same numbers as building a new one,
+        without the construction. Networks are built on the CPU, so seeding the CPU
+        generator alone draws the same."""
+        net = self._init_net
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            fresh = self.make_net().to(device=self.device, dtype=cfg.torch_dtype)
-        return problem, {k: v.detach() for k, v in fresh.named_parameters()}
+            if _redrawable(net):
+                for m in net.modules():
+                    if type(m) in _INIT_LAYERS:
+                        m.reset_parameters()
+            else:
+                net = self.make_net()
+        return {k: v.detach().to(device=self.device, dtype=self.config.torch_dtype, copy=True)
+                for k, v in net.named_parameters()}
 
     # -- the outer loop --------------------------------------------------------------
 
@@ -604,6 +623,22 @@ class Distiller:
 def _soft_labels(logits: torch.Tensor) -> torch.Tensor:
     """Soft-label probabilities of label logits ``(N, K)``: their row softmax."""
     return F.softmax(logits, dim=-1)
+
+
+#: layers whose construction draws exactly what their ``reset_parameters`` draws
+_INIT_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+#: layers without parameters
+_PLAIN_LAYERS = (nn.Sequential, nn.Flatten, nn.ReLU, nn.AvgPool2d)
+
+
+def _redrawable(net: nn.Module) -> bool:
+    """Whether ``net`` is a network of :mod:`bilevel.nets` built from the layers above
+    alone, in the default dtype, so that resetting its layers in module order redraws
+    what building it anew draws."""
+    return type(net) in (MLP, ConvNet) and all(
+        type(m) in _INIT_LAYERS or type(m) in _PLAIN_LAYERS
+        for m in list(net.modules())[1:]) and all(
+        p.dtype == torch.get_default_dtype() for p in net.parameters())
 
 
 class _ParameterSwap:

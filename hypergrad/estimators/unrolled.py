@@ -13,6 +13,7 @@ exact gradient of λ ↦ F(w_T(λ), λ) for the T-step map.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ def _grads_or_zeros(grads: tuple, like: list[torch.Tensor]) -> list[torch.Tensor
 
 
 def run_autograd(problem: Problem, params: PyTree, state: State, hparams: PyTree, start: int,
-                 stop: int, graph: bool = True) -> tuple[PyTree, State]:
+                 stop: int, graph: bool = True, losses: list[torch.Tensor] | None = None,
+                 ) -> tuple[PyTree, State]:
     """Inner steps ``start..stop-1`` as :meth:`Problem.run`, by plain autograd.
 
     Each step takes ∇_w f by ``torch.autograd.grad`` (``create_graph=graph``) on the leaves
@@ -74,6 +76,10 @@ def run_autograd(problem: Problem, params: PyTree, state: State, hparams: PyTree
     BatchNorm statistics), and parameters with a leaf that is not a floating tensor, go
     through ``problem.run``.
 
+    ``losses``, where given, receives the inner loss of each step run, f(w_t, λ, batch_t)
+    as a detached 0-d tensor in step order (nothing on the ``problem.run`` path), e.g.
+    for the divergence check, without another evaluation.
+
     Returns:
         ``(params, state)`` after step ``stop - 1`` (same structures as the inputs).
     """
@@ -88,17 +94,20 @@ def run_autograd(problem: Problem, params: PyTree, state: State, hparams: PyTree
         params = rebuild(leaves)
     with torch.set_grad_enabled(graph):
         optimizer = bind_settings(problem.optimizer, hparams)
-    with run_scope():
+    # grad mode is on for the losses' gradients; without ``graph``, off for the updates
+    update_mode = contextlib.nullcontext() if graph else torch.no_grad()
+    with run_scope(), torch.enable_grad():
         for t in range(start, stop):
             inputs = [x if x.requires_grad else x.detach().requires_grad_() for x in leaves]
-            with torch.enable_grad():
-                loss = problem.inner_loss(rebuild(inputs), hparams, problem.batch_at(t))
-                grads = torch.autograd.grad(loss, inputs, create_graph=graph,
-                                            allow_unused=True, materialize_grads=True) \
-                    if loss.requires_grad else [torch.zeros_like(x) for x in inputs]
-            with torch.set_grad_enabled(graph):
+            loss = problem.inner_loss(rebuild(inputs), hparams, problem.batch_at(t))
+            grads = torch.autograd.grad(loss, inputs, create_graph=graph, allow_unused=True,
+                                        materialize_grads=True) \
+                if loss.requires_grad else [torch.zeros_like(x) for x in inputs]
+            if losses is not None:
+                losses.append(loss.detach())
+            with update_mode:
                 params, state = optimizer.step(params, rebuild(list(grads)), state, hparams)
-            leaves = tree_leaves(params)
+            leaves = split(params)[0]
     return params, state
 
 
@@ -143,6 +152,7 @@ def inner_fit_autograd(problem: Problem, params: PyTree, hparams: PyTree) -> tup
 
 def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state: State,
                    start: int, stop: int, segment: int | None = None,
+                   losses: list[torch.Tensor] | None = None,
                    ) -> tuple[PyTree, PyTree, torch.Tensor]:
     """Reverse-mode hypergradient through steps ``start..stop-1`` from (params, opt_state).
 
@@ -156,6 +166,8 @@ def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
         opt_state: the inner optimizer's state at step ``start``.
         start, stop: the step indices run, ``start <= stop``.
         segment: steps per stored state (checkpointing), or ``None``.
+        losses: where given, receives the inner loss of every step, once each, as
+            :func:`run_autograd` (left empty on its ``problem.run`` path).
 
     Returns:
         ``(grad, w_stop, loss)``: ∇_λ F (pytree matching ``hparams``), the detached
@@ -170,13 +182,13 @@ def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
     z = (tree_detach(params), tree_detach(opt_state))
     for a, b in zip(bounds[:-2], bounds[1:-1], strict=True):
         stored.append((a, b, z))
-        z = run_autograd(problem, *z, lam, a, b, graph=False)
+        z = run_autograd(problem, *z, lam, a, b, graph=False, losses=losses)
 
-    def segment_grads(a: int, b: int, z_start: tuple, first: bool,
-                      outputs_fn) -> tuple[list, list, tuple]:
+    def segment_grads(a: int, b: int, z_start: tuple, first: bool, outputs_fn,
+                      record: list | None = None) -> tuple[list, list, tuple]:
         z_in = z_start if first else tree_requires_grad(z_start)
         with torch.enable_grad():
-            z_out = run_autograd(problem, *z_in, lam, a, b, graph=True)
+            z_out = run_autograd(problem, *z_in, lam, a, b, graph=True, losses=record)
             outputs, cotangents = outputs_fn(z_out)
         inputs = ([] if first else _float_leaves(z_in)) + lam_leaves
         live = [i for i, o in enumerate(outputs) if o.requires_grad]
@@ -196,7 +208,8 @@ def unroll_reverse(problem: Problem, hparams: PyTree, params: PyTree, opt_state:
         return [loss], None
 
     a, b = bounds[-2], bounds[-1]
-    adjoint, g_lam, z_final = segment_grads(a, b, z, not stored, outer)
+    # the last segment; the stored ones recorded their losses going forward
+    adjoint, g_lam, z_final = segment_grads(a, b, z, not stored, outer, losses)
     for a, b, z_start in reversed(stored):
         adj = adjoint
 
@@ -332,14 +345,27 @@ class Unrolled(Estimator):
                 state: EstimatorState) -> Hypergradient:
         """One estimate; call the estimator instead (``__call__`` adds the checks)."""
         check_settings(problem.optimizer, hparams)
-        start = inner_loss_value(problem, params, hparams)
+        # f(w_0) on the full batch for the divergence check: where every step sees that
+        # batch, reverse mode records it at the first step; else one more evaluation
+        reuse = self.mode == "reverse" and same_batch_throughout(problem)
+        losses: list[torch.Tensor] = []
+        start = None if reuse else inner_loss_value(problem, params, hparams)
         opt_state = problem.optimizer.init(tree_detach(params))
         grad, w, loss = differentiate(self, problem, hparams, params, opt_state,
-                                      0, problem.steps)
+                                      0, problem.steps, losses if reuse else None)
+        if start is None:
+            start = float(losses[0]) if losses else inner_loss_value(problem, params, hparams)
         end, gnorm = final_fit(problem, w, hparams, self.mode, self.grad_norm)
         check_growth(self.name, start, end, problem.steps)
         return Hypergradient(grad, w, state, Diagnostics(
             self.name, float(loss), gnorm, problem.steps))
+
+
+def same_batch_throughout(problem: Problem) -> bool:
+    """Whether every inner step of ``problem`` sees ``full_batch()`` (no ``step_batch``, and
+    neither batch method overridden), so that the first step's loss is f(w_0) on it."""
+    return problem.step_batch is None and type(problem).batch_at is Problem.batch_at and \
+        type(problem).full_batch is Problem.full_batch
 
 
 def final_fit(problem: Problem, params: PyTree, hparams: PyTree, mode: str,
@@ -360,8 +386,11 @@ def unrolled_routes(mode: str) -> frozenset[Use]:
 
 
 def differentiate(est: Unrolled, problem: Problem, hparams: PyTree, params: PyTree,
-                  opt_state: State, start: int, stop: int) -> tuple[PyTree, PyTree, torch.Tensor]:
-    """Run the chosen unrolled mode of ``est`` over steps ``start..stop-1``.
+                  opt_state: State, start: int, stop: int,
+                  losses: list[torch.Tensor] | None = None,
+                  ) -> tuple[PyTree, PyTree, torch.Tensor]:
+    """Run the chosen unrolled mode of ``est`` over steps ``start..stop-1``; reverse mode
+    appends each step's inner loss to ``losses`` where given (:func:`unroll_reverse`).
 
     Returns:
         ``(grad, w_stop, loss)`` as in :func:`unroll_reverse`.
@@ -369,7 +398,7 @@ def differentiate(est: Unrolled, problem: Problem, hparams: PyTree, params: PyTr
     if est.mode == "forward":
         return unroll_forward(problem, hparams, params, opt_state, start, stop, est.chunk_size)
     segment = (est.segment or sqrt_segment(stop - start)) if est.recompute else None
-    return unroll_reverse(problem, hparams, params, opt_state, start, stop, segment)
+    return unroll_reverse(problem, hparams, params, opt_state, start, stop, segment, losses)
 
 
 __all__ = ["Unrolled", "bind_settings", "differentiate", "final_fit", "inner_fit_autograd",

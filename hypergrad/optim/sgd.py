@@ -63,8 +63,12 @@ class SGD:
         """One differentiable step; ``grads`` matches ``params``; returns
         ``(new_params, state)``, nothing done in place."""
         leaves, rebuild = split(params)
-        lrs = leafwise(resolve(self.lr, hparams), params, len(leaves))
-        wds = leafwise(resolve(self.weight_decay, hparams), params, len(leaves))
+        lr, wd = resolve(self.lr, hparams), resolve(self.weight_decay, hparams)
+        if not (nonzero(wd) or isinstance(lr, (dict, list, tuple))):  # one lr, no decay
+            return rebuild([p - lr * g for p, g in zip(leaves, split(grads)[0],
+                                                        strict=True)]), state
+        lrs = leafwise(lr, params, len(leaves))
+        wds = leafwise(wd, params, len(leaves))
         new = [p - lr * (g + wd * p) if nonzero(wd) else p - lr * g
                for p, g, lr, wd in zip(leaves, split(grads)[0], lrs, wds, strict=True)]
         return rebuild(new), state
