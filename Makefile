@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench bench-distill bench-maml lint docs clean
+.PHONY: demo test test-all bench bench-distill bench-maml bench-peers bench-gpu lint docs clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -33,6 +33,17 @@ bench-distill: $(STAMP)
 bench-maml: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/maml.py --json benchmarks/results/maml_cpu.json --threads 1
+
+# the library side by side with torchopt, higher and hand-written references (one thread,
+# interleaved); benchmarks/check_peers.py fails when a ratio is past its target
+bench-peers: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	OMP_NUM_THREADS=1 $(PY) benchmarks/peers.py --json benchmarks/results/peers_cpu.json
+
+# the CUDA checks and benchmarks in one run (< 8 minutes): it uses .venv or the system python,
+# whichever has a CUDA torch, and installs nothing (so no $(STAMP), which pins a CPU torch)
+bench-gpu:
+	bash benchmarks/gpu.sh --json benchmarks/results/gpu.json
 
 # the documentation site, built strictly (broken links, docstring warnings fail) into site/;
 # its packages (the docs extra) are installed only for this target
