@@ -96,12 +96,12 @@ run_part hvp 70 "$PY" benchmarks/hypergrad.py --device cuda --sections hvp \
     --json "$WORK/hvp.json"
 run_part ridge 80 "$PY" benchmarks/hypergrad.py --device cuda --sections ridge \
     --json "$WORK/ridge.json"
-run_part distill 100 "$PY" benchmarks/distill_step.py --device cuda --dataset fashion_mnist \
+run_part distill 60 "$PY" benchmarks/distill_step.py --device cuda --dataset fashion_mnist \
     --net convnet --width 128 --ipc 10 --inner-steps 30 --rounds 10 --threads 4 \
     --json "$WORK/distill.json"
 run_part maml 65 "$PY" benchmarks/maml.py --device cuda --tasks 32,128 --only speed \
     --rounds 10 --json "$WORK/maml.json"
-run_part scale 70 "$PY" benchmarks/scale.py --device cuda --params 100M --rounds 3 \
+run_part scale 110 "$PY" benchmarks/scale.py --device cuda --params 100M --rounds 3 \
     --json "$WORK/scale.json"
 
 # --- one JSON -----------------------------------------------------------------------------

@@ -55,19 +55,26 @@ x = {"x": torch.zeros(n)}
 y = {"y1": torch.zeros(n), "y2": torch.zeros(n)}
 x_star = torch.full((n,), -0.3)
 state = None
-errors, times = [], []
+# est.run(...) runs a chunk of iterations on flat vectors (diagnostics at its last one):
+# the same iterates as a Python loop of est(problem, x, y, state) calls, several times faster
+chunk = max(1, args.iterations // 400)
+report = max(1, args.iterations // 10)
+errors, times, iters = [], [], []
 print(f"{'iter':>6} {'rel err x':>10} {'mean x':>9} {'λ':>8} {'value gap':>10} {'max g+':>8} "
       f"{'c_k':>6} {'s':>6}")
 start = time.perf_counter()
-for k in range(args.iterations):
-    out = est(problem, x, y, state)
-    x = {"x": x["x"] - est.alpha * out.grad["x"]}  # lands on the projected iterate x⁺
-    y, state = out.params, out.state
+done = 0
+while done < args.iterations:
+    m = min(chunk, args.iterations - done, report - done % report)
+    out = est.run(problem, x, y, m, state)
+    x, y, state = out.hparams, out.params, out.state
+    done += m
     errors.append(float((x["x"] - x_star).norm() / x_star.norm()))
     times.append(time.perf_counter() - start)
-    if (k + 1) % max(1, args.iterations // 10) == 0 or k + 1 == args.iterations:
-        d, mean_x, lam = out.diagnostics, float(x["x"].mean()), float(state["lam"][0])
-        print(f"{k + 1:6d} {errors[-1]:10.2e} {mean_x:9.5f} {lam:8.4f} {d.value_gap:10.2e} "
+    iters.append(done)
+    if done % report == 0 or done == args.iterations:
+        d, mean_x, lam = out.diagnostics[-1], float(x["x"].mean()), float(state["lam"][0])
+        print(f"{done:6d} {errors[-1]:10.2e} {mean_x:9.5f} {lam:8.4f} {d.value_gap:10.2e} "
               f"{d.max_violation + 0.0:8.1e} {d.penalty:6.1f} {times[-1]:6.1f}", flush=True)
 
 seconds = time.perf_counter() - start
@@ -75,7 +82,7 @@ violation = float(problem.g(y, x).clamp_min(0).max())
 best = min(range(len(errors)), key=errors.__getitem__)
 summary = {"iterations": args.iterations, "rel_error_x": errors[-1],
            "multiplier": float(state["lam"][0]), "max_violation": violation,
-           "seconds": seconds, "best_rel_error_x": errors[best], "best_iteration": best + 1,
+           "seconds": seconds, "best_rel_error_x": errors[best], "best_iteration": iters[best],
            "x_mean": float(x["x"].mean()), "y1_mean": float(y["y1"].mean()),
            "y2_mean": float(y["y2"].mean())}
 ms = 1e3 * seconds / args.iterations
@@ -83,7 +90,8 @@ print(f"\nafter {args.iterations} iterations ({seconds:.1f} s, {ms:.2f} ms each)
       f"‖x − x*‖/‖x*‖ = {errors[-1]:.2e}, λ = {summary['multiplier']:.4f} (λ* = 1), "
       f"mean y1 = {summary['y1_mean']:.4f} (0.7), mean y2 = {summary['y2_mean']:.4f} (−0.4), "
       f"max(g, 0) = {violation:.1e}")
-print(f"smallest error {errors[best]:.2e} at iteration {best + 1}, where x crosses x*: "
+print(f"smallest error {errors[best]:.2e} at iteration {iters[best]} (of those every {chunk}), "
+      f"where x crosses x*: "
       f"the iterates head for the solution of the penalised problem at the current c_k, whose "
       f"distance to x* shrinks only as c_k = 10 (k+1)^0.3 grows")
 if args.json:
@@ -96,7 +104,7 @@ if args.plot:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, t, label in [(axes[0], range(1, len(errors) + 1), "iteration"),
+    for ax, t, label in [(axes[0], iters, "iteration"),
                          (axes[1], times, "wall time (s)")]:
         ax.semilogy(t, errors)
         ax.set_xlabel(label)
