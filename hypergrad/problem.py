@@ -150,16 +150,28 @@ def once_per_run(fn: Callable[..., Any], *args: torch.Tensor) -> Any:
     the same.
 
     Args:
-        fn: a pure function of the tensors ``args``.
-        *args: tensors (e.g. hyperparameter leaves).
+        fn: a pure function of ``args``.
+        *args: tensors (e.g. hyperparameter leaves), matched by identity and version;
+            other arguments (numbers, strings) by value.
 
     Returns:
         ``fn(*args)``.
+
+    Raises:
+        TypeError: inside a run scope, an argument that is neither a tensor nor hashable.
     """
     values = _RUN_VALUES.get()
     if values is None:
         return fn(*args)
-    key = (fn, torch.is_grad_enabled(), *((id(a), a._version) for a in args))
+    try:
+        key = (fn, torch.is_grad_enabled(),
+               *((id(a), a._version) if isinstance(a, torch.Tensor) else (type(a), a)
+                 for a in args))
+        hash(key)
+    except TypeError as exc:
+        raise TypeError("once_per_run: arguments must be tensors or hashable values (numbers, "
+                        f"strings, tuples of them), got {[type(a).__name__ for a in args]}"
+                        ) from exc
     hit = values.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], args, strict=True)):
         return hit[1]

@@ -268,8 +268,10 @@ def test_parameter_swap_is_functional_call(net, shape, settings):
     x = torch.randn(4, *shape, generator=gen, dtype=torch.float64)
     swap = _ParameterSwap(module)
     assert torch.equal(swap(params, x), functional_call(module, params, (x,)))
-    with pytest.raises(KeyError):
-        swap({k: v for k, v in list(params.items())[1:]}, x)
+    with pytest.raises(KeyError):  # the last parameter missing: the others are swapped in
+        swap({k: v for k, v in list(params.items())[:-1]}, x)
+    with pytest.raises(RuntimeError):  # the network raises after the swap
+        swap(params, torch.randn(4, 7, generator=gen, dtype=torch.float64))
     after = dict(module.named_parameters())
     assert all(after[k] is not params.get(k) and torch.equal(after[k], before[k])
                for k in before)
@@ -430,3 +432,19 @@ def test_hand_written_convnet_bptt_equals_the_library(bench, digits):
     assert bench.agreement(data=digits, net="convnet", width=4, ipc=1, inner_steps=3) <= 1e-10
     with pytest.raises(ValueError, match="MLP only"):
         bench.build_case(1, 2, data=digits, net="convnet", width=4)  # explicit=True default
+
+
+def test_once_per_run_keys_other_arguments_by_value():
+    calls = []
+
+    def scaled(t, c):
+        calls.append(c)
+        return t * c
+
+    t = torch.ones(2)
+    with run_scope():
+        first, again, other = (once_per_run(scaled, t, 2.0), once_per_run(scaled, t, 2.0),
+                               once_per_run(scaled, t, 3.0))
+    assert calls == [2.0, 3.0] and again is first and torch.equal(other, 3 * t)
+    with run_scope(), pytest.raises(TypeError, match="hashable"):
+        once_per_run(scaled, t, [1.0])

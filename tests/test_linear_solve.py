@@ -399,3 +399,43 @@ def test_cg_non_finite_product_at_a_later_iteration(batched, at):
     with pytest.raises(LinearSolveError, match="vector multiplied by A already contains NaN"):
         ConjugateGradient(preconditioner=nan_precond)(operator(SPD, batched), b,
                                                         batched=batched)
+
+
+def test_cg_one_rhs_solution_in_the_precision_of_b():
+    """A float32 warm start for a float64 system gives a float64 solution whose true
+    residual is the one reported (a float32 x would stall near 1e-7)."""
+    gen = torch.Generator().manual_seed(3)
+    m = torch.randn(40, 40, generator=gen, dtype=torch.float64)
+    a = m @ m.T / 40 + torch.eye(40, dtype=torch.float64)
+    b = torch.randn(40, generator=gen, dtype=torch.float64)
+    x0 = torch.randn(40, generator=gen, dtype=torch.float32)
+    out = ConjugateGradient(tol=1e-12, maxiter=400)(lambda v: a @ v.double(), b, x0=x0)
+    assert out.x.dtype == torch.float64 and out.converged
+    true = float((b - a @ out.x).norm() / b.norm())
+    assert true <= 10 * out.residual + 1e-15
+
+
+def test_cg_one_rhs_can_be_differentiated_in_b():
+    """With b requiring grad the solve is recorded out of place: d(1ᵀx)/db = A⁻¹1 (the
+    CG iterate is A⁻¹b to the tolerance; its derivative in b to the same order)."""
+    gen = torch.Generator().manual_seed(4)
+    m = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    a = m @ m.T / 8 + torch.eye(8, dtype=torch.float64)
+    b = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = ConjugateGradient(tol=1e-13, maxiter=100)(lambda v: a @ v, b).x
+    (g,) = torch.autograd.grad(x.sum(), b)
+    expected = torch.linalg.solve(a, torch.ones(8, dtype=torch.float64))
+    assert float((g - expected).norm() / expected.norm()) < 1e-9
+
+
+def test_gmres_tol_zero_on_a_nonsingular_system_has_no_singular_note():
+    """A breakdown at the rounding floor (tol=0 drives the residual there) is a solve, not
+    the singular-system breakdown, which leaves the residual far above rounding."""
+    a = torch.tensor([[4.0, 1, 0], [1, 3, 1], [0, 1, 2]], dtype=torch.float64)
+    b = torch.tensor([1.0, 2, 3], dtype=torch.float64)
+    out = GMRES(tol=0.0, maxiter=40, restart=3)(lambda v: a @ v, b)
+    assert out.note is None and out.residual < 1e-13
+    singular = torch.tensor([[1.0, 0], [0, 0]], dtype=torch.float64)
+    out = GMRES(tol=1e-10, maxiter=40)(lambda v: singular @ v,
+                                       torch.tensor([1.0, 1], dtype=torch.float64))
+    assert out.note is not None and "singular" in out.note

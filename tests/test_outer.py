@@ -364,3 +364,23 @@ def test_tensorboard_missing_package_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install bilevel\[tensorboard\]"):
         OuterLoop(problem, r.hparams(), r.params0(), tensorboard="tb")
     OuterLoop(problem, r.hparams(), r.params0())  # without the option nothing is imported
+
+
+def test_an_unmeasured_inner_grad_norm_is_recorded_as_null(tmp_path):
+    """Unrolled(grad_norm=False) reports NaN; the records (and metrics.jsonl) hold null,
+    a measured norm a number."""
+    r, problem = _setup(steps=5)
+    for grad_norm in (False, True):
+        loop = OuterLoop(problem, r.hparams(), r.params0(), hg.Unrolled(grad_norm=grad_norm),
+                         lambda hp: torch.optim.Adam(hp, lr=0.1),
+                         run_dir=tmp_path / str(grad_norm))
+        history = loop.run(2)
+        loop.close()
+        norms = [h["inner_grad_norm"] for h in history]
+        rows = [json.loads(line) for line in
+                (tmp_path / str(grad_norm) / "metrics.jsonl").read_text().splitlines()]
+        if grad_norm:
+            assert all(isinstance(n, float) and n > 0 for n in norms)
+        else:
+            assert norms == [None, None]
+            assert [row["inner_grad_norm"] for row in rows] == [None, None]

@@ -149,7 +149,7 @@ class ConjugateGradient:
         def as_tree(v: list[torch.Tensor]) -> PyTree:
             return tree_unflatten(v, spec)
 
-        bnorm_f = math.sqrt(max(float(_dot(bs, bs)), 0.0))
+        bnorm_f = math.sqrt(max(float(_dot(bs, bs).detach()), 0.0))
         if not math.isfinite(bnorm_f):
             check_rhs(name, b)
         bscale = bnorm_f if bnorm_f > 0 else 1.0
@@ -159,26 +159,37 @@ class ConjugateGradient:
         else:
             if not tree_all_finite(x0):
                 raise NonFiniteError(f"{name}: the initial guess x0 contains NaN or inf")
-            x = [a * 1.0 for a in leaves(x0)]
+            # in b's precision (the batched path promotes the same way)
+            x = [c.to(torch.promote_types(c.dtype, a.dtype)) * 1.0
+                 for a, c in zip(bs, leaves(x0), strict=True)]
             y, ax = apply(x)
             check_product(name, as_tree(x), as_tree(y))
             r = [a - c for a, c in zip(bs, ax, strict=True)]
-            rel = math.sqrt(max(float(_dot(r, r)), 0.0)) / bscale
+            rel = math.sqrt(max(float(_dot(r, r).detach()), 0.0)) / bscale
         history, indefinite = [rel], None
         precond = self.preconditioner
+        # updates in place unless autograd records the solve (b, x0 or A requiring grad):
+        # then out of place, so that the solution can be differentiated
+        graph = torch.is_grad_enabled() and any(
+            a.requires_grad for a in bs + ([] if x0 is None else tree_leaves(x0)))
         if rel > tol:
             z = leaves(precond(as_tree(r))) if precond else r
             p, rz = [a.clone() for a in z], _dot(r, z)
             while True:
                 y, ap = apply(p)
+                graph = graph or (torch.is_grad_enabled() and any(a.requires_grad for a in ap))
                 curvature = _dot(p, ap)
                 step = rz / curvature
-                for a, c in zip(x, p, strict=True):
-                    a.addcmul_(c, step)
-                for a, c in zip(r, ap, strict=True):
-                    a.addcmul_(c, step, value=-1)
+                if graph:
+                    x = [torch.addcmul(a, c, step) for a, c in zip(x, p, strict=True)]
+                    r = [torch.addcmul(a, c, step, value=-1) for a, c in zip(r, ap, strict=True)]
+                else:
+                    for a, c in zip(x, p, strict=True):
+                        a.addcmul_(c, step)
+                    for a, c in zip(r, ap, strict=True):
+                        a.addcmul_(c, step, value=-1)
                 rr = _dot(r, r)
-                step_f, pap, rz_f, rr_f = torch.stack((step, curvature, rz, rr)).tolist()
+                step_f, pap, rz_f, rr_f = torch.stack((step, curvature, rz, rr)).detach().tolist()
                 if not (math.isfinite(step_f) and math.isfinite(pap)):
                     check_product(name, as_tree(p), as_tree(y))
                     if not math.isfinite(step_f):

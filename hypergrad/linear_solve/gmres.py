@@ -11,6 +11,10 @@ from ..pytree import PyTree, tree_add, tree_axpy, tree_norm, tree_sub, tree_vdot
 from .base import MatVec, SolveResult
 from .system import _cols, _lift, _System, check, check_common
 
+#: a relative residual below ROUNDING × machine epsilon is at the rounding floor: a
+#: breakdown there means solved, not singular
+ROUNDING = 1e3
+
 
 @dataclass(frozen=True)
 class GMRES:
@@ -71,8 +75,11 @@ class GMRES:
             x = tree_add(x, precond(dx))
             r = tree_sub(system.b, system.apply(x))
             rel = system.relative(r).where(active, rel)
-            # a breakdown that left the residual where it was: b is not in A's range
-            singular = singular | (stuck & (rel > self.tol) & (rel > 0.5 * before))
+            # a breakdown that left the residual where it was, above rounding: b is not in
+            # A's range (at the rounding floor, e.g. with tol=0, it is merely solved)
+            floor = ROUNDING * torch.finfo(rel.dtype).eps
+            singular = singular | (stuck & (rel > self.tol) & (rel > 0.5 * before)
+                                   & (rel > floor))
             active = active & (rel > self.tol) & ~singular
             history[-1] = float(rel.max())
         result = system.result(x, len(history) - 1, history, self.tol)
