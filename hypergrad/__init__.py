@@ -63,7 +63,7 @@ from .problem import Problem, once_per_run, run_scope
 from .pytree import PyTree
 from .second_order import SecondOrderReport, check_second_order
 from .seeding import mix_seed
-from .validation import check_problem
+from .validation import check_problem, check_problem_once
 
 __version__ = "0.1.0"
 
@@ -85,7 +85,9 @@ def hypergradient(problem: Problem | ConstrainedProblem, hparams: PyTree, params
         estimator: an :class:`Estimator` or a name of :data:`ESTIMATORS`.
         state: the previous call's ``result.state`` (``None`` on the first call).
         check: validate the inputs with :func:`check_problem` first (one evaluation of
-            each loss).
+            each loss), once per problem: on the first call for this ``problem`` object
+            and again when the shapes, dtypes or structure of ``hparams`` or ``params``
+            change (:func:`hypergrad.validation.check_problem_once`).
 
     Returns:
         A :class:`Hypergradient` whose ``grad`` is a pytree matching ``hparams``.
@@ -113,7 +115,7 @@ def hypergradient(problem: Problem | ConstrainedProblem, hparams: PyTree, params
     """
     est = make_estimator(estimator)
     if check and isinstance(problem, Problem):
-        check_problem(problem, hparams, params)
+        check_problem_once(problem, hparams, params)
     return est(problem, hparams, params, state)
 
 

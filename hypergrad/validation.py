@@ -7,6 +7,7 @@ was expected, so that nothing runs silently wrong.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import torch
@@ -162,3 +163,38 @@ def check_problem(problem: Problem, hparams: PyTree, params: PyTree) -> None:
                 f"{path} is not read by inner_loss, outer_loss or the optimizer settings, so "
                 "its hypergradient is identically zero; remove it or use it")
     check_settings(problem.optimizer, hparams)
+
+
+def _layout(tree: PyTree) -> tuple:
+    """Tree structure, shapes, dtypes and devices of ``tree``'s tensor leaves (other
+    leaves by type): what a check of ``tree`` depends on besides its values."""
+    leaves, spec = _pt.tree_flatten(tree)
+    return (str(spec), tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor)
+                             else type(a) for a in leaves))
+
+
+#: problems already validated by check_problem_once: id -> (weak reference, layout)
+_VALIDATED: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def check_problem_once(problem: Problem, hparams: PyTree, params: PyTree) -> None:
+    """:func:`check_problem` on the first call for this problem object and again only when
+    the layout (structure, shapes, dtypes, devices) of ``hparams`` or ``params`` changes:
+    validation once per problem, not per call. Values are not re-checked on later calls;
+    the estimators check what they compute (NaN or inf in a hypergradient, a diverged
+    inner run, optimizer settings out of range).
+
+    Raises:
+        As :func:`check_problem`.
+    """
+    key, layout = id(problem), (_layout(hparams), _layout(params))
+    entry = _VALIDATED.get(key)
+    if entry is not None and entry[0]() is problem and entry[1] == layout:
+        return
+    check_problem(problem, hparams, params)
+    try:
+        ref = weakref.ref(problem, lambda _, k=key: _VALIDATED.pop(k, None))
+    except TypeError:  # a problem without weak references is checked every time
+        return
+    _VALIDATED[key] = (ref, layout)
+

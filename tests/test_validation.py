@@ -122,3 +122,38 @@ def test_problem_and_estimator_settings_are_checked(ridge):
         _ = hg.make_estimator("implict")
     with pytest.raises(TypeError, match="linear solver"):
         hg.Implicit(solver="cg")
+
+
+def test_hypergradient_validates_once_per_problem_and_layout(monkeypatch):
+    """hg.hypergradient(check=True) runs check_problem on the first call for a problem
+    object, and again only for a new problem or a new layout of hparams/params."""
+    import hypergrad.validation as validation
+
+    calls = []
+    real = validation.check_problem
+    monkeypatch.setattr(validation, "check_problem",
+                        lambda *a: (calls.append(1), real(*a))[1])
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64)
+
+    def inner(w, h, b):
+        return ((w["w"] - x) ** 2).sum() + (h["l2"] * w["w"] ** 2).sum()
+
+    def outer(w, h, b):
+        return (w["w"] ** 2).sum()
+
+    def make():
+        return hg.Problem(inner, outer, optimizer=hg.SGD(lr=0.1), steps=5)
+
+    problem, w = make(), {"w": torch.zeros(8, dtype=torch.float64)}
+    for value in (0.1, 0.2, 0.3):
+        hg.hypergradient(problem, {"l2": torch.tensor(value, dtype=torch.float64)}, w,
+                         "unrolled")
+    assert len(calls) == 1
+    hg.hypergradient(problem, {"l2": torch.full((8,), 0.1, dtype=torch.float64)}, w,
+                     "unrolled")  # a new shape of the hyperparameter
+    assert len(calls) == 2
+    hg.hypergradient(make(), {"l2": torch.tensor(0.1, dtype=torch.float64)}, w, "unrolled")
+    assert len(calls) == 3
+    with pytest.raises(hg.HyperparameterError):  # a new problem, an unread hyperparameter
+        hg.hypergradient(make(), {"l2": torch.tensor(0.1, dtype=torch.float64),
+                                  "unused": torch.tensor(1.0, dtype=torch.float64)}, w)
