@@ -433,3 +433,29 @@ def test_flat_projections_equal_the_tree_projections(case):
     assert torch.equal(project_xy(v), torch.cat([ravel(t) for t in problem.project_xy(x, y)]))
     assert not torch.equal(project_xy(v), v)  # the sets do move the point
     assert ConstrainedProblem(f, f).flat_projections(x, y) == (None, None)
+
+
+def test_kkt_auto_hvp_probes_once_for_a_problem(qp, monkeypatch):
+    """KKTImplicit's Lagrangian takes the multipliers and active set as data, so
+    hvp="auto" remembers its choice across calls (it probed on every call when they were
+    captured by a new closure each time), and the results equal hvp="linearized"."""
+    import sys
+
+    import hypergrad.implicit_diff as implicit_diff
+
+    hvp_module = sys.modules["hypergrad.hvp"]  # (hypergrad.hvp is also the function)
+    problem, x0, solve, *_ = qp
+    hvp_module.clear_mode_cache()
+    probes = []
+    real = implicit_diff.choose_between
+    monkeypatch.setattr(implicit_diff, "choose_between",
+                        lambda *a, **k: (probes.append(1), real(*a, **k))[1])
+    for shift in (0.0, 0.01, 0.02):
+        x = x0 + shift
+        y, mu = solve(x)
+        auto = hg.KKTImplicit(solver=hg.GMRES(tol=1e-13))(problem, {"x": x}, {"y": y})
+        fixed = hg.KKTImplicit(solver=hg.GMRES(tol=1e-13), hvp="linearized")(
+            problem, {"x": x}, {"y": y})
+        assert torch.allclose(auto.grad["x"], fixed.grad["x"], rtol=1e-9, atol=1e-12)
+    assert len(probes) == 1
+    hvp_module.clear_mode_cache()

@@ -117,7 +117,8 @@ class KKTImplicit(Estimator):
                  RuntimeWarning)
         loss, (gF_y, gF_x) = outer_grads(problem.outer_loss, y, x, problem.outer_batch)
         rhs = (gF_y, g_val.new_zeros(len(active)))
-        out = root_vjp(Stationarity(_kkt_lagrangian(problem, mu, active), batch),
+        held = mu.index_fill(0, active, 0)
+        out = root_vjp(Stationarity(_kkt_lagrangian(problem), (batch, held, active)),
                        (y, mu[active]), x, rhs, self.linear_solver(tree_numel(y) + len(active)),
                        mode=self.hvp)
         result = out.solve
@@ -150,15 +151,17 @@ class KKTImplicit(Estimator):
         return mu
 
 
-def _kkt_lagrangian(problem: ConstrainedProblem, mu: torch.Tensor,
-                    active: torch.Tensor) -> Objective:
+def _kkt_lagrangian(problem: ConstrainedProblem) -> Objective:
     """L((y, μ_A), x) = f(y, x) + μᵀ g(y, x) with the active multipliers μ_A a variable
-    (the others held at ``mu``): ∇_(y, μ_A) L = (∇_y L, g_A), the KKT conditions."""
-    held = mu.index_fill(0, active, 0)
+    and the others held: ∇_(y, μ_A) L = (∇_y L, g_A), the KKT conditions. Its batch is
+    ``(inner batch, held, active)``: ``held`` the multipliers with the active entries
+    zeroed, ``active`` the active indices. (Passed as data, not captured, so that the
+    objective is the same from call to call and ``hvp="auto"`` remembers its choice.)"""
 
     def L(z: tuple[PyTree, torch.Tensor], x: PyTree, batch: Any) -> torch.Tensor:
+        inner_batch, held, active = batch
         y, mu_active = z
-        value = problem.inner_loss(y, x, batch)
+        value = problem.inner_loss(y, x, inner_batch)
         if problem.num_constraints:
             g = problem.g(y, x)
             value = value + held @ g + mu_active @ g[active]
