@@ -261,17 +261,28 @@ def measure(rounds: int, ipc: int, inner_steps: int, dtype: str, warmup: int = 3
     return out
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of rounds, steps, threads, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--ipc", type=int, default=10)
-    ap.add_argument("--inner-steps", type=int, default=30)
+    ap.add_argument("--rounds", type=positive_int, default=40)
+    ap.add_argument("--ipc", type=positive_int, default=10)
+    ap.add_argument("--inner-steps", type=positive_int, default=30)
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--dataset", default="digits", choices=("digits", "fashion_mnist"))
     ap.add_argument("--net", default="mlp", choices=("mlp", "convnet"))
-    ap.add_argument("--width", type=int, default=128, help="ConvNet channels")
+    ap.add_argument("--width", type=positive_int, default=128, help="ConvNet channels")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

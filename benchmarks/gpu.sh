@@ -4,6 +4,7 @@
 # Usage: bash benchmarks/gpu.sh [--json FILE] [--data DIR]
 #   --json FILE  where to write the merged results (default benchmarks/results/gpu.json)
 #   --data DIR   folder holding the Fashion-MNIST IDX files (exported as BILEVEL_DATA)
+# An unknown option, or --json / --data without a value: a message and exit 2.
 #
 # Parts, each under its own `timeout`; a failed or timed-out part is recorded and the
 # next one runs:
@@ -24,10 +25,16 @@ set -u
 cd "$(dirname "$0")/.."
 
 OUT=benchmarks/results/gpu.json
+needs_value() {  # needs_value OPTION NUMBER-OF-ARGUMENTS-LEFT [NEXT]: exit 2 if none given
+    if [ "$2" -lt 2 ] || [ -z "$3" ] || [ "${3#--}" != "$3" ]; then
+        echo "gpu.sh: $1 needs a value (see --help)" >&2
+        exit 2
+    fi
+}
 while [ $# -gt 0 ]; do
     case "$1" in
-        --json) OUT="$2"; shift 2 ;;
-        --data) export BILEVEL_DATA="$2"; shift 2 ;;
+        --json) needs_value "$1" $# "${2-}"; OUT="$2"; shift 2 ;;
+        --data) needs_value "$1" $# "${2-}"; export BILEVEL_DATA="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -u/p' "$0" | grep '^#'; exit 0 ;;
         *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac

@@ -203,13 +203,24 @@ def _agreement(a: dict, b: dict) -> dict[str, float]:
             "lam": abs(a["lam"] - b["lam"]) / abs(b["lam"])}
 
 
-def main() -> None:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of rounds, steps, threads, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write the results to FILE")
-    parser.add_argument("--iterations", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--round-iterations", type=int, default=2000)
-    args = parser.parse_args()
+    parser.add_argument("--iterations", type=positive_int, default=20_000)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--round-iterations", type=positive_int, default=2000)
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
 

@@ -48,6 +48,17 @@ def test_unknown_argument_exits_2():
 
 
 @needs_bash
+@pytest.mark.parametrize("args", [("--json",), ("--data",), ("--json", ""),
+                                  ("--json", "--data", "x"), ("--data", "--json", "x")])
+def test_an_option_without_its_value_exits_2(args):
+    out = run(*args, CUDA_VISIBLE_DEVICES="")  # would otherwise exit 0 having run nothing
+    assert out.returncode == 2, out.stderr
+    assert f"{args[0]} needs a value" in out.stderr
+    assert "unbound variable" not in out.stderr
+    assert "nothing run" not in out.stdout
+
+
+@needs_bash
 @pytest.mark.skipif(torch.cuda.is_available(), reason="would run the whole script")
 def test_gpu_without_a_usable_torch_says_what_to_install(tmp_path):
     fake = tmp_path / "nvidia-smi"  # a GPU that no torch here can use
@@ -93,15 +104,21 @@ def test_scale_quick_run_writes_every_section(tmp_path):
     hyper = {(x["config"], x["cg_iterations"]): x for x in records
              if x["section"] == "hypergrad"}
     assert sorted(hyper) == [("full", 1), ("full", 3), ("sub", 1), ("sub", 3)]
+    # the timed solves use scale.py's --damping default (not passed here), d > 0
+    dampings = {x["damping"] for x in hyper.values()}
+    assert len(dampings) == 1
+    d = dampings.pop()
+    assert d > 0
+    # residual curves: the sub-batch Hessian undamped and at d, the full batch at d
     curves = {(x["config"], x["damping"]): x["residuals"] for x in records
               if x["section"] == "residuals"}
-    assert sorted(curves) == [("full", 1.0), ("sub", 0.0), ("sub", 1.0)]
-    assert all(len(c) == 4 for c in curves.values())
-    # the timed k = 3 runs and the residual curves at damping 1 are the same solves
+    assert sorted(curves) == [("full", d), ("sub", 0.0), ("sub", d)]
+    assert all(len(c) == 4 for c in curves.values())  # k = 0..3
+    # the timed k = 3 runs and the residual curves at damping d are the same solves
     for config in ("full", "sub"):
-        assert hyper[config, 3]["residual"] == pytest.approx(curves[config, 1.0][3], rel=1e-4)
+        assert hyper[config, 3]["residual"] == pytest.approx(curves[config, d][3], rel=1e-4)
     # the sub-batch Hessian is a different operator: its residuals differ
-    assert curves["sub", 1.0][1] != pytest.approx(curves["full", 1.0][1], rel=1e-3)
+    assert curves["sub", d][1] != pytest.approx(curves["full", d][1], rel=1e-3)
     agree = {(x["config"], x["cg_iterations"]): x for x in records
              if x["section"] == "agreement"}
     # the reference is the full-batch curve's solve at k = 3: the timed one agrees
