@@ -15,9 +15,21 @@ probe both ways, keeps the faster of ``"linearized"`` and ``"jvp"`` when they ag
 The choice is remembered per problem (:func:`remembered_mode`): the objective (its code,
 the objects its closure holds and the globals it reads, as
 :func:`hypergrad.check_second_order` keys its reports) together with the tree structure,
-shapes, dtypes and devices of params, hparams and the batch's tensors; the last
-:data:`CACHE_SIZE` problems are kept, and :func:`clear_mode_cache` forgets them. So only the
-first call on a problem pays the probe (about two products of each form).
+shapes, dtypes and devices of params, hparams and the batch's tensors (and NumPy arrays),
+and the batch's other leaves (functions as the objective, dataclass instances by their
+fields, other hashable values by type and value, the rest by identity); the last
+:data:`CACHE_SIZE` problems are kept, and :func:`clear_mode_cache` forgets them. So only
+the first call on a problem pays the probe (about two products of each form).
+
+Memory: each remembered problem keeps its objective alive, with everything the objective's
+closure and default arguments hold (a model, a dataset, tensors), and the batch's leaves
+other than tensors and arrays (an ``nn.Module`` in the batch, say), until
+:data:`CACHE_SIZE` newer problems push it out or :func:`clear_mode_cache` is called. An
+objective that closes over new data at every outer step is a new problem at every step: it
+is probed every time (no hit) and the cache holds the last :data:`CACHE_SIZE` steps' data.
+Pass such data through the ``batch`` argument instead: its tensors count by layout only, so
+every step hits the cache and the old data is not held. Call :func:`clear_mode_cache` to
+release what is held, e.g. after a run or when a model is dropped.
 
 Batched products (k vectors stacked on a leading dimension) of a reused pullback are formed
 by one ``vmap`` over all k, by ``vmap`` over chunks of :data:`CHUNK` vectors, or by a loop,
@@ -28,7 +40,10 @@ to a power of two; remembered in the same cache). On one CPU thread the loop usu
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,14 +53,15 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from .errors import warn
-from .pytree import PyTree, tree_flatten, tree_leaves, tree_map, tree_vdot
+from .pytree import PyTree, tree_flatten, tree_leaves, tree_map, tree_paths, tree_vdot
 
 HVPMode = Literal["auto", "jvp", "reverse", "linearized"]
 HVP_MODES = ("auto", "jvp", "reverse", "linearized")
 Batching = Literal["auto", "vmap", "loop"]
 BATCHINGS = ("auto", "vmap", "loop")
-#: problems whose ``"auto"`` choices are remembered (least recently used dropped first)
-CACHE_SIZE = 64
+#: problems whose ``"auto"`` choices are remembered (least recently used dropped first);
+#: each keeps its objective, and what that holds, alive (see the module docstring)
+CACHE_SIZE = 16
 #: vectors per ``vmap`` chunk tried by the automatic batching
 CHUNK = 8
 Objective = Callable[[PyTree, PyTree, Any], torch.Tensor]
@@ -111,15 +127,19 @@ def hvp_batched(f: Objective, params: PyTree, hparams: PyTree, batch: Any, vs: P
             ``"loop"`` (one product after another).
 
     Returns:
-        The products, shaped like ``vs``.
+        The products, shaped like ``vs`` (k = 0: empty tensors like ``vs``, nothing is
+        evaluated).
 
     Raises:
-        ValueError: an unknown ``mode`` or ``batching``, a ``chunk_size`` below 1, or a
-            ``chunk_size`` with ``batching="loop"``.
+        ValueError: an unknown ``mode`` or ``batching``, a ``chunk_size`` below 1, a
+            ``chunk_size`` with ``batching="loop"``, or (``batched``) leaves of ``vs`` whose
+            leading sizes differ or a 0-d leaf.
         SecondOrderError, RuntimeError: as :func:`hvp`.
     """
     _check_mode(mode)
     _check_batching(batching, chunk_size)
+    if batched and _batch_size(vs, "vs") == 0:  # no product to form
+        return tree_map(torch.empty_like, vs)
     if mode in ("auto", "linearized"):
         return Linearization(f, params, hparams, batch, mode=mode).matvec(
             vs, batched=batched, chunk_size=chunk_size, batching=batching)
@@ -147,11 +167,26 @@ def _check_batching(batching: str, chunk_size: int | None) -> None:
                          "chunk_size >= 1")
 
 
+def _batch_size(vs: PyTree, name: str) -> int:
+    """The common leading size k of the leaves of the batch ``vs`` (0 for no leaves).
+
+    Raises:
+        ValueError: a 0-d leaf, or leaves whose leading sizes differ (each named).
+    """
+    leaves = tree_leaves(vs)
+    sizes = {a.shape[0] if a.dim() else None for a in leaves}
+    if len(sizes) > 1 or None in sizes:
+        found = ", ".join(f"{path}: {a.shape[0] if a.dim() else '0-d'}"
+                          for path, a in zip(tree_paths(vs), leaves, strict=True))
+        raise ValueError(f"{name}: every leaf of a batch of vectors needs the same leading "
+                         f"size k, got leading sizes {found}")
+    return sizes.pop() if sizes else 0
+
+
 def _loop(one: Callable[[PyTree], PyTree], vs: PyTree) -> PyTree:
-    """``one`` applied to each vector of the batch ``vs`` in turn, results stacked."""
+    """``one`` applied to each vector of the batch ``vs`` (k ≥ 1, checked) in turn, results
+    stacked."""
     k = tree_leaves(vs)[0].shape[0]
-    if k == 0:
-        return vmap(one)(vs)
     if k == 1:  # no copy into a stacked output
         return tree_map(lambda r: r.unsqueeze(0), one(tree_map(lambda a: a[0], vs)))
     out = None
@@ -205,7 +240,7 @@ class Linearization:
         self._f, self._params, self._hparams, self._batch = f, params, hparams, batch
         self._grad = _grad_w(f, hparams, batch)
         self._pullback = None
-        self._key: tuple | None = None
+        self._key: tuple[tuple, tuple] | None = None  # (key, held)
         if mode == "auto":
             mode = remembered_mode(f, params, hparams, batch, lambda: choose_mode(self))
             if mode != "linearized":
@@ -220,13 +255,17 @@ class Linearization:
     def matvec(self, v: PyTree, batched: bool = False, chunk_size: int | None = None,
                batching: Batching = "auto") -> PyTree:
         """H v, shaped like ``v`` (k products if ``batched``; ``chunk_size`` and
-        ``batching`` as in :func:`hvp_batched`).
+        ``batching`` as in :func:`hvp_batched`; k = 0 gives empty tensors like ``v``).
 
         Raises:
-            ValueError: an unknown ``batching``, or a ``chunk_size`` it cannot take.
+            ValueError: an unknown ``batching``, a ``chunk_size`` it cannot take, or
+                (``batched``) leaves of ``v`` whose leading sizes differ or a 0-d leaf.
         """
         _check_batching(batching, chunk_size)
         self.products += 1
+        k = _batch_size(v, "v") if batched else None
+        if k == 0:  # no product to form
+            return tree_map(torch.empty_like, v)
         if self.mode != "linearized":
             return hvp_batched(self._f, self._params, self._hparams, self._batch, v,
                                mode=self.mode, batched=batched, chunk_size=chunk_size,
@@ -237,13 +276,12 @@ class Linearization:
             return vmap(self._pull, chunk_size=chunk_size)(v)
         if batching == "loop":
             return _loop(self._pull, v)
-        k = tree_leaves(v)[0].shape[0]
         if k == 1:  # one product: nothing to choose
             return _loop(self._pull, v)
         if self._key is None:
             self._key = _problem_key(self._f, self._params, self._hparams, self._batch, "hvp")
-        chosen = _entry(self._key, self._f).batching
-        bucket = max(k - 1, 0).bit_length()  # k rounded up to a power of two
+        chosen = _entry(*self._key).batching
+        bucket = (k - 1).bit_length()  # k rounded up to a power of two
         if bucket not in chosen:
             chosen[bucket], out = _fastest_batching(self._pull, v, k)
             return out
@@ -260,7 +298,7 @@ class Linearization:
             return None
         key = self._key or _problem_key(self._f, self._params, self._hparams, self._batch,
                                         "hvp")
-        entry = _CACHE.get(key)
+        entry = _CACHE.get(key[0])
         return None if entry is None else entry.batching.get(max(k - 1, 0).bit_length())
 
 
@@ -397,7 +435,7 @@ def _synchronize(tree: PyTree) -> None:
 class _Remembered:
     """What ``"auto"`` chose for one problem."""
 
-    objective: Callable  # held so that the ids in the key stay those of live objects
+    held: tuple  # the objective and the batch's leaves keyed by id, so the ids stay unique
     mode: str | None = None
     batching: dict[int, str] = field(default_factory=dict)  # ⌈log2 k⌉ -> way
 
@@ -412,10 +450,21 @@ def remembered_mode(f: Objective, params: PyTree, hparams: PyTree, batch: Any,
     The problem is ``kind`` (a namespace: ``"hvp"`` for :class:`Linearization`,
     ``"root"`` for :func:`hypergrad.linearize`), the objective ``f`` (its code, closure
     objects and the globals it reads; a callable without code by identity) and the tree
-    structure, shapes, dtypes and devices of ``params``, ``hparams`` and the tensors of
-    ``batch`` (other leaves of the batch by type); default argument values of ``f`` count
-    as closure objects. The last :data:`CACHE_SIZE` problems
-    are kept (each holding ``f``); :func:`clear_mode_cache` forgets them.
+    structure, shapes, dtypes and devices of ``params``, ``hparams`` and the tensors (and
+    NumPy arrays) of ``batch``; default argument values of ``f`` count as closure objects.
+    The batch's other leaves count too: functions as ``f`` does, dataclass instances by
+    type and (recursively) their fields, other hashable leaves by type and value (``1``,
+    ``1.0`` and ``True`` differ; an ``nn.Module`` or another object without ``__eq__`` by
+    identity), unhashable ones by identity. The last :data:`CACHE_SIZE` problems are kept.
+    A batch class of your own is best registered as a pytree node or made a dataclass: as
+    an opaque object it is a new problem whenever a new instance is passed.
+
+    Each kept problem holds ``f`` (with what its closure and defaults hold) and the
+    batch's leaves other than tensors and arrays alive. An ``f`` that closes over new data
+    at each call is a new problem each time: no hit, and the data of the last
+    :data:`CACHE_SIZE` calls stays alive. Pass the data as ``batch`` instead (tensors count
+    by layout only): every call hits and old data is released. :func:`clear_mode_cache`
+    forgets all problems.
 
     Args:
         f: the objective ``f(params, hparams, batch)``.
@@ -429,7 +478,7 @@ def remembered_mode(f: Objective, params: PyTree, hparams: PyTree, batch: Any,
     Raises:
         Exception: whatever ``choose`` raises (nothing is remembered then).
     """
-    entry = _entry(_problem_key(f, params, hparams, batch, kind), f)
+    entry = _entry(*_problem_key(f, params, hparams, batch, kind))
     if entry.mode is None:
         entry.mode = choose()
     return entry.mode
@@ -437,7 +486,15 @@ def remembered_mode(f: Objective, params: PyTree, hparams: PyTree, batch: Any,
 
 def clear_mode_cache() -> None:
     """Forget every remembered ``"auto"`` choice (HVP form and batching): the next call
-    on each problem probes again."""
+    on each problem probes again.
+
+    Also releases what the cache holds alive: the objectives (with the models, data and
+    tensors their closures and default arguments hold) and the batches' leaves other than
+    tensors and arrays (see :func:`remembered_mode`). Call it when that memory matters,
+    e.g. after a run, when a model or dataset an objective captured is dropped, or when
+    objectives closing over fresh data each outer step have filled the cache (better: pass
+    that data as the ``batch``).
+    """
     _CACHE.clear()
 
 
@@ -446,10 +503,10 @@ def clear_mode_cache() -> None:
 hvp.clear_mode_cache = clear_mode_cache  # type: ignore[attr-defined]
 
 
-def _entry(key: tuple, f: Callable) -> _Remembered:
+def _entry(key: tuple, held: tuple) -> _Remembered:
     entry = _CACHE.get(key)
     if entry is None:
-        entry = _CACHE[key] = _Remembered(f)
+        entry = _CACHE[key] = _Remembered(held)
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     else:
@@ -457,20 +514,54 @@ def _entry(key: tuple, f: Callable) -> _Remembered:
     return entry
 
 
-def _problem_key(f: Callable, params: PyTree, hparams: PyTree, batch: Any, kind: str) -> tuple:
+def _problem_key(f: Callable, params: PyTree, hparams: PyTree, batch: Any,
+                 kind: str) -> tuple[tuple, tuple]:
+    """The cache key of a problem, and the objects to hold while it is cached (so that
+    the ids in the key stay those of live objects)."""
+    held: list[Any] = [f]
+    key = (kind, _callable_key(f), _layout(params, held), _layout(hparams, held),
+           _layout(batch, held))
+    return key, tuple(held)
+
+
+def _callable_key(f: Callable) -> tuple:
+    """A function by its code, closure objects, read globals and default values (ids)."""
     from .second_order import _objective_key  # imports Problem, which imports this
 
     fn = getattr(f, "__func__", f)
     defaults = tuple(id(d) for d in getattr(fn, "__defaults__", None) or ()) + tuple(
         (n, id(d)) for n, d in (getattr(fn, "__kwdefaults__", None) or {}).items())
-    return (kind, _objective_key(f), defaults, _layout(params), _layout(hparams),
-            _layout(batch))
+    return _objective_key(f), defaults
 
 
-def _layout(tree: PyTree) -> tuple:
+def _layout(tree: PyTree, held: list[Any]) -> tuple:
+    """Tensors (and NumPy arrays) by shape, dtype and device; functions as the objective is
+    keyed; dataclass instances by type and the layout of their fields; other hashable
+    leaves by type and value (so 1, 1.0 and True differ); unhashable ones by identity.
+    Leaves keyed by id are appended to ``held``."""
     leaves, spec = tree_flatten(tree)
-    return spec, tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor)
-                       else type(a) for a in leaves)
+    np = sys.modules.get("numpy")  # arrays exist only once NumPy is imported
+    out: list[Any] = []
+    for a in leaves:
+        if isinstance(a, torch.Tensor):
+            out.append((tuple(a.shape), a.dtype, a.device))
+        elif np is not None and isinstance(a, np.ndarray):
+            out.append(("ndarray", a.shape, a.dtype))
+        elif isinstance(a, (types.FunctionType, types.MethodType)):
+            out.append(("function", _callable_key(a)))
+            held.append(a)
+        elif dataclasses.is_dataclass(a) and not isinstance(a, type):  # a data container
+            fields = tuple(getattr(a, x.name) for x in dataclasses.fields(a))
+            out.append(("dataclass", type(a), _layout(fields, held)))
+        else:
+            try:
+                hash(a)
+            except TypeError:
+                out.append(("object", type(a), id(a)))
+                held.append(a)
+            else:  # the key holds the leaf itself
+                out.append(("value", type(a), a))
+    return spec, tuple(out)
 
 
 def mixed_vjp(f: Objective, params: PyTree, hparams: PyTree, batch: Any, v: PyTree,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from torch.func import grad
@@ -364,3 +366,143 @@ def test_implicit_without_state_probes_once(monkeypatch):
     assert {o.state["hvp_mode"] for o in outs} == {outs[0].state["hvp_mode"]}
     for o in outs[1:]:  # the same form on the same inputs: the same numbers
         assert torch.equal(o.grad["lam"], outs[0].grad["lam"])
+
+
+def _cube(x):
+    return x ** 3
+
+
+def _custom_cube(x):  # the same function, but double backward through it is zero
+    return _Cube.apply(x)
+
+
+def _op_objective(p, h, op):
+    """Σ op(x) + ½ Σ s x²: the batch is the operator."""
+    return op(p["x"]).sum() + 0.5 * (h["s"] * p["x"] ** 2).sum()
+
+
+def test_a_batch_of_other_callables_gets_its_own_choice(monkeypatch):
+    """The remembered form of one operator in the batch is not reused for another."""
+    calls = _count_probes(monkeypatch)
+    params, hparams = {"x": torch.tensor([1.0, 2.0], dtype=DT)}, {"s": torch.ones(2, dtype=DT)}
+    v = {"x": torch.ones(2, dtype=DT)}
+    exact = torch.tensor([7.0, 13.0], dtype=DT)  # (6x + s) v: exact in float64
+    assert torch.equal(hg.hvp(_op_objective, params, hparams, _cube, v, mode="auto")["x"],
+                       exact)
+    with pytest.warns(RuntimeWarning, match="disagree"):
+        lin = hg.Linearization(_op_objective, params, hparams, _custom_cube, mode="auto")
+    assert len(calls) == 2 and lin.mode == "jvp" and torch.equal(lin.matvec(v)["x"], exact)
+    # functions in the batch are keyed as the objective: one code, one problem
+    for _ in range(2):
+        hg.Linearization(_op_objective, params, hparams, lambda x: x ** 3, mode="auto")
+    assert len(calls) == 3
+
+
+def test_implicit_auto_is_right_after_another_batch_operator():
+    """End to end: ``hvp="auto"`` after a problem that differs only in the batch's operator
+    gives the closed form, as ``hvp="jvp"`` does."""
+    second_order = importlib.import_module("hypergrad.second_order")
+    second_order.clear_cache()  # the self-check's reports are kept per objective
+    w, hp = {"x": torch.tensor([1.0, 2.0], dtype=DT)}, {"s": torch.ones(2, dtype=DT)}
+
+    def hypergrad(hvp, op):
+        est = hg.Implicit(hvp=hvp, inner_steps=0, inner_tol=None)
+        problem = hg.Problem(_op_objective, lambda p, h, b: (p["x"] ** 2).sum(),
+                             inner_batch=op, steps=0)
+        return est(problem, hp, w).grad["s"]
+
+    x = w["x"]
+    exact = -2 * x ** 2 / (6 * x + 1)  # -∂²_sw f H⁻¹ ∇_w g = -x · 2x / (6x + s)
+    hypergrad("auto", _cube)
+    # warned by the probe of the HVP forms, or by a self-check that sees the new operator
+    with pytest.warns(RuntimeWarning, match="Hessian-vector products by double backward"):
+        auto = hypergrad("auto", _custom_cube)
+    # a 2×2 diagonal solve, a few flops per entry: rounding ~1e-16 (observed 0); the
+    # reused double backward gives -2x² (off by 1.7)
+    assert (auto - exact).abs().max() < 1e-14
+    assert (hypergrad("jvp", _custom_cube) - exact).abs().max() < 1e-14
+    second_order.clear_cache()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Box:
+    data: torch.Tensor
+    ways: int
+
+
+class _Unhashable:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other):
+        return True  # were it compared by value, every instance would match
+
+
+def test_non_tensor_batch_leaves_key_the_choice(monkeypatch):
+    import gc
+    import weakref
+
+    calls = _count_probes(monkeypatch)
+    f, params, hparams, (X, y) = _mlp_problem()
+    g = lambda p, h, b: f(p, h, b[:2])  # noqa: E731 - ignores the extra leaf
+
+    def probes(extra):
+        hg.Linearization(g, params, hparams, (X, y, extra), mode="auto")
+        return len(calls)
+
+    # by type and value: 1, 1.0 and True are three problems, a second 1 is the first
+    assert [probes(e) for e in (1, 1.0, True, 1, "a", "b", "a")] == [1, 2, 3, 3, 4, 5, 5]
+    module, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)  # by identity
+    assert [probes(e) for e in (module, other, module)] == [6, 7, 7]
+    # unhashable: by identity, held alive while remembered (so its id stays unique)
+    kept = _Unhashable()
+    assert [probes(e) for e in (kept, _Unhashable(), kept)] == [8, 9, 9]
+    # NumPy arrays are data, as tensors: by shape and dtype
+    arrays = (np.zeros(3), np.ones(3), np.zeros(4), np.zeros(3, dtype=np.float32))
+    assert [probes(e) for e in arrays] == [10, 10, 11, 12]
+    # a dataclass (hashable by identity) by its fields: tensors by layout, the rest by value
+    boxes = (_Box(torch.zeros(2), 1), _Box(torch.ones(2), 1), _Box(torch.zeros(3), 1),
+             _Box(torch.zeros(2), 2))
+    assert [probes(e) for e in boxes] == [13, 13, 14, 15]
+    ref = weakref.ref(kept)
+    del kept
+    gc.collect()
+    assert ref() is not None
+    H.clear_mode_cache()
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("mode", ["jvp", "reverse", "linearized", "auto"])
+@pytest.mark.parametrize("batching", ["auto", "vmap", "loop"])
+def test_mismatched_leading_sizes_are_refused(mode, batching):
+    f, params, hparams, batch = _mlp_problem()
+    vs = tree_stack([_random_like(params, s) for s in range(3)])
+    short = {**vs, "b1": vs["b1"][:2]}  # the loop read k from the first leaf only
+    with pytest.raises(ValueError, match=r"leading sizes \['w1'\]: 3, \['b1'\]: 2"):
+        hg.hvp_batched(f, params, hparams, batch, short, mode=mode, batching=batching)
+    lin = hg.Linearization(f, params, hparams, batch, mode=mode)
+    with pytest.raises(ValueError, match=r"leading sizes .*\['b1'\]: 2, \['w2'\]: 3"):
+        lin.matvec(short, batched=True, batching=batching)
+    with pytest.raises(ValueError, match=r"\['b1'\]: 0-d"):
+        lin.matvec({**vs, "b1": torch.tensor(1.0, dtype=DT)}, batched=True)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "reverse", "linearized", "auto"])
+@pytest.mark.parametrize("batching", ["auto", "vmap", "loop"])
+def test_no_vectors_give_empty_products_without_evaluating(mode, batching):
+    f, params, hparams, batch = _mlp_problem()
+    evaluations = []
+
+    def counted(p, h, b):
+        evaluations.append(1)
+        return f(p, h, b)
+
+    empty = tree_map(lambda a: torch.zeros((0, *a.shape), dtype=a.dtype), params)
+    lin = hg.Linearization(counted, params, hparams, batch, mode=mode)
+    evaluations.clear()
+    for out in (hg.hvp_batched(counted, params, hparams, batch, empty, mode=mode,
+                               batching=batching),
+                lin.matvec(empty, batched=True, batching=batching)):
+        for k in params:
+            assert out[k].shape == (0, *params[k].shape) and out[k].dtype == DT
+    assert evaluations == []
