@@ -31,7 +31,9 @@ scale, so that a point where a second derivative happens to vanish (an all-zero 
 does not hide a wrong one.
 
 Estimators run the check on their first call for an inner objective (the result is
-cached per objective: its code, the objects its closure holds and the globals it reads)
+cached per objective and batch: the objective's code, the objects its closure holds and
+the globals it reads, with the layout of params, hparams and the batch's tensors and the
+batch's other values)
 and raise :class:`~hypergrad.errors.SecondOrderError` when a (route, block) they use is
 wrong or unsupported, naming the likely operator and a setting that works;
 ``self_check="warn"`` warns instead, ``self_check="off"`` skips the check.
@@ -288,8 +290,10 @@ def check_second_order(problem: Problem | Callable[[PyTree, PyTree, Any], torch.
     probes, and judges them by central differences of the gradient with an error bar;
     see the module docstring. Costs about 60 gradient evaluations once (up to ~100 when
     a route disagrees with the differences). With ``cache`` the report is kept per
-    objective (its code, the objects its closure holds and the globals it reads; the
-    last 64) and returned again on the next call.
+    objective (its code, the objects its closure holds and the globals it reads) and
+    batch (the layout of params, hparams and the batch's tensors, and the batch's other
+    values: an operator passed in the batch is part of the key), the last 64, and
+    returned again on the next call.
 
     Args:
         problem: a :class:`~hypergrad.Problem`, or an objective ``f(params, hparams,
@@ -321,13 +325,17 @@ def check_second_order(problem: Problem | Callable[[PyTree, PyTree, Any], torch.
     if not tree_leaves(params) or not _floating(params) or not _floating(hparams):
         raise BilevelInputError("check_second_order needs params and hparams as pytrees of "
                                 "floating-point tensors")
-    key = _objective_key(f) if cache else None
+    key, held = None, ()
+    if cache:
+        from .hvp import _problem_key  # (hvp imports this module)
+
+        key, held = _problem_key(f, params, hparams, batch, "check")
     if key is not None and key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key][1]
     report = _run_check(f, params, hparams, batch)
     if key is not None:
-        _CACHE[key] = (f, report)  # f is held so that the ids in the key stay unique
+        _CACHE[key] = (held, report)  # held so that the ids in the key stay unique
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     return report
@@ -338,7 +346,7 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-_CACHE: OrderedDict[tuple, tuple[Callable, SecondOrderReport]] = OrderedDict()
+_CACHE: OrderedDict[tuple, tuple[tuple, SecondOrderReport]] = OrderedDict()
 
 
 def _objective_key(f: Callable) -> tuple:

@@ -495,3 +495,15 @@ def test_report_rejects_unknown_routes_and_blocks():
         report.status("jvp")
     with pytest.raises(ValueError, match="unknown block"):
         report.status("reverse", "w")
+
+
+def test_the_cached_report_is_per_batch_too():
+    """An operator passed in the batch is part of the cache key: the report for x³ is not
+    reused for a Function whose double backward is wrong (it was, keyed by the objective
+    alone, and Implicit then returned a silently wrong hypergradient)."""
+    def inner(p, h, b):
+        return b(p["x"]).sum() + 0.5 * (h["s"] * p["x"] ** 2).sum()
+
+    w, hp = {"x": torch.tensor([1.0, 2.0], dtype=DT)}, {"s": torch.ones(2, dtype=DT)}
+    assert hg.check_second_order(inner, hp, w, lambda x: x ** 3).status("reverse") == "ok"
+    assert hg.check_second_order(inner, hp, w, Cube.apply).status("reverse") == "wrong"

@@ -32,6 +32,7 @@ from ..errors import (
     SecondOrderWarning,
     warn,
 )
+from ..optim import check_settings
 from ..problem import Problem
 from ..pytree import PyTree, tree_leaves, tree_norm, tree_paths
 from ..second_order import (
@@ -146,6 +147,8 @@ class Estimator(ABC):
         start = time.perf_counter()
         state = dict(state or {})
         if getattr(self, "self_check", "off") != "off" and isinstance(problem, Problem):
+            # settings out of range fail at once, not after the self-check's evaluations
+            check_settings(problem.optimizer, hparams)
             state = self.verify_second_order(problem, hparams, params, state)
         result = self.compute(problem, hparams, params, state)
         gnorm, params_finite = _norm_and_finite(result)
