@@ -50,6 +50,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(Path(__file__).resolve().parent))  # bench_util
+from bench_util import hardware  # noqa: E402
 
 from bilevel.data import load_digits, load_fashion_mnist  # noqa: E402
 from bilevel.distill import (  # noqa: E402
@@ -86,17 +88,6 @@ def grid(distilled, name: str) -> None:
     path = ROOT / "docs" / "img" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(distilled, path)
-
-
-def hardware() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def pct(x: float) -> str:

@@ -35,7 +35,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,6 +48,8 @@ from torch.func import functional_call
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(Path(__file__).resolve().parent))  # bench_util
+from bench_util import hardware, positive_int  # noqa: E402
 
 import hypergrad as hg  # noqa: E402
 from bilevel.data import load_digits  # noqa: E402
@@ -194,17 +195,6 @@ def agreement(seed: int = 0, data: Any = None, net: str = "mlp", width: int = 12
     return relative_difference(library_hypergrad(case, 0), hand)
 
 
-def hardware() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def measure(rounds: int, ipc: int, inner_steps: int, dtype: str, warmup: int = 3,
             dataset: str = "digits", net: str = "mlp", width: int = 128,
             device: str = "cpu") -> dict:
@@ -259,17 +249,6 @@ def measure(rounds: int, ipc: int, inner_steps: int, dtype: str, warmup: int = 3
                                          device=device, ipc=ipc if explicit else 2,
                                          inner_steps=inner_steps if explicit else 5)
     return out
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of rounds, steps, threads, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

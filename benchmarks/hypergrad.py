@@ -71,6 +71,9 @@ import torch
 from torch.func import grad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # bench_util
+from bench_util import cuda_peak, proc_status_mib  # noqa: E402
+
 import hypergrad as hg  # noqa: E402
 
 Record = dict[str, Any]
@@ -269,22 +272,6 @@ def rel_error(g: torch.Tensor, ref: torch.Tensor) -> float:
 def run_case(name: str, budget: int, r: Ridge) -> torch.Tensor:
     est, problem, params = make_case(name, budget, r)
     return est(problem, r.hparams(), params).grad["lam"]
-
-
-def cuda_peak(fn: Callable[[], Any]) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def proc_status_mib(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in MiB."""
-    with open("/proc/self/status") as fh:
-        line = next(x for x in fh if x.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
 
 
 def memory_child(spec: dict) -> None:

@@ -50,6 +50,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # bench_util
+from bench_util import positive_int  # noqa: E402
+
 import hypergrad as hg  # noqa: E402
 from hypergrad.projections import Halfspace  # noqa: E402
 
@@ -201,17 +204,6 @@ def _agreement(a: dict, b: dict) -> dict[str, float]:
     scale = float(np.abs(b["x"]).max())
     return {"x": float(np.abs(a["x"] - b["x"]).max() / scale),
             "lam": abs(a["lam"] - b["lam"]) / abs(b["lam"])}
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of rounds, steps, threads, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:

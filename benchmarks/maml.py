@@ -120,6 +120,8 @@ from torch.func import functional_call, grad, vmap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(Path(__file__).resolve().parent))  # bench_util
+from bench_util import hardware  # noqa: E402
 
 from bilevel.meta import EpisodeSampler, class_splits, digits_d4  # noqa: E402
 
@@ -163,16 +165,6 @@ def reset_peak() -> bool:
     except OSError:
         return False
     return True
-
-
-def hardware() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def version(package: str) -> str | None:

@@ -110,6 +110,9 @@ from torch import nn
 from torch.func import functional_call, grad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # bench_util
+from bench_util import cuda_peak, proc_status_mib  # noqa: E402
+
 import hypergrad as hg  # noqa: E402
 from hypergrad.second_order import check_second_order, clear_cache  # noqa: E402
 
@@ -316,22 +319,6 @@ def rounds(fns: dict[str, Callable[[], Any]], n: int, sync: Callable[[], None],
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def cuda_peak(fn: Callable[[], Any]) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def proc_status_mib(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in MiB."""
-    with open("/proc/self/status") as fh:
-        line = next(x for x in fh if x.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
 
 
 def memory_child(spec: dict) -> None:
