@@ -28,7 +28,8 @@ products: ``"reverse"`` differentiates T anew for every product (no graph kept b
 products); for a :class:`Stationarity`, ``"jvp"`` takes the products by
 forward-over-reverse and the θ-part by reverse-over-forward (no double backward at all,
 for operators whose double backward is wrong), and ``"auto"`` chooses between
-``"linearized"`` and ``"jvp"`` (:func:`hypergrad.hvp.choose_between`).
+``"linearized"`` and ``"jvp"`` once per problem (:func:`hypergrad.hvp.choose_between`,
+remembered by :func:`hypergrad.hvp.remembered_mode`).
 """
 
 from __future__ import annotations

@@ -185,7 +185,9 @@ def check_problem_once(problem: Problem, hparams: PyTree, params: PyTree) -> Non
     inner run, optimizer settings out of range).
 
     Raises:
-        As :func:`check_problem`.
+        BilevelInputError: on a call that validates, what :func:`check_problem` raises
+            (this or its subclasses HyperparameterError, ObjectiveError,
+            OptimizerSettingError; NonFiniteError and TypeError as it says).
     """
     key, layout = id(problem), (_layout(hparams), _layout(params))
     entry = _VALIDATED.get(key)
