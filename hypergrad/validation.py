@@ -14,6 +14,7 @@ import torch
 import torch.utils._pytree as _pt
 
 from .errors import BilevelInputError, HyperparameterError, NonFiniteError, ObjectiveError
+from .hvp import _layout  # the layout the remembered HVP choices are keyed by
 from .optim import check_settings
 from .problem import Problem
 from .pytree import PyTree, tree_leaves, tree_requires_grad
@@ -165,16 +166,9 @@ def check_problem(problem: Problem, hparams: PyTree, params: PyTree) -> None:
     check_settings(problem.optimizer, hparams)
 
 
-def _layout(tree: PyTree) -> tuple:
-    """Tree structure, shapes, dtypes and devices of ``tree``'s tensor leaves (other
-    leaves by type): what a check of ``tree`` depends on besides its values."""
-    leaves, spec = _pt.tree_flatten(tree)
-    return (str(spec), tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor)
-                             else type(a) for a in leaves))
-
-
-#: problems already validated by check_problem_once: id -> (weak reference, layout)
-_VALIDATED: dict[int, tuple[weakref.ref, tuple]] = {}
+#: problems already validated by check_problem_once: id -> (weak reference, layout, the
+#: objects the layout keys by identity)
+_VALIDATED: dict[int, tuple[weakref.ref, tuple, list]] = {}
 
 
 def check_problem_once(problem: Problem, hparams: PyTree, params: PyTree) -> None:
@@ -189,7 +183,8 @@ def check_problem_once(problem: Problem, hparams: PyTree, params: PyTree) -> Non
             (this or its subclasses HyperparameterError, ObjectiveError,
             OptimizerSettingError; NonFiniteError and TypeError as it says).
     """
-    key, layout = id(problem), (_layout(hparams), _layout(params))
+    held: list[Any] = []
+    key, layout = id(problem), (_layout(hparams, held), _layout(params, held))
     entry = _VALIDATED.get(key)
     if entry is not None and entry[0]() is problem and entry[1] == layout:
         return
@@ -198,5 +193,5 @@ def check_problem_once(problem: Problem, hparams: PyTree, params: PyTree) -> Non
         ref = weakref.ref(problem, lambda _, k=key: _VALIDATED.pop(k, None))
     except TypeError:  # a problem without weak references is checked every time
         return
-    _VALIDATED[key] = (ref, layout)
+    _VALIDATED[key] = (ref, layout, held)
 
